@@ -27,6 +27,49 @@ def _config(args: argparse.Namespace) -> None:
     print(config.to_yaml(config.from_yaml(args.config, args.set)), end="")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from tuneforge import config
+    from tuneforge.train.run import run
+
+    cfg = config.from_yaml(args.config, args.set)
+    result = run(cfg, resume=args.resume)
+    print(format_summary(result, cfg.train.output_dir))
+
+
+def format_summary(result: dict, out: str) -> str:
+    lines = [f"method {result['method']}: {result['steps']} steps, {result['tokens']:,} tokens in "
+             f"{result['seconds']:.0f} s ({result['tokens_per_s']:.0f} tokens/s), peak memory "
+             f"{result['peak_memory_mb']:.0f} MB, stopped: {result['stopped']}"]
+    for when in ("before", "after"):
+        if result.get(when):
+            shown = {k: v for k, v in result[when].items() if k in ("loss", "perplexity", "accuracy", "macro_f1")}
+            lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    lines.append(f"result in {out}/final (summary.json, metrics.jsonl, loss.png beside it)")
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from tuneforge import config
+    from tuneforge.eval.run import evaluate_file
+    from tuneforge.io.atomic import write_text
+
+    cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict({}, args.set, source="--set")
+    if args.model:
+        cfg = dataclasses.replace(cfg, model=args.model)
+    metrics = evaluate_file(cfg, args.data, adapter=args.adapter, force=args.force)
+    for key in ("loss", "perplexity", "accuracy", "macro_f1"):
+        if key in metrics:
+            print(f"{key:>10}: {metrics[key]:.4f}")
+    print(f"{'n':>10}: {metrics['n']}")
+    if "confusion_table" in metrics:
+        print(metrics.pop("confusion_table"))
+    if args.json:
+        write_text(args.json, json.dumps(metrics, indent=1))
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a run configuration (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -54,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("train", help="fine-tune as a run configuration says")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="loss and perplexity, or accuracy and macro-F1 for classification data")
+    p.add_argument("--model", default=None, help="model spec (default: the config's, else smollm2-135m)")
+    p.add_argument("--adapter", default=None, help="an adapter directory to apply to the model")
+    p.add_argument("--data", required=True, help="the evaluation file")
+    p.add_argument("--config", default=None, help="a run configuration whose data settings describe the file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set data.format=classification")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--force", action="store_true", help="apply an adapter even if it was trained on another base")
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("config", help="check a run configuration and print it with every default filled in")
     _config_args(p)

@@ -67,6 +67,7 @@ class TrainCfg:
     save_steps: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # keep the last K checkpoints
     eval_steps: int = 0  # evaluate every N steps (0: only at the end)
+    eval_at_start: bool = False  # also evaluate before the first step (the "before" of before/after)
     logging_steps: int = 10  # a metrics.jsonl line every N steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto, cpu, cuda, cuda:N

@@ -58,3 +58,14 @@ def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 def merge(model: nn.Module) -> None:
     """Nothing to fold: the base weights are the trained weights."""
+
+
+def save(model: nn.Module, tokenizer, out_dir) -> None:
+    """The result of full fine-tuning is a whole model: a Hugging Face directory (safetensors,
+    config, tokenizer) that transformers and ``tuneforge generate --model DIR`` load."""
+    from tuneforge.io.atomic import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

@@ -1,0 +1,190 @@
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from tuneforge.config import TrainCfg
+from tuneforge.eval.classify import classification_metrics, score_labels
+from tuneforge.eval.lm import label_loss
+from tuneforge.methods import full
+from tuneforge.train import checkpoint
+from tuneforge.train.loop import Evaluator, train
+from tuneforge.train.optim import lr_multiplier, param_groups
+
+VOCAB = 40
+
+
+@dataclass(frozen=True)
+class Row:
+    input_ids: list
+    labels: list
+
+
+def synthetic_examples(n: int, seed: int = 0) -> list[Row]:
+    """Rows of varying length whose last three tokens carry the loss."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(6, 14, (1,), generator=g))
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        rows.append(Row(ids, [-100] * (length - 3) + ids[-3:]))
+    return rows
+
+
+def collate(rows) -> dict:
+    width = max(len(r.input_ids) for r in rows)
+    pad = lambda seq, v: seq + [v] * (width - len(seq))  # noqa: E731
+    return {"input_ids": torch.tensor([pad(r.input_ids, 0) for r in rows]),
+            "attention_mask": torch.tensor([pad([1] * len(r.input_ids), 0) for r in rows]),
+            "labels": torch.tensor([pad(r.labels, -100) for r in rows])}
+
+
+def tiny_full(seed=1):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(VOCAB, seed=seed)
+    full.inject(model, full.Config())
+    return model
+
+
+def test_label_loss_equals_full_vocabulary_cross_entropy():
+    model = tiny_full()
+    batch = collate(synthetic_examples(5))
+    loss, n = label_loss(model, **batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1),
+                                ignore_index=-100, reduction="sum")
+    assert n == 15 and torch.allclose(loss, reference, rtol=1e-5)
+
+
+def test_score_labels_matches_hand_computed_log_likelihood():
+    model = tiny_full()
+    prompts, answers = [[5, 6, 7], [8, 9]], [[10], [11, 12]]
+    scores = score_labels(model, prompts, answers, batch_size=3)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            for j, a in enumerate(answers):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)
+                expected = sum(logp[len(p) - 1 + k, tok] for k, tok in enumerate(a))
+                assert scores[i, j].item() == pytest.approx(expected.item(), abs=1e-4)
+    single = score_labels(model, prompts, [[10], [11]])  # the one-forward path for one-token answers
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prompts[1]])).logits[0, -1], -1)
+    assert single[1].tolist() == pytest.approx([logp[10].item(), logp[11].item()], abs=1e-5)
+
+
+def test_classification_metrics():
+    m = classification_metrics([0, 1, 1, 1], [0, 1, 0, 1], 2)
+    assert m.accuracy == 0.75 and m.confusion == [[1, 1], [0, 2]]
+    assert m.macro_f1 == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_schedules():
+    assert lr_multiplier(0, 10, 2, "cosine") == 0.5 and lr_multiplier(1, 10, 2, "cosine") == 1.0
+    assert lr_multiplier(2, 10, 2, "cosine") == 1.0
+    assert lr_multiplier(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(10, 10, 0, "cosine") == pytest.approx(0.0)
+    assert lr_multiplier(7, 10, 0, "constant") == 1.0
+
+
+def test_weight_decay_on_matrices_only():
+    model = tiny_full()
+    groups = param_groups(full.trainable(model), 0.1)
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+    assert all(p.ndim < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def test_accumulation_gives_the_token_mean_of_the_whole_step(tmp_path):
+    """Two micro-batches of 4 take the same step as one batch of 8 (loss normalized per token,
+    not per micro-batch: the halves carry 4 and 20 loss tokens). Rows of one length, so that
+    padding cannot change the arithmetic."""
+    rows = [Row(r.input_ids[:6], [-100] * (5 if i < 4 else 1) + r.input_ids[5 if i < 4 else 1:6])
+            for i, r in enumerate(synthetic_examples(8))]
+    results = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        model = tiny_full()
+        params = full.trainable(model)
+        cfg = TrainCfg(batch_size=batch_size, grad_accum=accum, max_steps=1, learning_rate=1e-2, max_grad_norm=0)
+        train(model, params, rows, collate, cfg, tmp_path / f"{batch_size}", batch_order=lambda e: [list(range(8))[
+            i:i + batch_size] for i in range(0, 8, batch_size)], progress=False)
+        results.append(torch.cat([p.detach().flatten() for p in params.values()]))
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
+    model = tiny_full()
+    rows = synthetic_examples(16)
+    from tuneforge.eval.lm import evaluate_lm
+
+    before = evaluate_lm(model, rows, collate)["loss"]
+    evaluator = Evaluator(lambda m: evaluate_lm(m, rows, collate))
+    summary = train(model, full.trainable(model), rows, collate,
+                    TrainCfg(batch_size=8, max_steps=30, learning_rate=3e-3, eval_steps=10, logging_steps=5),
+                    tmp_path, evaluator=evaluator, progress=False)
+    after = evaluate_lm(model, rows, collate)["loss"]
+    assert after < before * 0.8
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in records if "eval_loss" in r] == [10, 20, 30]
+    assert summary.steps == 30 and summary.best_eval["loss"] == pytest.approx(after, rel=1e-5)
+    assert summary.peak_memory_mb > 0 and summary.tokens > 0
+
+
+def test_early_stopping(tmp_path):
+    model = tiny_full()
+    rows = synthetic_examples(8)
+    worse = iter(range(100))
+    evaluator = Evaluator(lambda m: {"loss": float(next(worse))})  # never improves after the first
+    summary = train(model, full.trainable(model), rows, collate,
+                    TrainCfg(batch_size=4, max_steps=50, eval_steps=1, early_stopping_patience=3), tmp_path,
+                    evaluator=evaluator, progress=False)
+    assert summary.stopped == "early_stop" and summary.steps == 4
+
+
+def test_keeps_the_last_k_checkpoints(tmp_path):
+    model = tiny_full()
+    train(model, full.trainable(model), synthetic_examples(8), collate,
+          TrainCfg(batch_size=4, max_steps=6, save_steps=1, keep_checkpoints=2), tmp_path, progress=False)
+    assert [p.name for p in checkpoint.complete(tmp_path / "checkpoints")] == ["step-0000005", "step-0000006"]
+
+
+def _run_script(out: Path, kill_after: int, mode: str) -> subprocess.CompletedProcess:
+    script = Path(__file__).parent / "train_script.py"
+    return subprocess.run([sys.executable, str(script), str(out), str(kill_after), mode], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_resume_after_sigkill_reaches_the_uninterrupted_weights(tmp_path):
+    straight = _run_script(tmp_path / "straight", -1, "fresh")
+    assert straight.returncode == 0, straight.stderr
+    killed = _run_script(tmp_path / "crash", 5, "fresh")  # killed one step after the step-4 checkpoint
+    assert killed.returncode == -9
+    assert [p.name for p in checkpoint.complete(tmp_path / "crash" / "checkpoints")][-1] == "step-0000004"
+    resumed = _run_script(tmp_path / "crash", -1, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "straight" / "weights.safetensors")
+    b = load_file(tmp_path / "crash" / "weights.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    steps = [json.loads(l)["step"] for l in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # the lost step was logged once, not twice
+
+
+def test_ctrl_c_writes_a_checkpoint_then_exits(tmp_path):
+    model = tiny_full()
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, full.trainable(model), synthetic_examples(8), collate,
+              TrainCfg(batch_size=4, max_steps=10), tmp_path, on_step=interrupt, progress=False)
+    assert checkpoint.complete(tmp_path / "checkpoints")[-1].name == "step-0000003"

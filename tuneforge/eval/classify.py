@@ -1,0 +1,94 @@
+"""Classification by label scoring: each label's answer word is scored by its log-likelihood after
+the prompt, and the most likely label is the prediction (no free generation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tuneforge.eval.lm import IGNORE, label_logprobs
+
+
+def _pad_right(rows: list[list[int]], value: int) -> Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+@torch.no_grad()
+def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 8,
+                 pad_id: int = 0) -> Tensor:
+    """Log-likelihood of every answer after every prompt: a (n_prompts, n_answers) tensor.
+
+    ``answers`` are token ids of each label's word. When every answer is one token, one forward
+    pass per prompt scores all labels at once; otherwise each (prompt, answer) pair is scored.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = torch.empty(len(prompts), len(answers))
+    single = all(len(a) == 1 for a in answers)
+    pairs = [(i, None) for i in range(len(prompts))] if single else \
+        [(i, j) for i in range(len(prompts)) for j in range(len(answers))]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        if single:  # the label at the prompt's last position: a dummy target of the first answer
+            seqs = [prompts[i] + answers[0] for i, _ in chunk]
+            labels = [[IGNORE] * len(prompts[i]) + answers[0] for i, _ in chunk]
+        else:
+            seqs = [prompts[i] + answers[j] for i, j in chunk]
+            labels = [[IGNORE] * len(prompts[i]) + answers[j] for i, j in chunk]
+        ids, lab = _pad_right(seqs, pad_id).to(device), _pad_right(labels, IGNORE).to(device)
+        mask = _pad_right([[1] * len(s) for s in seqs], 0).to(device)
+        if single:
+            scores[[i for i, _ in chunk]] = _next_token_logprobs(model, ids, mask, lab, [a[0] for a in answers])
+        else:
+            logprobs, rows = label_logprobs(model, ids, mask, lab)
+            sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, logprobs)
+            for k, (i, j) in enumerate(chunk):
+                scores[i, j] = sums[k].item()
+    model.train(was_training)
+    return scores
+
+
+def _next_token_logprobs(model, ids, mask, labels, candidates: list[int]) -> Tensor:
+    from tuneforge.eval.lm import head_only_at
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # exactly one position per row: the prompt's last
+    with head_only_at(model, keep):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (rows, vocab)
+    return torch.log_softmax(logits.float(), dim=-1)[:, candidates].cpu()
+
+
+@dataclass(frozen=True)
+class ClassifyMetrics:
+    accuracy: float
+    macro_f1: float
+    n: int
+    confusion: list[list[int]]  # confusion[gold][predicted]
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "n": self.n, "confusion": self.confusion}
+
+
+def classification_metrics(predicted, gold, n_labels: int) -> ClassifyMetrics:
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    predicted, gold = np.asarray(predicted), np.asarray(gold)
+    labels = list(range(n_labels))
+    return ClassifyMetrics(
+        accuracy=float((predicted == gold).mean()) if len(gold) else 0.0,
+        macro_f1=float(f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)),
+        n=int(len(gold)),
+        confusion=confusion_matrix(gold, predicted, labels=labels).tolist(),
+    )
+
+
+def format_confusion(confusion: list[list[int]], names: list[str]) -> str:
+    width = max(8, *(len(n) for n in names))
+    head = " " * width + " | " + " ".join(f"{n:>{width}}" for n in names) + "   (rows: gold, columns: predicted)"
+    rows = [f"{g:>{width}} | " + " ".join(f"{c:>{width}}" for c in row) for g, row in zip(names, confusion)]
+    return "\n".join([head, *rows])

@@ -1,0 +1,79 @@
+"""Language-model loss where labels are set, without full-vocabulary logits anywhere else.
+
+A causal LM projects every position onto the vocabulary (49,152 columns for the default model),
+yet a supervised example carries loss on a handful of answer tokens. The output head is therefore
+given only the hidden states of the positions that predict a label: a forward pre-hook on the
+head gathers them, so the model's own forward (and any method attached to it) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE = -100
+
+
+@contextlib.contextmanager
+def head_only_at(model: nn.Module, keep: Tensor) -> Iterator[None]:
+    """While active, the output head sees only the positions where ``keep`` (batch, seq) is True,
+    and the model's ``logits`` come out as (n_kept, vocab), in row-major order. A method that
+    prepends virtual tokens lengthens the sequence; those leading positions are never kept."""
+    head = model.get_output_embeddings()
+
+    def gather(_module, args):
+        hidden = args[0]  # (batch, seq + n_virtual, hidden)
+        mask = keep
+        if hidden.shape[1] != mask.shape[1]:
+            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
+        return (hidden[mask],)  # (n_kept, hidden)
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probability of each labelled token given what precedes it.
+
+    Returns ``(logprobs, rows)``: both (n_labelled,), ``rows`` the batch row of each token.
+    """
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE
+    with head_only_at(model, keep):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (n, vocab)
+    gold = targets[targets != IGNORE]
+    logprobs = -F.cross_entropy(logits.float(), gold, reduction="none")
+    rows = keep.nonzero()[:, 0]
+    return logprobs, rows
+
+
+def label_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy over labelled tokens and their count (the caller normalizes, so that
+    gradient accumulation gives the exact token-level mean)."""
+    logprobs, _ = label_logprobs(model, input_ids, attention_mask, labels)
+    return -logprobs.sum(), logprobs.numel()
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, examples, collate, batch_size: int = 8) -> dict[str, float]:
+    """Mean token loss and perplexity over ``examples`` (each with input_ids and labels)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+        loss, n = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}

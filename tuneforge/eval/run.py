@@ -1,0 +1,32 @@
+"""Evaluate a model (optionally with an adapter) on one file, as `tuneforge eval` does."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tuneforge.config import RunCfg
+
+
+def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: bool = False) -> dict:
+    """Loss and perplexity on ``path``; for classification data also accuracy, macro-F1 and the
+    confusion matrix (``confusion``, and ``confusion_table`` as text)."""
+    from tuneforge.data import load_eval
+    from tuneforge.eval.classify import format_confusion
+    from tuneforge.io.load import load_model
+    from tuneforge.train.run import make_evaluator
+
+    model, tokenizer = load_model(cfg.model, device=cfg.train.device)
+    if adapter:
+        from tuneforge.io.peft_format import load_adapter
+
+        model = load_adapter(model, adapter, force=force)
+    data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
+    if cfg.eval.max_examples is not None:
+        data = data.head(cfg.eval.max_examples)
+    evaluator = make_evaluator((model, tokenizer), data, cfg)
+    metrics = evaluator.run(model)
+    metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)
+    if data.eval_items:
+        metrics["labels"] = data.label_words
+        metrics["confusion_table"] = format_confusion(metrics["confusion"], data.label_words)
+    return metrics
