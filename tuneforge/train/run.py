@@ -18,14 +18,13 @@ from tuneforge.train.loop import Evaluator, shuffled_batches, train
 
 def make_evaluator(model_tokenizer, data, cfg: RunCfg) -> Evaluator | None:
     """Accuracy by label scoring for classification data, loss and perplexity otherwise."""
-    from tuneforge.data import Collator, answer_ids
+    from tuneforge.data import Collator, word_ids
     from tuneforge.eval.classify import classification_metrics, score_labels
     from tuneforge.eval.lm import evaluate_lm
 
     _, tokenizer = model_tokenizer
     if data.eval_items:
-        answers = [answer_ids(tokenizer, w, cfg.data.chat_template)[:-1] or answer_ids(tokenizer, w, cfg.data.chat_template)
-                   for w in data.label_words]
+        answers = [word_ids(tokenizer, w, cfg.data.chat_template) for w in data.label_words]
 
         def run(model):
             scores = score_labels(model, [it.prompt_ids for it in data.eval_items], answers, cfg.eval.batch_size,

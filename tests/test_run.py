@@ -1,0 +1,97 @@
+"""Whole runs through the CLI on the tiny model: outputs, refusals, and bad input."""
+
+import json
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from tuneforge import cli
+
+
+def sentiment_rows(n=24):
+    words = {"positive": "good fine great lovely", "negative": "bad awful poor dull"}
+    return [{"text": f"{words[lab].split()[i % 4]} film number {i}", "label": lab}
+            for i in range(n) for lab in ("positive", "negative")]
+
+
+def write_config(tmp_path, data_path, **train):
+    cfg = {"model": str(train.pop("model")), "method": {"name": "full"},
+           "data": {"path": str(data_path), "format": "classification", "max_length": 256, "val_fraction": 0.25},
+           "train": {"output_dir": str(tmp_path / "out"), "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3,
+                     "eval_at_start": True, **train}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_writes_config_metrics_checkpoint_and_a_loadable_model(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows())
+    assert cli.main(["train", str(write_config(tmp_path, data, model=tiny_dir))]) == 0
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "final",
+                                               "summary.json", "loss.png"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and "accuracy" in summary["before"] and "accuracy" in summary["after"]
+    AutoModelForCausalLM.from_pretrained(out / "final")  # a plain Hugging Face directory
+    assert cli.main(["generate", "--model", str(out / "final"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    # the same output folder again is refused (nothing is overwritten) ...
+    assert cli.main(["train", str(tmp_path / "run.yaml")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # ... and --resume finds the run complete and only rewrites its result
+    assert cli.main(["train", str(tmp_path / "run.yaml"), "--resume"]) == 0
+
+
+def test_eval_command_prints_and_writes_json(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(6))
+    out = tmp_path / "m.json"
+    assert cli.main(["eval", "--model", str(tiny_dir), "--data", str(data), "--set", "data.format=classification",
+                     "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1 and {"loss", "perplexity", "macro_f1"} <= set(metrics)
+    assert "rows: gold" in capsys.readouterr().out
+    text = tmp_path / "t.txt"
+    text.write_text("some plain text to score " * 40)
+    assert cli.main(["eval", "--model", str(tiny_dir), "--data", str(text), "--set", "data.max_length=32",
+                     "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())) == {"loss", "perplexity", "tokens", "n"}
+
+
+BAD_INPUTS = {
+    "bad_json": ('{"text": "ok", "label": "positive"}\n{"text": "broken\n', "d.jsonl:2", "JSON"),
+    "missing_field": ('{"text": "ok", "label": "positive"}\n{"txt": "no", "label": "negative"}\n', "d.jsonl:2",
+                      "text"),
+    "empty_file": ("", "d.jsonl", "empty"),
+    "label_outside_verbalizer": (None, "d.jsonl:", "neutral"),
+    "not_utf8": (b'{"text": "ok", "label": "positive"}\n{"text": "caf\xe9", "label": "negative"}\n', "d.jsonl:2",
+                 "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_leaves_no_output(case, tmp_path, tiny_dir, capsys):
+    content, where, words = BAD_INPUTS[case]
+    path = tmp_path / "d.jsonl"
+    extra = {}
+    if case == "label_outside_verbalizer":
+        write_jsonl(path, sentiment_rows(4) + [{"text": "meh", "label": "neutral"}])
+        extra = {"verbalizer": {"positive": "positive", "negative": "negative"}}
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    cfg = write_config(tmp_path, path, model=tiny_dir)
+    if extra:
+        raw = yaml.safe_load(cfg.read_text())
+        raw["data"].update(extra)
+        cfg.write_text(yaml.safe_dump(raw))
+    assert cli.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert where in err and words.lower() in err.lower()
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,172 @@
+"""Classification rows to a causal LM that answers with the label's word (a verbalizer).
+
+Each row's label becomes a word ("positive"); the training example is the rendered question about
+the text followed by that word and the end-of-turn token, with the loss on the answer only. The
+same prompt, scored against every label word's answer tokens, is how the label is predicted, so
+training and evaluation share ``classification_prompt`` and ``answer_ids``.
+
+Labels are strings (mapped through ``verbalizer``, or used as their own word) or numeric scores
+cut by ``score_thresholds`` into "negative" and "positive"; scores between the two are dropped.
+Label order is the sorted label names (numeric names by value), so negative=0, positive=1.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+from tuneforge.data.collate import Example
+from tuneforge.data.instruct import render, special_ids, split_end_of_turn, to_example, tokens, uses_template
+from tuneforge.data.readers import Row, field
+from tuneforge.data.text import eos_id
+from tuneforge.errors import UserError
+
+# The binary sentiment task gets a question that names the task: a small model answers it far
+# more reliably than the generic wording.
+SENTIMENT_QUESTION = "Is the sentiment of this text positive or negative? Answer with one word: positive or negative."
+
+
+@dataclass(frozen=True)
+class ClassifyItem:
+    """One classification row, for scoring by label log-likelihood."""
+
+    prompt_ids: list[int]  # the rendered prompt up to where the answer starts
+    label: int  # index into Datasets.label_words
+    text: str  # the raw (cleaned) text, for few-shot prompts and feature methods
+
+
+def clean_text(text: str) -> str:
+    """Undo the escaping some corpora carry: HTML entities (&amp;) and '' written for a double quote."""
+    return html.unescape(text).replace("''", '"')
+
+
+def default_instruction(label_words: list[str]) -> str:
+    if sorted(label_words) == ["negative", "positive"]:
+        return SENTIMENT_QUESTION
+    listed = " or ".join([", ".join(label_words[:-1]), label_words[-1]]) if len(label_words) > 1 else label_words[0]
+    kind = "one word" if all(" " not in w for w in label_words) else "one of"
+    return f"Classify the text. Answer with {kind}: {listed}."
+
+
+def classification_prompt(tokenizer, text: str, instruction: str | None, label_words: list[str],
+                          chat_template: bool = True) -> list[int]:
+    """The question about ``text``, rendered up to where the answer starts."""
+    message = f"{instruction or default_instruction(label_words)}\n\nText: {text}"
+    if uses_template(tokenizer, chat_template):
+        return tokens(tokenizer, render(tokenizer, [{"role": "user", "content": message}], True, "chat template"))
+    return tokens(tokenizer, f"{message}\nAnswer:")
+
+
+def answer_ids(tokenizer, word: str, chat_template: bool = True) -> list[int]:
+    """The tokens the model should produce after the prompt: the word and the end-of-turn token."""
+    if not uses_template(tokenizer, chat_template):
+        return tokens(tokenizer, f" {word}") + [eos_id(tokenizer)]
+    question = [{"role": "user", "content": "?"}]  # any question: only the answer's rendering matters
+    prompt = render(tokenizer, question, True, "chat template")
+    full = render(tokenizer, question + [{"role": "assistant", "content": word}], False, "chat template")
+    if not full.startswith(prompt):
+        raise UserError("the chat template's generation prompt is not how it renders an answer", "chat template",
+                        fix="set data.chat_template: false")
+    return split_end_of_turn(tokens(tokenizer, full[len(prompt):]), special_ids(tokenizer))[0][0]
+
+
+def word_ids(tokenizer, word: str, chat_template: bool = True) -> list[int]:
+    """The answer's tokens without the end-of-turn token: what label scoring compares."""
+    return answer_ids(tokenizer, word, chat_template)[:-1]
+
+
+def label_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value).strip()
+
+
+def sorted_labels(names) -> list[str]:
+    """Numeric names by value ("2" before "10"), the others alphabetically after them."""
+    def key(name: str):
+        return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+    return sorted(set(names), key=key)
+
+
+def check_thresholds(thresholds) -> tuple[float, float]:
+    if len(thresholds) != 2 or thresholds[0] > thresholds[1]:
+        raise UserError(f"score_thresholds must be [low, high] with low <= high, got {thresholds}",
+                        "data.score_thresholds", fix="for example [-1.0, 1.0]")
+    return thresholds[0], thresholds[1]
+
+
+def label_names(rows: list[Row], cfg) -> list[str]:
+    """The label names in label order: from the thresholds, the verbalizer, or the data itself."""
+    if cfg.score_thresholds:
+        check_thresholds(cfg.score_thresholds)
+        return ["negative", "positive"]
+    if cfg.verbalizer:
+        return sorted_labels(cfg.verbalizer)
+    return sorted_labels(label_text(field(row, cfg.label_column)) for row in rows)
+
+
+def label_words(names: list[str], verbalizer: dict[str, str] | None) -> list[str]:
+    words = [(verbalizer or {}).get(name, name) for name in names]
+    if len(set(words)) < len(words):
+        raise UserError(f"two labels share an answer word: {words}", "data.verbalizer",
+                        fix="give every label its own word")
+    return words
+
+
+def label_of(row: Row, cfg, names: list[str]) -> int | None:
+    """The row's label index; None for a score between the thresholds (dropped, and counted)."""
+    value = field(row, cfg.label_column)
+    if cfg.score_thresholds:
+        low, high = check_thresholds(cfg.score_thresholds)
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"label {value!r} is not a number, but score_thresholds needs a numeric score",
+                            row.where, fix="fix the value, or remove data.score_thresholds") from None
+        name = "negative" if score <= low else "positive" if score >= high else None
+        if name is None:
+            return None
+    else:
+        name = label_text(value)
+    if name not in names:
+        raise UserError(f"label {name!r} is not in the verbalizer", row.where,
+                        fix=f"allowed labels: {', '.join(names)}; fix the row or add the label to data.verbalizer")
+    return names.index(name)
+
+
+def fitted_prompt(tokenizer, text: str, cfg, words: list[str], budget: int) -> tuple[list[int] | None, bool]:
+    """(prompt ids within ``budget`` tokens, whether the text was cut); None if even no text fits.
+
+    The text's end is cut rather than the prompt's start, so the question is always kept.
+    """
+    ids = classification_prompt(tokenizer, text, cfg.instruction, words, cfg.chat_template)
+    if len(ids) <= budget:
+        return ids, False
+    text_ids = tokens(tokenizer, text)
+    keep = len(text_ids) - (len(ids) - budget)
+    while keep > 0:  # decoding then re-encoding may merge tokens differently: check, and cut again
+        ids = classification_prompt(tokenizer, tokenizer.decode(text_ids[:keep]), cfg.instruction, words,
+                                    cfg.chat_template)
+        if len(ids) <= budget:
+            return ids, True
+        keep -= len(ids) - budget
+    return None, True
+
+
+def classify_examples(rows: list[Row], tokenizer, cfg, names: list[str]
+                      ) -> tuple[list[Example], list[ClassifyItem], int, int]:
+    """(examples, items, dropped, truncated): one example and one item per kept row, aligned."""
+    words = label_words(names, cfg.verbalizer)
+    answers = [answer_ids(tokenizer, w, cfg.chat_template) for w in words]
+    budget = cfg.max_length - max(len(a) for a in answers)  # the prompt must leave room for any answer
+    examples, items, dropped, truncated = [], [], 0, 0
+    for row in rows:
+        label = label_of(row, cfg, names)
+        text = clean_text(str(field(row, cfg.text_column)))
+        prompt, cut = fitted_prompt(tokenizer, text, cfg, words, budget) if label is not None else (None, False)
+        if prompt is None:
+            dropped += 1
+            continue
+        truncated += cut
+        example, _ = to_example([(prompt, False), (answers[label], True)], cfg.max_length, cfg.train_on_prompt)
+        examples.append(example)
+        items.append(ClassifyItem(prompt, label, text))
+    return examples, items, dropped, truncated
