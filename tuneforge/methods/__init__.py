@@ -33,6 +33,6 @@ def mark_injected(model: nn.Module, name: str, cfg) -> None:
 
 
 # Imported last: each method module uses mark_injected from here.
-from tuneforge.methods import full  # noqa: E402
+from tuneforge.methods import full, lora  # noqa: E402
 
-REGISTRY: dict[str, ModuleType] = {"full": full}
+REGISTRY: dict[str, ModuleType] = {"full": full, "lora": lora}

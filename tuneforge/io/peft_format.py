@@ -1,0 +1,153 @@
+"""Adapters on disk in PEFT's layout, so ``peft.PeftModel.from_pretrained`` reads what tuneforge writes
+and tuneforge reads what PEFT writes.
+
+    adapter_config.json        PEFT's config keys (``peft_type``, ``r``, ``target_modules``, ...), from
+                               the method's ``peft_config(cfg, model)``
+    adapter_model.safetensors  the method's ``state_dict(model)``, keys as PEFT writes them; its metadata
+                               holds {"format": "pt", "tuneforge": '{"method": ..., "fingerprint": ...}'}
+
+The method name and base fingerprint live in the safetensors metadata rather than in the JSON: PEFT
+loads a config with an unknown key but warns that the file needs a newer PEFT, which is not true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from tuneforge.config import _Where, build
+from tuneforge.errors import UserError
+from tuneforge.io.atomic import atomic_dir
+from tuneforge.io.fingerprint import check, fingerprint
+from tuneforge.methods import REGISTRY
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's prefix before a module path
+# PEFT keys that describe the file rather than the method: read past, whatever their value.
+FILE_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+             "auto_mapping", "megatron_core", "qalora_group_size", "method"}
+
+
+def _base_params_in(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own parameters that the adapter file holds whole (modules_to_save), by their keys."""
+    found = {}
+    for key in sd:
+        name = key.removeprefix(PREFIX)
+        try:
+            found[name] = model.get_parameter(name)
+        except AttributeError:  # a tensor the method adds (lora_A, ...), not one of the base's
+            pass
+    return found
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
+    """Write the injected method's adapter to ``out_dir`` atomically; returns the folder."""
+    if getattr(model, "tuneforge_method", None) is None:
+        raise UserError("no method is injected into this model, so there is no adapter to save",
+                        fix="inject a method (e.g. lora) first")
+    name, cfg = model.tuneforge_method
+    method = REGISTRY[name]
+    sd = method.state_dict(model)
+    config = {**method.peft_config(cfg, model), "base_model_name_or_path": base_model_name}
+    exclude = [*method.trainable(model).values(), *_base_params_in(model, sd).values()]
+    info = {"method": name, "fingerprint": fingerprint(model, exclude)}
+    # Copies on the CPU: safetensors refuses tensors that share memory (a tied head and embedding).
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+    weights = safetensors_bytes(tensors, metadata={"format": "pt", "tuneforge": json.dumps(info)})
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / WEIGHTS).write_bytes(weights)
+    return out_dir
+
+
+def read_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no {CONFIG} here, so this is not an adapter folder", str(adapter_dir),
+                        fix="give the folder that save_adapter (or PEFT's save_pretrained) wrote") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"the file is not valid JSON ({exc})", str(path),
+                        fix="restore it or save the adapter again") from None
+    if not isinstance(config, dict):
+        raise UserError("expected a JSON object of config keys", str(path))
+    return config
+
+
+def read_weights(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and tuneforge's record ({"method", "fingerprint"}, empty for a PEFT-made file)."""
+    path = adapter_dir / WEIGHTS
+    if not path.is_file():
+        hint = " (a legacy adapter_model.bin is there)" if (adapter_dir / "adapter_model.bin").is_file() else ""
+        raise UserError(f"no {WEIGHTS} here{hint}", str(adapter_dir),
+                        fix="save the adapter with safetensors (PEFT: save_pretrained(..., safe_serialization=True))")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sd = {key: f.get_tensor(key) for key in f.keys()}
+            info = json.loads((f.metadata() or {}).get("tuneforge", "{}"))
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise UserError(f"cannot read the adapter weights ({exc})", str(path),
+                        fix="restore the file or save the adapter again") from None
+    return sd, info if isinstance(info, dict) else {}
+
+
+def _method_name(config: dict, info: dict, path: Path) -> str:
+    name = info.get("method") or config.get("method")
+    if name is None:
+        peft_type = config.get("peft_type")
+        names = [n for n, m in REGISTRY.items() if peft_type and m.PEFT_TYPE == peft_type]
+        if not names:
+            known = sorted({m.PEFT_TYPE for m in REGISTRY.values() if m.PEFT_TYPE})
+            raise UserError(f"peft_type {peft_type!r} is not a method tuneforge has", str(path),
+                            fix=f"tuneforge reads {', '.join(known)}")
+        name = peft_type.lower() if peft_type.lower() in names else names[0]
+    if name not in REGISTRY:
+        raise UserError(f"the adapter was made with method {name!r}, which this tuneforge does not have", str(path))
+    return name
+
+
+def method_config(method, config: dict, path: Path):
+    """The method's Config from PEFT's keys: its own keys are taken, keys that describe the file are
+    skipped, and any other key must hold its neutral value (null, false, {}, []): a feature tuneforge
+    does not implement (rank_pattern, fan_in_fan_out, ...) is an error, never silently dropped."""
+    fields = {f.name for f in dataclasses.fields(method.Config)}
+    args = {}
+    for key, value in config.items():
+        if key in fields:
+            args[key] = value
+        elif key not in FILE_KEYS and value not in (None, False, {}, [], ""):
+            raise UserError(f"{key}={value!r} is a PEFT feature tuneforge does not support", str(path),
+                            fix=f"use an adapter made without {key}")
+    try:
+        return build(method.Config, args, _Where(str(path), {}, set()))
+    except UserError as exc:  # a Config's own checks name the key as "method.<key>"
+        if exc.where and exc.where.startswith("method."):
+            raise UserError(exc.what, f"{path}: key '{exc.where[len('method.'):]}'", exc.fix) from None
+        raise
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False) -> nn.Module:
+    """Inject the adapter's method into ``model`` and load its weights; ``force`` skips the base check."""
+    adapter_dir = Path(adapter_dir)
+    config = read_config(adapter_dir)
+    sd, info = read_weights(adapter_dir)
+    name = _method_name(config, info, adapter_dir / CONFIG)
+    method = REGISTRY[name]
+    if config.get("modules_to_save"):  # the modules the file holds, not PEFT's suffix matches of the names
+        saved = sorted({name.rpartition(".")[0] for name in _base_params_in(model, sd)})
+        config = {**config, "modules_to_save": saved or None}
+    cfg = method_config(method, config, adapter_dir / CONFIG)
+    if isinstance(info.get("fingerprint"), dict):
+        check(info["fingerprint"], model, force, exclude=_base_params_in(model, sd).values(), where=str(adapter_dir))
+    method.inject(model, cfg)
+    method.load_state_dict(model, sd)
+    return model
