@@ -95,3 +95,36 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_output(case, tmp_path, tiny_
     assert err.count("\n") == 1 and "Traceback" not in err
     assert where in err and words.lower() in err.lower()
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_run_then_eval_generate_and_merge_with_the_adapter(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows())
+    cfg = write_config(tmp_path, data, model=tiny_dir)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["method"] = {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert cli.main(["train", str(cfg)]) == 0
+    adapter = tmp_path / "out" / "final"
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert cli.main(["eval", "--model", str(tiny_dir), "--adapter", str(adapter), "--data", str(data),
+                     "--set", "data.format=classification"]) == 0
+    assert cli.main(["generate", "--model", str(tiny_dir), "--adapter", str(adapter), "--prompt", "hi",
+                     "--max-new-tokens", "2"]) == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(merged)]) == 0
+
+    import torch
+
+    from tuneforge.io.load import load_model
+    from tuneforge.io.peft_format import load_adapter
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with_adapter = load_adapter(load_model(str(tiny_dir))[0], adapter)
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_estimate_command(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows())
+    assert cli.main(["estimate", str(write_config(tmp_path, data, model=tiny_dir))]) == 0
+    assert "trainable" in capsys.readouterr().out

@@ -16,6 +16,10 @@ def _generate(args: argparse.Namespace) -> None:
     from tuneforge.io.load import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.adapter:
+        from tuneforge.io.peft_format import load_adapter
+
+        model = load_adapter(model, args.adapter, force=args.force)
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_p=args.top_p, seed=args.seed, raw=args.raw, on_text=lambda s: print(s, end="", flush=True))
     print()
@@ -25,6 +29,20 @@ def _config(args: argparse.Namespace) -> None:
     from tuneforge import config
 
     print(config.to_yaml(config.from_yaml(args.config, args.set)), end="")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from tuneforge.io.export import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force)
+    print(f"merged model written to {out}")
+
+
+def _estimate(args: argparse.Namespace) -> None:
+    from tuneforge import config
+    from tuneforge.estimate import estimate
+
+    print(estimate(config.from_yaml(args.config, args.set)).describe())
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -76,6 +94,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a field with its own type, e.g. --set train.learning_rate=1e-4 (repeatable)")
 
 
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="an adapter directory to apply to the model")
+    p.add_argument("--force", action="store_true", help="apply an adapter even if it was trained on another base")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="a named model (smollm2-135m), a Hugging Face model directory, or a .gguf file")
@@ -96,7 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (the default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    _adapter_args(p)
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a standalone model directory")
+    _model_args(p)
+    p.add_argument("--adapter", required=True, help="the adapter directory")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--force", action="store_true", help="merge even if the adapter was trained on another base")
+    p.set_defaults(run=_merge)
+
+    p = sub.add_parser("estimate", help="what a run will cost: parameters, memory, time per step")
+    _config_args(p)
+    p.set_defaults(run=_estimate)
 
     p = sub.add_parser("train", help="fine-tune as a run configuration says")
     _config_args(p)
@@ -105,13 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss and perplexity, or accuracy and macro-F1 for classification data")
     p.add_argument("--model", default=None, help="model spec (default: the config's, else smollm2-135m)")
-    p.add_argument("--adapter", default=None, help="an adapter directory to apply to the model")
+    _adapter_args(p)
     p.add_argument("--data", required=True, help="the evaluation file")
     p.add_argument("--config", default=None, help="a run configuration whose data settings describe the file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set data.format=classification")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
-    p.add_argument("--force", action="store_true", help="apply an adapter even if it was trained on another base")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("config", help="check a run configuration and print it with every default filled in")

@@ -62,6 +62,7 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
         raise UserError("no training examples left after reading and filtering", cfg.data.path,
                         fix="check data.format, the columns and max_length")
     config_mod.save(cfg, out / "config.yaml")
+    _print_estimate(cfg, data)
     torch.manual_seed(cfg.train.seed)
     method.inject(model, method_cfg)
     params = method.trainable(model)
@@ -99,6 +100,15 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
     write_text(out / "summary.json", json.dumps(result, indent=1))
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     return result
+
+
+def _print_estimate(cfg: RunCfg, data) -> None:
+    from tuneforge.estimate import estimate
+
+    report = data.report["train"]
+    est = estimate(cfg, tokens_per_example=report.tokens / max(report.examples, 1),
+                   loss_tokens_per_example=report.loss_tokens / max(report.examples, 1), n_examples=len(data.train))
+    print(f"tuneforge: {est.describe()}", file=sys.stderr)
 
 
 def _numbers(metrics: dict | None) -> dict | None:
