@@ -9,6 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_THREADS = torch.get_num_threads()
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The default model's chat format, so prompts render the same way on the tiny model.
@@ -79,3 +80,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("the shared data folder is not beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny-model tests run on one thread: their matrices are too small to share, and on a busy
+    machine a multi-threaded 64-wide matmul can wait milliseconds for a second core. Tests that
+    load the real model get every thread."""
+    torch.set_num_threads(FULL_THREADS if request.node.get_closest_marker("real") else 1)
+    yield

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -157,8 +158,9 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
 
 def _run_script(out: Path, kill_after: int, mode: str) -> subprocess.CompletedProcess:
     script = Path(__file__).parent / "train_script.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process tiny-model tests (see conftest)
     return subprocess.run([sys.executable, str(script), str(out), str(kill_after), mode], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
 
 
 def test_resume_after_sigkill_reaches_the_uninterrupted_weights(tmp_path):

@@ -1,0 +1,173 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020): inside every transformer block a
+small residual module h + up(act(down(h))) is applied to the output of a sublayer.
+
+    houlsby   after the attention output projection and after the MLP output projection
+    pfeiffer  after the MLP output projection only (half the parameters, about the same quality)
+
+The wrapped sublayers are found per block (``targets.blocks``) by leaf name through ``targets.find``:
+``attn_output_modules`` (default ``o_proj``) and ``mlp_output_modules`` (default ``down_proj``); each
+block must hold exactly one of each. ``up`` starts at zero, so training starts from the base model.
+PEFT has no such method: the adapter is saved in tuneforge's format (``"peft_type": null``), keys
+
+    base_model.model.<wrapped module path>.adapter.down.weight / .down.bias / .up.weight / .up.bias
+    base_model.model.<norm path>.weight (and .bias)            with train_norms
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from tuneforge import targets
+from tuneforge.errors import UserError
+from tuneforge.methods import mark_injected
+
+PEFT_TYPE = None
+PREFIX = "base_model.model."
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class Config:
+    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"  # houlsby: after attention and MLP; pfeiffer: MLP only
+    bottleneck_size: int | None = None  # width of the bottleneck; None: hidden size // reduction_factor
+    reduction_factor: int = 16  # used when bottleneck_size is None
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # between the down- and up-projection
+    train_norms: bool = False  # also train every RMSNorm / LayerNorm weight (Houlsby trains them)
+    dropout: float = 0.0  # dropout on the bottleneck activations
+    attn_output_modules: list[str] = field(default_factory=lambda: ["o_proj"])  # leaf names: attention output
+    mlp_output_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # leaf names: MLP output
+
+    def __post_init__(self):
+        if self.bottleneck_size is not None and self.bottleneck_size < 1:
+            raise UserError(f"bottleneck_size must be at least 1, got {self.bottleneck_size}", "method.bottleneck_size")
+        if self.reduction_factor < 1:
+            raise UserError(f"reduction_factor must be at least 1, got {self.reduction_factor}",
+                            "method.reduction_factor")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}", "method.dropout")
+
+
+class Bottleneck(nn.Module):
+    """up(dropout(act(down(h)))): hidden -> bottleneck -> hidden, zero at the start."""
+
+    def __init__(self, hidden: int, bottleneck: int, cfg: Config, device: torch.device):
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck, device=device)
+        self.act = ACTIVATIONS[cfg.non_linearity]()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.up = nn.Linear(bottleneck, hidden, device=device)
+        nn.init.zeros_(self.up.weight)  # the adapter adds exactly nothing until it trains
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: Tensor) -> Tensor:  # (..., hidden) -> (..., hidden)
+        return self.up(self.dropout(self.act(self.down(h))))
+
+
+class AdaptedOutput(nn.Module):
+    """``base_layer`` followed by a residual bottleneck on its output: y = f(x) + adapter(f(x))."""
+
+    def __init__(self, base_layer: nn.Module, bottleneck: int, cfg: Config):
+        super().__init__()
+        self.base_layer = base_layer
+        device = next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
+        self.adapter = Bottleneck(base_layer.out_features, bottleneck, cfg, device)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        h = self.base_layer(*args, **kwargs)
+        return h + self.adapter(h.to(self.adapter.down.weight.dtype)).to(h.dtype)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _per_block(model: nn.Module, names: list[str], key: str) -> list[str]:
+    """The one module in each block whose leaf name is in ``names``; a block with none or several is an error."""
+    stack = targets.blocks(model)
+    block_path = {id(m): path for path, m in model.named_modules()}
+    hits = targets.find(model, names, types=(nn.Module,), key=f"method.{key}")
+    found = []
+    for i, block in enumerate(stack):
+        prefix = block_path[id(block)] + "."
+        inside = [h for h in hits if h.startswith(prefix)]
+        if len(inside) != 1:
+            raise UserError(f"block {i} ({prefix[:-1]}) has {len(inside)} modules named {names}, expected one",
+                            f"method.{key}", fix="give the leaf name of the one output projection in each block")
+        if not isinstance(getattr(model.get_submodule(inside[0]), "out_features", None), int):
+            raise UserError(f"{inside[0]} has no out_features, so it is not an output projection", f"method.{key}")
+        found += inside
+    return found
+
+
+def inject(model: nn.Module, cfg: Config) -> None:
+    mark_injected(model, "adapter", cfg)  # raises if any method is already in
+    try:
+        wrapped = _per_block(model, cfg.mlp_output_modules, "mlp_output_modules")
+        if cfg.placement == "houlsby":
+            wrapped = _per_block(model, cfg.attn_output_modules, "attn_output_modules") + wrapped
+    except UserError:
+        model.tuneforge_method = None  # nothing changed: the user can fix the names and retry
+        raise
+    model.requires_grad_(False)
+    for path in wrapped:
+        parent, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent)
+        base = getattr(parent, child)
+        bottleneck = cfg.bottleneck_size or max(1, base.out_features // cfg.reduction_factor)
+        setattr(parent, child, AdaptedOutput(base, bottleneck, cfg))
+    if cfg.train_norms:
+        for module in model.modules():
+            if is_norm(module):
+                module.requires_grad_(True)
+
+
+def layers(model: nn.Module) -> dict[str, AdaptedOutput]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedOutput)}
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = {}
+    for path, layer in layers(model).items():
+        params.update({f"{path}.adapter.{key}": p for key, p in layer.adapter.named_parameters()})
+    if model.tuneforge_method[1].train_norms:
+        for path, module in model.named_modules():
+            if is_norm(module):
+                params.update({f"{path}.{key}": p for key, p in module.named_parameters(recurse=False)})
+    return params
+
+
+def state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {PREFIX + key: p.detach() for key, p in trainable(model).items()}
+
+
+@torch.no_grad()
+def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    params = {PREFIX + key: p for key, p in trainable(model).items()}
+    missing, unexpected = sorted(params.keys() - sd.keys()), sorted(sd.keys() - params.keys())
+    if missing or unexpected:
+        what = f"tensor {missing[0]!r} is missing" if missing else f"unexpected tensor {unexpected[0]!r}"
+        raise UserError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected)",
+                        fix="check that the adapter's config (placement, train_norms, module names) "
+                            "matches its weights")
+    for key, p in params.items():
+        if p.shape != sd[key].shape:
+            raise UserError(f"tensor {key!r} has shape {tuple(sd[key].shape)}, the model expects {tuple(p.shape)}",
+                            fix="check bottleneck_size / reduction_factor against the adapter's weights")
+        p.copy_(sd[key])
+
+
+def merge(model: nn.Module) -> None:
+    raise UserError("bottleneck adapters put a nonlinearity between their two projections, so they cannot be "
+                    "folded into the base weights", "method adapter",
+                    fix="keep the model unmerged and load the adapter on top of the base (load_adapter), "
+                        "or train with lora or ia3 if you need a merged model")
+
+
+def peft_config(cfg: Config, model: nn.Module) -> dict:
+    """No PEFT type: the config is tuneforge's own, and the method name tells the loader what to inject."""
+    return {"peft_type": None, "method": "adapter", **dataclasses.asdict(cfg)}
