@@ -1,0 +1,203 @@
+"""Prefix tuning (Li & Liang 2021): n trainable key and value vectors in every attention layer, which
+each real token attends to as if n earlier tokens had left them in the KV cache. There is no
+identity start: any prefix takes a share of the attention.
+
+Attached by forward hooks on the model, never by forking it, like prompt tuning (prompt.py):
+- a call that starts a sequence (no cache, or ``generate``'s empty one) gets a transformers
+  DynamicCache holding the prefix, (batch, kv_heads, n, head_dim) per layer for keys and for values
+  (grouped-query attention caches kv_heads, not query heads);
+- every call's 2-D attention mask gets n ones on the left; given position_ids shift by n, and
+  without them the model counts on from the n cached entries: real tokens hold positions n..,
+  as in PEFT, whose logits these match;
+- a call with use_cache off returns no cache (the caller asked for none; ``generate`` would feed
+  it back).
+With ``prefix_projection`` the prefix is a two-layer MLP (Linear, tanh, Linear) over an embedding
+while it trains (the reparameterization of Li & Liang). The file holds the prefix that MLP computes,
+so it is PEFT's plain format, {"prompt_embeddings": (n, layers * 2 * kv_heads * head_dim)}, the
+last axis ordered (layer, key|value, head, dim). Gradient checkpointing drops caches: it is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.utils import ModelOutput
+
+from tuneforge.errors import UserError
+from tuneforge.methods import mark_injected
+from tuneforge.methods.prompt import CACHE_ARGS, cache_in, check_model_keys, named_inputs, starts_sequence, widen
+
+PEFT_TYPE = "PREFIX_TUNING"
+
+
+@dataclass(frozen=True)
+class Config:
+    num_virtual_tokens: int = 20  # prefix length: key/value vectors per layer
+    prefix_projection: bool = False  # train the prefix through an MLP over an embedding; saved folded
+    encoder_hidden_size: int | None = None  # width of that MLP; null: kv_heads * head_dim, as PEFT
+    # null: normal(0, 1) as PEFT; "zero": an all-zero prefix (not the identity: zero keys still draw attention)
+    init_weights: Literal["zero"] | None = None
+    # The model's shape as PEFT records it (token_dim = kv_heads * head_dim, num_attention_heads =
+    # kv_heads); null: taken from the model, else checked against it
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_transformer_submodules: int | None = None
+
+    def __post_init__(self):
+        if self.num_virtual_tokens < 1:
+            raise UserError(f"num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}",
+                            "method.num_virtual_tokens")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise UserError(f"encoder_hidden_size must be at least 1, got {self.encoder_hidden_size}",
+                            "method.encoder_hidden_size")
+
+
+def kv_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the model's attention."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
+def model_keys(model: nn.Module) -> dict:
+    layers, kv_heads, head_dim = kv_shape(model)
+    return {"token_dim": kv_heads * head_dim, "num_layers": layers, "num_attention_heads": kv_heads,
+            "num_transformer_submodules": 1}
+
+
+class Prefix(nn.Module):
+    """The prefix: ``embedding`` itself, or ``transform(embedding)`` with the projection."""
+
+    def __init__(self, cfg: Config, shape: tuple[int, int, int], arg_names: list[str], device):
+        super().__init__()
+        layers, kv_heads, head_dim = self.shape = shape
+        n, token_dim, width = cfg.num_virtual_tokens, kv_heads * head_dim, layers * 2 * kv_heads * head_dim
+        self.arg_names = arg_names
+        self.transform = None
+        if cfg.prefix_projection:
+            hidden = cfg.encoder_hidden_size or token_dim
+            self.embedding = nn.Parameter(torch.randn(n, token_dim, device=device))
+            self.transform = nn.Sequential(nn.Linear(token_dim, hidden, device=device), nn.Tanh(),
+                                           nn.Linear(hidden, width, device=device))
+            zeroed = self.transform[2].parameters()
+        else:
+            self.embedding = nn.Parameter(torch.randn(n, width, device=device))
+            zeroed = [self.embedding]
+        if cfg.init_weights == "zero":
+            for p in zeroed:
+                nn.init.zeros_(p)
+
+    def prefix(self) -> Tensor:  # (n, layers * 2 * kv_heads * head_dim)
+        return self.embedding if self.transform is None else self.transform(self.embedding)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the MLP by the prefix it computes."""
+        if self.transform is not None:
+            self.embedding, self.transform = nn.Parameter(self.prefix().detach().clone()), None
+
+    def fill(self, cache, batch: int, dtype: torch.dtype):
+        layers, kv_heads, head_dim = self.shape
+        n = self.embedding.shape[0]
+        kv = self.prefix().to(dtype).view(n, layers * 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2L, H, n, D)
+        for layer in range(layers):
+            keys, values = kv[2 * layer], kv[2 * layer + 1]  # (H, n, D) each
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+        return cache
+
+
+def _prefix(model: nn.Module) -> Prefix:
+    return next(m for m in model.modules() if isinstance(m, Prefix))
+
+
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
+    prefix = _prefix(model)
+    kwargs = named_inputs(prefix.arg_names, args, kwargs)
+    if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
+                                                          for m in model.modules()):
+        raise UserError("prefix tuning feeds its prefix through the KV cache, which gradient checkpointing drops",
+                        "train.gradient_checkpointing", fix="set train.gradient_checkpointing: false")
+    if starts_sequence(kwargs):
+        inputs = kwargs.get("input_ids")
+        inputs = kwargs["inputs_embeds"] if inputs is None else inputs
+        cache = cache_in(kwargs)
+        key = next((k for k in CACHE_ARGS if kwargs.get(k) is not None),
+                   next((k for k in CACHE_ARGS if k in prefix.arg_names), CACHE_ARGS[0]))
+        device = prefix.embedding.device.type  # under autocast the keys come out in the autocast dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
+        kwargs[key] = prefix.fill(DynamicCache(config=model.config) if cache is None else cache, inputs.shape[0],
+                                  dtype)
+    widen(kwargs, prefix.embedding.shape[0], lead_positions=False)
+    return (), kwargs
+
+
+def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(model.config, "use_cache", True)
+    if use_cache or not isinstance(output, ModelOutput):
+        return None
+    return type(output)(**{k: v for k, v in output.items() if k not in CACHE_ARGS})
+
+
+def inject(model: nn.Module, cfg: Config) -> None:
+    mark_injected(model, "prefix", cfg)  # raises if any method is already in
+    try:
+        check_model_keys(cfg, model_keys(model))
+    except UserError:
+        model.tuneforge_method = None  # nothing changed: the user can fix the config and retry
+        raise
+    model.requires_grad_(False)
+    device = model.get_input_embeddings().weight.device
+    model.tuneforge_prefix = Prefix(cfg, kv_shape(model), list(inspect.signature(model.forward).parameters), device)
+    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    model.register_forward_hook(_after_forward, with_kwargs=True)
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{path}.{key}": p for path, m in model.named_modules() if isinstance(m, Prefix)
+            for key, p in m.named_parameters()}
+
+
+def state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The prefix itself, computed through the MLP when there is one: PEFT's saved form."""
+    with torch.no_grad():
+        return {"prompt_embeddings": _prefix(model).prefix().detach()}
+
+
+@torch.no_grad()
+def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    """Load a saved prefix; a model built with the projection drops its MLP for it (the saved prefix is
+    what the MLP computed, and the MLP cannot be recovered from it)."""
+    prefix = _prefix(model)
+    if set(sd) != {"prompt_embeddings"}:
+        raise UserError(f"a prefix-tuning adapter holds one tensor, 'prompt_embeddings'; this one has {sorted(sd)[:3]}",
+                        fix="load an adapter saved with method prefix (PEFT: PREFIX_TUNING)")
+    layers, kv_heads, head_dim = prefix.shape
+    expected = (prefix.embedding.shape[0], layers * 2 * kv_heads * head_dim)
+    if tuple(sd["prompt_embeddings"].shape) != expected:
+        raise UserError(f"tensor 'prompt_embeddings' has shape {tuple(sd['prompt_embeddings'].shape)}, the model "
+                        f"expects {expected}", fix="check num_virtual_tokens and the base model")
+    prefix.fold()
+    prefix.embedding.copy_(sd["prompt_embeddings"])
+
+
+def merge(model: nn.Module) -> None:
+    raise UserError("a prefix is extra keys and values in the attention, not a change of weights: it cannot be merged",
+                    fix="keep the adapter and load it with the base (tuneforge eval/generate --adapter)")
+
+
+def peft_config(cfg: Config, model: nn.Module) -> dict:
+    """PEFT's PrefixTuningConfig keys. prefix_projection is written false: the file holds the folded prefix,
+    which PEFT loads (for inference or further training) only as a plain prefix."""
+    keys = model_keys(model)
+    return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "num_virtual_tokens": cfg.num_virtual_tokens, **keys,
+            "encoder_hidden_size": cfg.encoder_hidden_size or keys["token_dim"], "prefix_projection": False,
+            "init_weights": cfg.init_weights, "inference_mode": True}
