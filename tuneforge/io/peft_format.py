@@ -57,7 +57,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | N
     sd = method.state_dict(model)
     config = {**method.peft_config(cfg, model), "base_model_name_or_path": base_model_name}
     exclude = [*method.trainable(model).values(), *_base_params_in(model, sd).values()]
-    info = {"method": name, "fingerprint": fingerprint(model, exclude)}
+    # The method's whole config too: PEFT's keys cannot hold every setting (QLoRA's block size).
+    info = {"method": name, "fingerprint": fingerprint(model, exclude), "config": dataclasses.asdict(cfg)}
     # Copies on the CPU: safetensors refuses tensors that share memory (a tied head and embedding).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
     weights = safetensors_bytes(tensors, metadata={"format": "pt", "tuneforge": json.dumps(info)})
@@ -145,6 +146,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False)
     if config.get("modules_to_save"):  # the modules the file holds, not PEFT's suffix matches of the names
         saved = sorted({name.rpartition(".")[0] for name in _base_params_in(model, sd)})
         config = {**config, "modules_to_save": saved or None}
+    if isinstance(info.get("config"), dict) and info.get("method") == name:
+        # The JSON stays authoritative for PEFT's keys; settings PEFT has no key for come from the record.
+        config = {**{k: v for k, v in info["config"].items() if k not in config}, **config}
     cfg = method_config(method, config, adapter_dir / CONFIG)
     if isinstance(info.get("fingerprint"), dict):
         check(info["fingerprint"], model, force, exclude=_base_params_in(model, sd).values(), where=str(adapter_dir))

@@ -230,8 +230,10 @@ class QuantReport:
     bytes_after: int  # NF4 codes and scales plus the biases
 
 
-def quantize_linears_(model: nn.Module, names, block_size: int = 64, double_quant: bool = True) -> QuantReport:
-    """Replace the named ``nn.Linear`` submodules of ``model`` by ``NF4Linear``, in place."""
+def quantize_linears_(model: nn.Module, names, block_size: int = 64, double_quant: bool = True,
+                      compute_dtype: torch.dtype | None = None) -> QuantReport:
+    """Replace the named ``nn.Linear`` submodules of ``model`` by ``NF4Linear``, in place;
+    ``compute_dtype`` is each new layer's (see ``NF4Linear``)."""
     names = list(names)
     modules = dict(model.named_modules())
     before = after = 0
@@ -245,7 +247,8 @@ def quantize_linears_(model: nn.Module, names, block_size: int = 64, double_quan
             raise ValueError("cannot replace the model itself; name one of its submodules")
         bias_bytes = 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()
         before += linear.weight.numel() * linear.weight.element_size() + bias_bytes
-        new = NF4Linear.from_linear(linear, block_size=block_size, double_quant=double_quant)
+        new = NF4Linear.from_linear(linear, block_size=block_size, double_quant=double_quant,
+                                    compute_dtype=compute_dtype)
         after += new.state.nbytes + bias_bytes
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)

@@ -1,0 +1,132 @@
+"""QLoRA (Dettmers et al. 2023): the targeted linear layers are quantized to 4-bit NF4, then LoRA goes on
+top of them. Composition, not a new layer: ``quant.nf4.quantize_linears_`` replaces each target by an
+NF4Linear (packed codes and scales, rebuilt in ``compute_dtype`` for every matmul, no float copy kept),
+and ``lora.inject`` wraps those layers exactly as it wraps dense ones: y = W_nf4 x + s * B A x.
+
+Only LoRA's A and B train, in float32. Embeddings, the head and the norms are not quantized (see
+``memory_report`` for why) and are held in the compute dtype, which is the dtype load_model picks by
+default on the model's device (fp32 on CPU, bf16 on CUDA). On disk a QLoRA adapter is a PEFT LoRA
+adapter; tuneforge's metadata says "qlora", so ``load_adapter`` quantizes the full-precision base it is
+given before loading, and evaluation sees the 4-bit weights the adapter was trained against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from tuneforge.errors import UserError
+from tuneforge.io.load import resolve_dtype
+from tuneforge.methods import lora, mark_injected
+from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
+
+PEFT_TYPE = "LORA"  # the adapter is LoRA's; how the base is held in memory is not part of it
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """QLoRA's keys besides LoRA's."""
+
+    block_size: int = 64  # weights per absmax scale
+    double_quant: bool = True  # store the scales in 8 bits too: about 4.127 instead of 4.5 bits per weight
+    # the dtype the weights are rebuilt in for each matmul; auto: fp32 on CPU, bf16 on CUDA
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+def _fields(cls) -> list[tuple]:
+    """(name, type, field) of a dataclass, fresh copies, to build another dataclass from."""
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory))
+            for f in dataclasses.fields(cls)]
+
+
+def _check(cfg) -> None:
+    lora.Config.__post_init__(cfg)  # LoRA's checks, and its reading of a one-item target_modules list
+    if cfg.block_size < 2 or cfg.block_size % 2:
+        raise UserError(f"block_size must be a positive even number, got {cfg.block_size}", "method.block_size",
+                        fix="use 64, as QLoRA does")
+
+
+# Every LoRA key with LoRA's defaults, then the quantization keys: built from lora.Config, so the two
+# cannot drift apart.
+Config = dataclasses.make_dataclass(
+    "Config", _fields(lora.Config) + _fields(Quantization), frozen=True,
+    namespace={"__post_init__": _check, "__module__": __name__, "__doc__": "lora.Config's keys plus Quantization's."})
+
+
+def lora_config(cfg: Config) -> lora.Config:
+    """LoRA's share of a QLoRA config."""
+    return lora.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(lora.Config)})
+
+
+def inject(model: nn.Module, cfg: Config) -> None:
+    """Quantize the targeted linear layers to NF4, then put LoRA on them. The unquantized tensors
+    (embeddings, head, norms) are cast to ``compute_dtype`` if they are in another dtype; LoRA's are float32."""
+    if getattr(model, "tuneforge_method", None) is not None:
+        mark_injected(model, "qlora", cfg)  # raises, before anything is quantized
+    lora_cfg = lora_config(cfg)
+    names, _ = lora._find(model, lora_cfg)  # targets.find plus LoRA's own checks, while nothing has changed
+    compute_dtype = resolve_dtype(cfg.compute_dtype, next(model.parameters()).device)
+    before = memory_report(model)["total_bytes"]
+    # One dtype for the whole forward: what the quantized layers return feeds the norms, the head and
+    # the next layer's input. A no-op for a model loaded with the default dtype on its device.
+    model.to(dtype=compute_dtype)
+    quantize_linears_(model, names, cfg.block_size, cfg.double_quant, compute_dtype=compute_dtype)
+    after = memory_report(model)
+    print(f"tuneforge: qlora: {after['quantized_layers']} linear layers to NF4 ({after['bits_per_weight']:.3f} "
+          f"bits per weight), computing in {str(compute_dtype).removeprefix('torch.')}; model "
+          f"{before / 2**20:.2f} MiB -> {after['total_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
+    lora.inject(model, lora_cfg, name="qlora")
+    model.tuneforge_method = ("qlora", cfg)  # the whole config, quantization keys included
+
+
+trainable = lora.trainable
+state_dict = lora.state_dict
+load_state_dict = lora.load_state_dict
+
+
+def merge(model: nn.Module) -> None:
+    """Dense layers holding dequantized NF4 + s * B A: a plain transformers model again."""
+    lora.merge(model)  # replaces each quantized base by an nn.Linear with the merged weight
+    warnings.warn("qlora: the adapter was trained against the 4-bit weights, so the merged model holds the "
+                  "dequantized NF4 base plus the adapter; adding it to the original full-precision base instead "
+                  "gives a different model", stacklevel=2)
+
+
+def peft_config(cfg: Config, model: nn.Module) -> dict:
+    """LoRA's keys only: block_size and the like would make PEFT warn about a config it cannot read."""
+    return lora.peft_config(lora_config(cfg), model)
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes the model holds, by kind (tied tensors counted once).
+
+    - quantized_bytes: NF4 codes and scales of the quantized layers; quantized_weights: their weight
+      count; bits_per_weight: 8 * quantized_bytes / quantized_weights (None when nothing is quantized);
+      dense_bytes: what those weights took before, in their original dtype.
+    - unquantized_bytes: every other base tensor (embeddings, head, norms, biases, buffers). They stay
+      whole because the embedding is a lookup of one row per token (no matmul to speed up) and the head,
+      often the same tied matrix, makes the logits, where 4-bit error lands directly on the output;
+      norms are tiny and precision-sensitive.
+    - adapter_bytes: LoRA's tensors; total_bytes: all of the above but dense_bytes.
+    """
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    codes = {id(t): t for m in quantized for t in (m.packed, m.absmax, m.absmax_scale, m.absmax_offset)
+             if t is not None}
+    adapter = {id(p): p for layer in lora.layers(model).values()
+               for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector) if p is not None}
+    rest = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in codes and id(t) not in adapter}
+    weights = sum(m.in_features * m.out_features for m in quantized)
+    quantized_bytes, unquantized, adapter_bytes = (sum(t.numel() * t.element_size() for t in d.values())
+                                                   for d in (codes, rest, adapter))
+    return {"quantized_layers": len(quantized), "quantized_weights": weights, "quantized_bytes": quantized_bytes,
+            "bits_per_weight": 8 * quantized_bytes / weights if weights else None,
+            "dense_bytes": sum(m.in_features * m.out_features * m.weight_dtype.itemsize for m in quantized),
+            "unquantized_bytes": unquantized, "adapter_bytes": adapter_bytes,
+            "total_bytes": quantized_bytes + unquantized + adapter_bytes}
