@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tuneforge.errors import UserError
 
@@ -55,14 +56,24 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def format_summary(result: dict, out: str) -> str:
-    lines = [f"method {result['method']}: {result['steps']} steps, {result['tokens']:,} tokens in "
-             f"{result['seconds']:.0f} s ({result['tokens_per_s']:.0f} tokens/s), peak memory "
-             f"{result['peak_memory_mb']:.0f} MB, stopped: {result['stopped']}"]
+    """The run's summary in a few lines; methods report what applies to them."""
+    lines = [f"method {result['method']}: {result['trainable_parameters']:,} trainable parameters"]
+    if result.get("total_parameters"):
+        lines[0] += f" ({100 * result['trainable_parameters'] / result['total_parameters']:.2f}% of " \
+                    f"{result['total_parameters']:,})"
+    if "artifact_bytes" in result:
+        lines[0] += f"; result {result['artifact_bytes'] / 2**20:.1f} MiB on disk"
+    if "steps" in result:
+        lines.append(f"{result['steps']} steps, {result['tokens']:,} tokens in {result['seconds']:.0f} s "
+                     f"({result['tokens_per_s']:.0f} tokens/s), peak memory {result['peak_memory_mb']:.0f} MB, "
+                     f"stopped: {result['stopped']}")
     for when in ("before", "after"):
-        if result.get(when):
-            shown = {k: v for k, v in result[when].items() if k in ("loss", "perplexity", "accuracy", "macro_f1")}
+        shown = {k: v for k, v in (result.get(when) or {}).items() if k in ("loss", "perplexity", "accuracy", "macro_f1")}
+        if shown:
             lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    lines.append(f"result in {out}/final (summary.json, metrics.jsonl, loss.png beside it)")
+    if "accuracy" in result and not result.get("after"):
+        lines.append(f"held-out accuracy {result['accuracy']:.4f}, macro-F1 {result.get('macro_f1', 0):.4f}")
+    lines.append(f"result in {out}/final (summary.json beside it)")
     return "\n".join(lines)
 
 
@@ -86,6 +97,37 @@ def _eval(args: argparse.Namespace) -> None:
         print(metrics.pop("confusion_table"))
     if args.json:
         write_text(args.json, json.dumps(metrics, indent=1))
+
+
+def _icl(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from tuneforge import config
+    from tuneforge.eval.fewshot import evaluate_icl
+    from tuneforge.io.atomic import write_text
+
+    cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict(
+        {"data": {"format": "classification"}}, args.set, source="--set")
+    # Demonstrations come from --train; without it, from the part of --data not held out.
+    data = dataclasses.replace(cfg.data, path=args.train or args.data, eval_path=args.data if args.train else None)
+    cfg = dataclasses.replace(cfg, model=args.model or cfg.model, data=data)
+    metrics = evaluate_icl(cfg, k=args.shots, mode=args.mode, strategy=args.strategy, calibrate=args.calibrate,
+                           seed=args.seed)
+    for key, value in metrics.items():
+        print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    if args.json:
+        write_text(args.json, json.dumps(metrics, indent=1))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from tuneforge import config
+    from tuneforge.compare import compare
+
+    cfg = config.from_yaml(args.config, args.set)
+    compare(cfg)
+    print((Path(cfg.compare.output_dir) / "compare.md").read_text(), end="")
+    print(f"table, chart and one folder per row in {cfg.compare.output_dir}")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set data.format=classification")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("icl", help="few-shot and zero-shot classification by in-context prompting")
+    p.add_argument("--model", default=None, help="model spec (default: the config's, else smollm2-135m)")
+    p.add_argument("--data", required=True, help="the evaluation file (classification rows)")
+    p.add_argument("--train", default=None, help="the pool of demonstrations (default: the rest of --data)")
+    p.add_argument("--shots", type=int, default=0, help="demonstrations per prompt; 0 is zero-shot")
+    p.add_argument("--mode", choices=["chat", "chat_turns", "raw"], default="chat",
+                   help="chat: one user message holding the demonstrations; chat_turns: one turn pair each; "
+                        "raw: plain text, no chat template")
+    p.add_argument("--strategy", choices=["random", "nearest"], default="random",
+                   help="demonstrations drawn at random (seeded) or nearest to each query by embedding")
+    p.add_argument("--calibrate", action="store_true", help="divide out the label prior of content-free inputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="a run configuration whose data settings describe the files")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set data.label_column=score")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    p.set_defaults(run=_icl)
+
+    p = sub.add_parser("compare", help="run several methods on one task and tabulate what each buys")
+    _config_args(p)
+    p.set_defaults(run=_compare)
 
     p = sub.add_parser("config", help="check a run configuration and print it with every default filled in")
     _config_args(p)

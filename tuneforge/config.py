@@ -83,12 +83,22 @@ class EvalCfg:
 
 
 @dataclass(frozen=True)
+class CompareCfg:
+    output_dir: str = "runs/compare"  # compare.md, compare.csv, compare.png and one folder per row
+    # Rows: {name: <method>, label: <row name>, train: {<train overrides>}, <method keys>...}; the
+    # names zero-shot and few-shot (keys shots, mode, strategy, calibrate) are in-context rows.
+    methods: list[dict[str, Any]] = field(default_factory=list)
+    transfer_path: str | None = None  # a second domain's file, evaluated with every trained artifact
+
+
+@dataclass(frozen=True)
 class RunCfg:
     model: str = "smollm2-135m"  # a named model, a Hugging Face model directory, or a .gguf file
     method: MethodCfg = field(default_factory=MethodCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    compare: CompareCfg = field(default_factory=CompareCfg)  # only `tuneforge compare` reads this
 
 
 class _FromCli(str):

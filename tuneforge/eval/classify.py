@@ -30,8 +30,9 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
     device = next(model.parameters()).device
     scores = torch.empty(len(prompts), len(answers))
     single = all(len(a) == 1 for a in answers)
-    pairs = [(i, None) for i in range(len(prompts))] if single else \
-        [(i, j) for i in range(len(prompts)) for j in range(len(answers))]
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length: little padding
+    pairs = [(i, None) for i in by_length] if single else \
+        [(i, j) for i in by_length for j in range(len(answers))]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         if single:  # the label at the prompt's last position: a dummy target of the first answer

@@ -32,7 +32,7 @@ WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's prefix before a module path
 # PEFT keys that describe the file rather than the method: read past, whatever their value.
 FILE_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-             "auto_mapping", "megatron_core", "qalora_group_size", "method"}
+             "auto_mapping", "megatron_core", "qalora_group_size", "method", "labels"}
 
 
 def _base_params_in(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

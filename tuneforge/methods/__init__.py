@@ -33,6 +33,9 @@ def mark_injected(model: nn.Module, name: str, cfg) -> None:
 
 
 # Imported last: each method module uses mark_injected from here.
-from tuneforge.methods import full, lora  # noqa: E402
+from tuneforge.methods import adapter, features, full, ia3, lora, prefix, prompt, qlora  # noqa: E402
 
-REGISTRY: dict[str, ModuleType] = {"full": full, "lora": lora}
+REGISTRY: dict[str, ModuleType] = {
+    "full": full, "lora": lora, "qlora": qlora, "adapter": adapter, "prefix": prefix, "prompt": prompt, "ia3": ia3,
+    "features": features,
+}

@@ -212,7 +212,8 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
 
 
 def _evaluate(model, evaluator: Evaluator, state: dict, cfg: TrainCfg, log) -> str | None:
-    metrics = evaluator.run(model)
+    started = time.perf_counter()
+    metrics = {**evaluator.run(model), "eval_seconds": time.perf_counter() - started}
     model.train()
     log({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     value = metrics[evaluator.metric]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,10 +30,13 @@ def make_evaluator(model_tokenizer, data, cfg: RunCfg) -> Evaluator | None:
         def run(model):
             scores = score_labels(model, [it.prompt_ids for it in data.eval_items], answers, cfg.eval.batch_size,
                                   tokenizer.pad_token_id)
-            m = classification_metrics(scores.argmax(1).tolist(), [it.label for it in data.eval_items],
-                                       len(data.label_words))
-            return {**evaluate_lm(model, data.eval, Collator(tokenizer.pad_token_id), cfg.eval.batch_size),
-                    **m.as_dict()}
+            gold = torch.tensor([it.label for it in data.eval_items])
+            m = classification_metrics(scores.argmax(1).tolist(), gold.tolist(), len(data.label_words))
+            # The held-out loss comes from the same forward pass: the gold label word's negative
+            # log-likelihood, averaged over its tokens.
+            lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32)
+            loss = (-scores[torch.arange(len(gold)), gold] / lengths[gold]).mean().item()
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **m.as_dict()}
 
         return Evaluator(run, metric="accuracy", higher_is_better=True)
     if data.eval:
@@ -55,6 +59,9 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
         raise UserError("this output folder already holds a run", str(out),
                         fix="continue it with --resume, or set train.output_dir to a new folder")
     method = get_method(cfg.method.name)
+    own_run = getattr(method, "run", None)  # a method not trained by the loop (features) runs itself
+    if own_run is not None:
+        return own_run(cfg, progress=progress)
     method_cfg = config_mod.method_config(cfg)
     model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.train.device)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
@@ -93,7 +100,9 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
         from tuneforge.io.peft_format import save_adapter
 
         save_adapter(model, out / "final", base_model_name=cfg.model)
+    artifact = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
     result = {"method": cfg.method.name, "trainable_parameters": n_train, "total_parameters": total,
+              "artifact_bytes": artifact,
               "train_examples": len(data.train), "eval_examples": len(data.eval),
               "before": _numbers(before), "after": _numbers(summary.best_eval), **summary.as_dict()}
     result.pop("best_eval")

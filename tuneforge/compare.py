@@ -1,0 +1,234 @@
+"""`tuneforge compare`: several methods on one task, split and seed, side by side.
+
+Each row runs in its own process (so its peak memory is its own, and a crash stays a row with its
+error) and reports accuracy, macro-F1, trainable parameters, peak memory, training time, inference
+time per example and artifact size; with ``compare.transfer_path`` also accuracy on a second domain.
+In-context rows (``zero-shot``, ``few-shot``) train nothing. Writes compare.md, compare.csv and
+compare.png (accuracy against trainable parameters).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import multiprocessing
+import re
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from tuneforge import config as config_mod
+from tuneforge.config import RunCfg
+from tuneforge.errors import UserError
+from tuneforge.io.atomic import atomic_path, write_text
+
+ICL_ROWS = {"zero-shot", "few-shot"}
+ICL_KEYS = {"shots", "mode", "strategy", "calibrate"}
+COLUMNS = ["label", "method", "accuracy", "macro_f1", "transfer_accuracy", "trainable_params", "peak_memory_mb",
+           "train_seconds", "infer_ms_per_example", "artifact_mb", "error"]
+
+
+def row_label(row: dict) -> str:
+    if "label" in row:
+        return str(row["label"])
+    keys = {k: v for k, v in row.items() if k not in ("name", "train")}
+    return row["name"] + ("" if not keys else " " + " ".join(f"{k}={v}" for k, v in keys.items()))
+
+
+def row_config(cfg: RunCfg, row: dict, out: Path) -> RunCfg:
+    """The run configuration of one row: the shared one, with the row's method and train overrides."""
+    raw = config_mod.to_dict(dataclasses.replace(cfg, compare=config_mod.CompareCfg()))
+    method = {k: v for k, v in row.items() if k not in ("label", "train") and k not in ICL_KEYS}
+    if row["name"] in ICL_ROWS:
+        method = {"name": "full"}  # not trained; the model and data settings are what matter
+    raw["method"] = method
+    raw["train"] = {**raw["train"], **row.get("train", {}), "output_dir": str(out)}
+    return config_mod.from_dict(raw, source=f"compare row {row_label(row)!r}")
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "row"
+
+
+def _transfer_cfg(cfg: RunCfg, path: str) -> RunCfg:
+    data = dataclasses.replace(cfg.data, eval_path=path, max_eval_examples=cfg.data.max_eval_examples)
+    return dataclasses.replace(cfg, data=data)
+
+
+def _run_icl(cfg: RunCfg, row: dict, transfer: str | None) -> dict:
+    from tuneforge.eval.fewshot import evaluate_icl
+
+    k = 0 if row["name"] == "zero-shot" else int(row.get("shots", 4))
+    args = dict(k=k, mode=row.get("mode", "chat"), strategy=row.get("strategy", "random"),
+                calibrate=bool(row.get("calibrate", False)), seed=cfg.train.seed)
+    m = evaluate_icl(cfg, **args)
+    out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "trainable_params": 0, "train_seconds": 0.0,
+           "infer_ms_per_example": 1000 * m["seconds"] / max(m["n"], 1), "artifact_mb": 0.0}
+    if transfer:
+        out["transfer_accuracy"] = evaluate_icl(_transfer_cfg(cfg, transfer), **args)["accuracy"]
+    return out
+
+
+def _run_features(cfg: RunCfg, transfer: str | None) -> dict:
+    from tuneforge.methods import features
+
+    summary = features.run(cfg, progress=False)
+    final = Path(cfg.train.output_dir) / "final"
+    out = {"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"],
+           "trainable_params": summary["trainable_parameters"],
+           "train_seconds": summary["seconds_extract"] + summary["seconds_fit"],
+           "infer_ms_per_example": 1000 * summary["seconds_extract"] / max(summary["train_examples"] + summary["n"], 1),
+           "artifact_mb": _size_mb(final)}
+    if transfer:
+        from tuneforge.data import load_eval
+        from tuneforge.eval.classify import classification_metrics
+        from tuneforge.io.load import load_model
+
+        model, tokenizer = load_model(cfg.model, device=cfg.train.device)
+        data = load_eval(_transfer_cfg(cfg, transfer).data, tokenizer, seed=cfg.train.seed)
+        items = data.eval_items[: cfg.data.max_eval_examples or None]
+        clf = features.FeatureClassifier.load(final)
+        predicted = clf.predict(model, tokenizer, [it.text for it in items])
+        out["transfer_accuracy"] = classification_metrics(predicted, [it.label for it in items],
+                                                          len(data.label_words)).accuracy
+    return out
+
+
+def _run_trained(cfg: RunCfg, transfer: str | None) -> dict:
+    from tuneforge.eval.run import evaluate_file
+    from tuneforge.methods import get_method
+    from tuneforge.train.run import run
+
+    result = run(cfg, progress=False)
+    after = result.get("after") or {}
+    final = Path(cfg.train.output_dir) / "final"
+    out = {"accuracy": after.get("accuracy"), "macro_f1": after.get("macro_f1"),
+           "trainable_params": result["trainable_parameters"], "train_seconds": result["seconds"],
+           "infer_ms_per_example": 1000 * after.get("eval_seconds", 0.0) / max(after.get("n", 1), 1),
+           "artifact_mb": result["artifact_bytes"] / 2**20}
+    if transfer:
+        is_model = getattr(get_method(cfg.method.name), "save", None) is not None  # full: a model directory
+        target = dataclasses.replace(cfg, model=str(final)) if is_model else cfg
+        m = evaluate_file(_transfer_cfg(target, transfer), transfer, adapter=None if is_model else str(final))
+        out["transfer_accuracy"] = m.get("accuracy")
+    return out
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def run_row(cfg: RunCfg, row: dict, out: Path, transfer: str | None) -> dict:
+    """One row, in the current process; returns its columns (an ``error`` column when it fails)."""
+    result = {"label": row_label(row), "method": row["name"]}
+    try:
+        row_cfg = row_config(cfg, row, out)
+        if row["name"] in ICL_ROWS:
+            result.update(_run_icl(row_cfg, row, transfer))
+        elif row["name"] == "features":
+            result.update(_run_features(row_cfg, transfer))
+        else:
+            result.update(_run_trained(row_cfg, transfer))
+    except UserError as exc:
+        result["error"] = exc.line()
+    except Exception as exc:  # noqa: BLE001 - a failing method is a row, the rest go on
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        (out.parent / f"{out.name}.traceback.txt").write_text(traceback.format_exc())
+    result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _child(queue, cfg, row, out, transfer):
+    queue.put(run_row(cfg, row, out, transfer))
+
+
+def compare(cfg: RunCfg, progress: bool = True) -> list[dict]:
+    """Run every row of ``cfg.compare.methods``; write the table and the chart; return the rows."""
+    rows = cfg.compare.methods
+    if not rows:
+        raise UserError("no methods to compare", "compare.methods", fix="list rows such as {name: lora, r: 16}")
+    for row in rows:
+        if not isinstance(row.get("name"), str):
+            raise UserError(f"a row without a method name: {row}", "compare.methods", fix="give each row a name")
+    out_dir = Path(cfg.compare.output_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError("this compare folder is not empty", str(out_dir), fix="set compare.output_dir to a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, out_dir / "config.yaml")
+    ctx = multiprocessing.get_context("spawn")  # a fresh process per row: its own peak memory
+    results = []
+    for i, row in enumerate(rows):
+        label = row_label(row)
+        if progress:
+            print(f"tuneforge compare: [{i + 1}/{len(rows)}] {label} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(queue, cfg, row, out_dir / f"{i:02d}-{_slug(label)}",
+                                                cfg.compare.transfer_path))
+        proc.start()
+        proc.join()
+        result = queue.get() if not queue.empty() else {"label": label, "method": row["name"],
+                                                        "error": f"the process died (exit code {proc.exitcode})"}
+        results.append(result)
+        if progress:
+            shown = f"accuracy {result['accuracy']:.4f}" if result.get("accuracy") is not None else result.get("error")
+            print(f"tuneforge compare: {label}: {shown} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        write_tables(results, out_dir)  # after every row: a long comparison shows what it has so far
+    plot(results, out_dir / "compare.png")
+    return results
+
+
+def _cell(value, key: str) -> str:
+    if value is None:
+        return ""
+    if key in ("accuracy", "macro_f1", "transfer_accuracy"):
+        return f"{value:.4f}"
+    if key == "trainable_params":
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.1f}" if key != "artifact_mb" else f"{value:.2f}"
+    return str(value)
+
+
+def write_tables(results: list[dict], out_dir: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(results)
+    write_text(out_dir / "compare.csv", buf.getvalue())
+    head = "| " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r.get(k), k).replace("|", "/") for k in COLUMNS) + " |" for r in results]
+    write_text(out_dir / "compare.md", "\n".join(lines) + "\n")
+
+
+def plot(results: list[dict], png: Path) -> None:
+    """Accuracy against trainable parameters (log scale); methods that train nothing sit at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if r.get("accuracy") is None:
+            continue
+        x = max(r.get("trainable_params") or 0, 1)
+        ax.scatter(x, r["accuracy"], s=30)
+        ax.annotate(r["label"], (x, r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale; in-context methods at 1)")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def results_json(results: list[dict]) -> str:
+    return json.dumps(results, indent=1)
