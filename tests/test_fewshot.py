@@ -30,9 +30,12 @@ def test_build_prompt_modes(tiny_tokenizer):
     assert chat.count("<|im_start|>user") == 1 and chat.count("<|im_start|>assistant") == 1
     assert "Text: awful plot\nAnswer: negative\n\nText: lovely cast\nAnswer: positive\n\nText: the query" in chat
     assert chat.endswith("Text: the query<|im_end|>\n<|im_start|>assistant\n")
-    # chat_turns: each demonstration a user/assistant pair, each user turn the full question
+    # both chat modes: the question once, as the system message
+    assert chat.startswith("<|im_start|>system\nIs the sentiment") and chat.count("Is the sentiment") == 1
+    # chat_turns: each demonstration a user/assistant pair
+    assert turns.startswith("<|im_start|>system\nIs the sentiment") and turns.count("Is the sentiment") == 1
     assert turns.count("<|im_start|>user") == 3 and turns.count("<|im_start|>assistant") == 3
-    assert "<|im_start|>assistant\nnegative<|im_end|>" in turns and turns.count("Is the sentiment") == 3
+    assert "<|im_start|>assistant\nnegative<|im_end|>" in turns
     # raw: no template at all, the answer after "Answer:"
     assert "<|im_start|>" not in raw and raw.endswith("Text: the query\nAnswer:")
     assert "Text: awful plot\nAnswer: negative\n\n" in raw

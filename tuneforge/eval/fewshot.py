@@ -3,10 +3,10 @@ one prompt, and the prediction is the label whose answer word is most likely aft
 text). k = 0 is zero-shot, and in the chat mode its prompt is exactly the one fine-tuning trains on.
 
 Modes, that is, where the demonstrations go:
-    chat        one user message: the instruction, k "Text: ...\\nAnswer: word" blocks, then "Text: <query>";
-                the answer starts the assistant turn (k = 0: ``classification_prompt``)
-    chat_turns  each demonstration an earlier user/assistant turn pair whose user turn asks the same
-                question as the query's; the answer starts the last assistant turn
+    chat        the instruction as the system message, then one user message: k "Text: ...\\nAnswer: word"
+                blocks and "Text: <query>"; the answer starts the assistant turn (k = 0: ``classification_prompt``)
+    chat_turns  the instruction as the system message, each demonstration an earlier user/assistant turn
+                pair; the answer starts the last assistant turn
     raw         plain text without a template, "...Text: <query>\\nAnswer:", the word scored after a space
 
 Contextual calibration (Zhao et al. 2021): a model brings a prior over the label words, and the
@@ -49,12 +49,13 @@ def build_prompt(tokenizer, text: str, demos: list[tuple[str, str]], instruction
     if not uses_template(tokenizer, True):
         raise UserError(f"the {mode} mode needs a chat template, and this tokenizer has none", "mode",
                         fix='use mode "raw"')
+    system = [{"role": "system", "content": instruction}] if instruction else []  # as classification_prompt
     if mode == "chat":
-        messages = [{"role": "user", "content": f"{head}{shots}Text: {text}"}]
+        messages = [*system, {"role": "user", "content": f"{shots}Text: {text}"}]
     else:
-        messages = [m for t, answer in demos for m in ({"role": "user", "content": f"{head}Text: {t}"},
-                                                       {"role": "assistant", "content": answer})]
-        messages.append({"role": "user", "content": f"{head}Text: {text}"})
+        messages = system + [m for t, answer in demos for m in ({"role": "user", "content": f"Text: {t}"},
+                                                                {"role": "assistant", "content": answer})]
+        messages.append({"role": "user", "content": f"Text: {text}"})
     return tokens(tokenizer, render(tokenizer, messages, True, "chat template"))
 
 
