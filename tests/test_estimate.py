@@ -1,4 +1,3 @@
-import pytest
 
 from tuneforge import config
 from tuneforge.estimate import estimate

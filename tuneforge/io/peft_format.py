@@ -25,11 +25,11 @@ from tuneforge.config import _Where, build
 from tuneforge.errors import UserError
 from tuneforge.io.atomic import atomic_dir
 from tuneforge.io.fingerprint import check, fingerprint
+from tuneforge.methods import PEFT_PREFIX as PREFIX
 from tuneforge.methods import REGISTRY
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."  # PEFT's prefix before a module path
 # PEFT keys that describe the file rather than the method: read past, whatever their value.
 FILE_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
              "auto_mapping", "megatron_core", "qalora_group_size", "method", "labels"}

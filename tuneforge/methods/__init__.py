@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import torch
 from torch import nn
+
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module path in adapter_model.safetensors
 
 def get_method(name: str) -> ModuleType:
     from tuneforge.errors import UserError
@@ -30,6 +33,29 @@ def mark_injected(model: nn.Module, name: str, cfg) -> None:
     if getattr(model, "tuneforge_method", None) is not None:
         raise RuntimeError(f"a method ({model.tuneforge_method[0]}) is already injected into this model")
     model.tuneforge_method = (name, cfg)
+
+
+def prefixed_state(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A method's tensors under PEFT's keys: its state dict is its trainable tensors, prefixed."""
+    return {PEFT_PREFIX + key: p.detach() for key, p in params.items()}
+
+
+@torch.no_grad()
+def load_prefixed(params: dict[str, nn.Parameter], sd: dict[str, torch.Tensor], fix: str) -> None:
+    """Copy ``sd`` (PEFT's keys) into ``params``; a missing, unexpected or misshapen tensor is a
+    UserError naming it, with ``fix`` saying which config setting to check."""
+    from tuneforge.errors import UserError
+
+    params = {PEFT_PREFIX + key: p for key, p in params.items()}
+    missing, unexpected = sorted(params.keys() - sd.keys()), sorted(sd.keys() - params.keys())
+    if missing or unexpected:
+        what = f"tensor {missing[0]!r} is missing" if missing else f"unexpected tensor {unexpected[0]!r}"
+        raise UserError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected)", fix=fix)
+    for key, p in params.items():
+        if p.shape != sd[key].shape:
+            raise UserError(f"tensor {key!r} has shape {tuple(sd[key].shape)}, the model expects {tuple(p.shape)}",
+                            fix=fix)
+        p.copy_(sd[key])
 
 
 # Imported last: each method module uses mark_injected from here.

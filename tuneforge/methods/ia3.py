@@ -18,11 +18,10 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods import mark_injected
+from tuneforge.methods import load_prefixed, mark_injected, prefixed_state
 from tuneforge.quant.nf4 import NF4Linear
 
 PEFT_TYPE = "IA3"
-PREFIX = "base_model.model."  # what PEFT puts before a module path in adapter_model.safetensors
 WRAPPABLE = (nn.Linear, NF4Linear)
 REGEX_CHARS = set("*+?()[]{}|\\^$")
 
@@ -135,22 +134,11 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {PREFIX + key: p.detach() for key, p in trainable(model).items()}
+    return prefixed_state(trainable(model))
 
 
-@torch.no_grad()
 def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    params = {PREFIX + key: p for key, p in trainable(model).items()}
-    missing, unexpected = sorted(params.keys() - sd.keys()), sorted(sd.keys() - params.keys())
-    if missing or unexpected:
-        what = f"tensor {missing[0]!r} is missing" if missing else f"unexpected tensor {unexpected[0]!r}"
-        raise UserError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected)",
-                        fix="check that the adapter's config (target_modules, modules_to_save) matches its weights")
-    for key, p in params.items():
-        if p.shape != sd[key].shape:
-            raise UserError(f"tensor {key!r} has shape {tuple(sd[key].shape)}, the model expects {tuple(p.shape)}",
-                            fix="check feedforward_modules: a feedforward vector is (1, in), any other (out, 1)")
-        p.copy_(sd[key])
+    load_prefixed(trainable(model), sd, fix="check target_modules and feedforward_modules: a feedforward vector is (1, in), any other (out, 1)")
 
 
 @torch.no_grad()

@@ -230,8 +230,8 @@ def _evaluate(model, evaluator: Evaluator, state: dict, cfg: TrainCfg, log) -> s
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint we resume from: they will be logged again."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
