@@ -108,7 +108,7 @@ def _run_trained(cfg: RunCfg, transfer: str | None) -> dict:
     final = Path(cfg.train.output_dir) / "final"
     out = {"accuracy": after.get("accuracy"), "macro_f1": after.get("macro_f1"),
            "trainable_params": result["trainable_parameters"], "train_seconds": result["seconds"],
-           "infer_ms_per_example": 1000 * after.get("eval_seconds", 0.0) / max(after.get("n", 1), 1),
+           "infer_ms_per_example": 1000 * after.get("seconds", 0.0) / max(after.get("n", 1), 1),
            "artifact_mb": result["artifact_bytes"] / 2**20}
     if transfer:
         is_model = getattr(get_method(cfg.method.name), "save", None) is not None  # full: a model directory

@@ -38,6 +38,7 @@ class Summary:
     tokens_per_s: float = 0.0
     peak_memory_mb: float = 0.0
     final_loss: float | None = None
+    first_eval: dict = field(default_factory=dict)  # before the first step (train.eval_at_start)
     best_eval: dict = field(default_factory=dict)
     stopped: str = "finished"  # finished | early_stop | time_budget | interrupted
 
@@ -139,6 +140,10 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
         return collate([examples[i] for i in indices])
 
     summary = Summary()
+    if evaluator and cfg.eval_at_start and state["step"] == 0:  # the "before" of before/after, at step 0
+        started = time.perf_counter()
+        summary.first_eval = {**evaluator.run(model), "seconds": time.perf_counter() - started}
+        log({"step": 0, **{f"eval_{k}": v for k, v in summary.first_eval.items() if isinstance(v, (int, float))}})
     bar = _progress_bar(total_steps, state["step"], progress)
     model.train()
     started, start_tokens, start_seconds = time.perf_counter(), state["tokens"], state["seconds"]
@@ -213,7 +218,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
 
 def _evaluate(model, evaluator: Evaluator, state: dict, cfg: TrainCfg, log) -> str | None:
     started = time.perf_counter()
-    metrics = {**evaluator.run(model), "eval_seconds": time.perf_counter() - started}
+    metrics = {**evaluator.run(model), "seconds": time.perf_counter() - started}
     model.train()
     log({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     value = metrics[evaluator.metric]

@@ -84,7 +84,6 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
                   f"{report.dropped} dropped", file=sys.stderr)
 
     evaluator = make_evaluator((model, tokenizer), data, cfg)
-    before = evaluator.run(model) if evaluator and cfg.train.eval_at_start and not resume else None
     if cfg.data.packing:  # batches of similar length waste little on padding
         lengths = [len(e.input_ids) for e in data.train]
         order = lambda epoch: length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)  # noqa: E731
@@ -104,8 +103,10 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
     result = {"method": cfg.method.name, "trainable_parameters": n_train, "total_parameters": total,
               "artifact_bytes": artifact,
               "train_examples": len(data.train), "eval_examples": len(data.eval),
-              "before": _numbers(before), "after": _numbers(summary.best_eval), **summary.as_dict()}
+              "before": _numbers(summary.first_eval) or None, "after": _numbers(summary.best_eval),
+              **summary.as_dict()}
     result.pop("best_eval")
+    result.pop("first_eval")
     write_text(out / "summary.json", json.dumps(result, indent=1))
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     return result
