@@ -15,7 +15,7 @@ from tuneforge.eval.classify import classification_metrics, score_labels
 from tuneforge.eval.lm import label_loss
 from tuneforge.methods import full
 from tuneforge.train import checkpoint
-from tuneforge.train.loop import Evaluator, train
+from tuneforge.train.loop import Evaluator, enable_checkpointing, train
 from tuneforge.train.optim import lr_multiplier, param_groups
 
 VOCAB = 40
@@ -189,3 +189,23 @@ def test_ctrl_c_writes_a_checkpoint_then_exits(tmp_path):
         train(model, full.trainable(model), synthetic_examples(8), collate,
               TrainCfg(batch_size=4, max_steps=10), tmp_path, on_step=interrupt, progress=False)
     assert checkpoint.complete(tmp_path / "checkpoints")[-1].name == "step-0000003"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base():
+    """Recomputing activations in backward changes memory, not the gradients, also when only
+    LoRA's tensors train (the base's inputs then need no gradient of their own)."""
+    from conftest import make_tiny_model
+
+    from tuneforge.methods import lora
+
+    grads = []
+    for checkpointing in (False, True):
+        model = make_tiny_model(VOCAB, seed=1)
+        lora.inject(model, lora.Config(r=2, target_modules="all-linear", init_lora_weights=False))
+        if checkpointing:
+            enable_checkpointing(model)
+        model.train()
+        loss, n = label_loss(model, **collate(synthetic_examples(4)))
+        (loss / n).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lora.trainable(model).values()]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -74,7 +74,7 @@ def estimate(cfg: RunCfg, tokens_per_example: float | None = None, loss_tokens_p
 
     from tuneforge import config as config_mod
     from tuneforge.io.load import resolve_device, resolve_spec
-    from tuneforge.methods import get_method
+    from tuneforge.methods import get_method, parameter_count
 
     model_config = AutoConfig.from_pretrained(resolve_spec(cfg.model))
     with torch.device("meta"):
@@ -83,7 +83,7 @@ def estimate(cfg: RunCfg, tokens_per_example: float | None = None, loss_tokens_p
     method.inject(model, config_mod.method_config(cfg))
     trainable = method.trainable(model)
     n_trainable = sum(p.numel() for p in trainable.values())
-    n_total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    n_total = parameter_count(model)  # a tied head once, a 4-bit weight by its shape
 
     device = resolve_device(cfg.train.device)
     tokens = tokens_per_example or cfg.data.max_length

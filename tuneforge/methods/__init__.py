@@ -35,6 +35,15 @@ def mark_injected(model: nn.Module, name: str, cfg) -> None:
     model.tuneforge_method = (name, cfg)
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Weights in the model, counting a quantized layer's weight by its shape: a 4-bit weight is
+    still a weight (its packed codes are buffers, not parameters)."""
+    from tuneforge.quant.nf4 import NF4Linear
+
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    return sum(p.numel() for p in model.parameters()) + quantized
+
+
 def prefixed_state(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """A method's tensors under PEFT's keys: its state dict is its trainable tensors, prefixed."""
     return {PEFT_PREFIX + key: p.detach() for key, p in params.items()}

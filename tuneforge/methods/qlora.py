@@ -79,9 +79,10 @@ def inject(model: nn.Module, cfg: Config) -> None:
     model.to(dtype=compute_dtype)
     quantize_linears_(model, names, cfg.block_size, cfg.double_quant, compute_dtype=compute_dtype)
     after = memory_report(model)
-    print(f"tuneforge: qlora: {after['quantized_layers']} linear layers to NF4 ({after['bits_per_weight']:.3f} "
-          f"bits per weight), computing in {str(compute_dtype).removeprefix('torch.')}; model "
-          f"{before / 2**20:.2f} MiB -> {after['total_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
+    if next(model.parameters()).device.type != "meta":  # estimate.py injects into a weightless copy
+        print(f"tuneforge: qlora: {after['quantized_layers']} linear layers to NF4 ({after['bits_per_weight']:.3f} "
+              f"bits per weight), computing in {str(compute_dtype).removeprefix('torch.')}; model "
+              f"{before / 2**20:.2f} MiB -> {after['total_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
     lora.inject(model, lora_cfg, name="qlora")
     model.tuneforge_method = ("qlora", cfg)  # the whole config, quantization keys included
 

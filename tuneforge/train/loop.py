@@ -109,7 +109,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
         optimizer, lambda s: lr_multiplier(s, total_steps, cfg.warmup_steps, cfg.lr_schedule))
     autocast, scaler = _autocast(device, cfg.precision)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "loss_tokens": 0, "best": None, "bad_evals": 0,
              "seconds": 0.0}
@@ -214,6 +214,15 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     summary.peak_memory_mb = peak_memory_mb(device)
     summary.best_eval = state["best"] or {}
     return summary
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward. Non-reentrant, so a frozen base whose
+    inputs need no gradient still passes gradients to the adapters inside it."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _evaluate(model, evaluator: Evaluator, state: dict, cfg: TrainCfg, log) -> str | None:

@@ -49,7 +49,7 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
     """Train as ``cfg`` says; returns the summary also written to OUTPUT_DIR/summary.json."""
     from tuneforge.data import Collator, length_grouped_batches, load_datasets
     from tuneforge.io.load import load_model
-    from tuneforge.methods import get_method
+    from tuneforge.methods import get_method, parameter_count
 
     out = Path(cfg.train.output_dir)
     done = checkpoint.complete(out / "checkpoints")
@@ -73,7 +73,7 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
     torch.manual_seed(cfg.train.seed)
     method.inject(model, method_cfg)
     params = method.trainable(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)
     n_train = sum(p.numel() for p in params.values())
     print(f"tuneforge: {cfg.method.name}: {n_train:,} trainable parameters of {total:,} "
           f"({100 * n_train / total:.3f}%); {len(data.train)} training examples, {len(data.eval)} held out",
