@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 from torch import nn
 
@@ -53,3 +53,13 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     if not lists:
         raise UserError(f"cannot find the transformer blocks of {type(model).__name__}")
     return max(lists, key=len)
+
+
+def swap(model: nn.Module, path: str, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Put ``make(old)`` where the submodule at ``path`` was (how every method attaches, and how a
+    merge puts the plain layer back); returns the new module."""
+    parent, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent)
+    new = make(getattr(parent, child))
+    setattr(parent, child, new)
+    return new

@@ -114,11 +114,8 @@ def inject(model: nn.Module, cfg: Config) -> None:
         raise
     model.requires_grad_(False)
     for path in wrapped:
-        parent, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent)
-        base = getattr(parent, child)
-        bottleneck = cfg.bottleneck_size or max(1, base.out_features // cfg.reduction_factor)
-        setattr(parent, child, AdaptedOutput(base, bottleneck, cfg))
+        targets.swap(model, path, lambda base: AdaptedOutput(
+            base, cfg.bottleneck_size or max(1, base.out_features // cfg.reduction_factor), cfg))
     if cfg.train_norms:
         for module in model.modules():
             if is_norm(module):
@@ -145,7 +142,9 @@ def state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    load_prefixed(trainable(model), sd, fix="check that the adapter's config (placement, bottleneck_size, train_norms, module names) matches its weights")
+    load_prefixed(trainable(model), sd,
+                  fix="check that the adapter's config (placement, "
+                      "bottleneck_size, train_norms, module names) matches its weights")
 
 
 def merge(model: nn.Module) -> None:

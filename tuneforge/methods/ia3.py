@@ -115,9 +115,7 @@ def inject(model: nn.Module, cfg: Config) -> None:
         raise
     model.requires_grad_(False)
     for path in wrapped:
-        parent, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent)
-        setattr(parent, child, IA3Linear(getattr(parent, child), path in feedforward, cfg))
+        targets.swap(model, path, lambda base: IA3Linear(base, path in feedforward, cfg))
     for path in saved:
         model.get_submodule(path).requires_grad_(True)
 
@@ -138,15 +136,16 @@ def state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    load_prefixed(trainable(model), sd, fix="check target_modules and feedforward_modules: a feedforward vector is (1, in), any other (out, 1)")
+    load_prefixed(trainable(model), sd,
+                  fix="check target_modules and feedforward_modules: a feedforward vector "
+                      "is (1, in), any other (out, 1)")
 
 
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
     """Fold every vector into its layer's weights and put the plain layer back."""
     for path, layer in layers(model).items():
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.merged())
+        targets.swap(model, path, lambda _: layer.merged())
 
 
 def _names(model: nn.Module, paths: list[str]) -> list[str]:

@@ -165,9 +165,7 @@ def inject(model: nn.Module, cfg: Config, name: str = "lora") -> None:
         raise
     model.requires_grad_(False)
     for path in wrapped:
-        parent, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent)
-        setattr(parent, child, LoRALinear(getattr(parent, child), cfg))
+        targets.swap(model, path, lambda base: LoRALinear(base, cfg))
     for path in saved:
         model.get_submodule(path).requires_grad_(True)
 
@@ -193,7 +191,9 @@ def state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    load_prefixed(trainable(model), sd, fix="check that the adapter's config (r, target_modules, use_dora) matches its weights")
+    load_prefixed(trainable(model), sd,
+                  fix="check that the adapter's config "
+                      "(r, target_modules, use_dora) matches its weights")
 
 
 @torch.no_grad()
@@ -211,8 +211,7 @@ def merge(model: nn.Module) -> None:
         else:
             layer.merge()
             plain = layer.base_layer
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, plain)
+        targets.swap(model, path, lambda _: plain)
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
