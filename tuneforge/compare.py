@@ -55,8 +55,10 @@ def _slug(label: str) -> str:
 
 
 def _transfer_cfg(cfg: RunCfg, path: str) -> RunCfg:
-    data = dataclasses.replace(cfg.data, eval_path=path, max_eval_examples=cfg.data.max_eval_examples)
-    return dataclasses.replace(cfg, data=data)
+    """The same settings scoring ``path``: every row sees the same number of its examples."""
+    n = cfg.data.max_eval_examples
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=path),
+                               eval=dataclasses.replace(cfg.eval, max_examples=n))
 
 
 def _run_icl(cfg: RunCfg, row: dict, transfer: str | None) -> dict:
