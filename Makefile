@@ -1,6 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv once
 # (a stamp file records it, so a second run installs nothing) and then does its job.
-SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -28,8 +27,9 @@ DEMO_REVIEW := A gorgeous, funny and deeply moving film: the best thing I have s
 demo: setup
 	rm -rf runs/demo-lora
 	$(BIN)/tuneforge train configs/demo-lora.yaml
-	$(BIN)/tuneforge generate --adapter runs/demo-lora/final --max-new-tokens 8 --prompt \
-	  $$'Is the sentiment of this text positive or negative? Answer with one word: positive or negative.\n\nText: $(DEMO_REVIEW)'
+	$(BIN)/tuneforge generate --adapter runs/demo-lora/final --max-new-tokens 8 --system \
+	  "Is the sentiment of this text positive or negative? Answer with one word: positive or negative." \
+	  --prompt "Text: $(DEMO_REVIEW)"
 
 test: setup
 	$(BIN)/python -m pytest -q

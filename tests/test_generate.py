@@ -8,6 +8,8 @@ def test_chat_template_is_applied_unless_raw(tiny_tokenizer):
     templated = tiny_tokenizer.decode(encode_prompt(tiny_tokenizer, "hi")["input_ids"][0])
     assert templated == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tiny_tokenizer.decode(encode_prompt(tiny_tokenizer, "hi", raw=True)["input_ids"][0]) == "hi"
+    with_system = tiny_tokenizer.decode(encode_prompt(tiny_tokenizer, "hi", system="Be brief.")["input_ids"][0])
+    assert with_system == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_greedy_is_deterministic_and_streams_the_same_text(tiny):

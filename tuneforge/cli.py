@@ -22,7 +22,8 @@ def _generate(args: argparse.Namespace) -> None:
 
         model = load_adapter(model, args.adapter, force=args.force)
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_p=args.top_p, seed=args.seed, raw=args.raw, on_text=lambda s: print(s, end="", flush=True))
+             top_p=args.top_p, seed=args.seed, raw=args.raw, system=args.system,
+             on_text=lambda s: print(s, end="", flush=True))
     print()
 
 
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt (sent through the chat template unless --raw)")
     p.add_argument("--raw", action="store_true", help="send the prompt as it is, without the chat template")
+    p.add_argument("--system", default=None,
+                   help="the system message (default: the template's); classification adapters were trained "
+                        "with the question here and 'Text: ...' as the prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (the default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")

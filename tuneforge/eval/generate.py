@@ -7,11 +7,14 @@ from typing import Callable
 import torch
 
 
-def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> dict[str, torch.Tensor]:
-    """Token ids for one prompt: through the tokenizer's chat template when it has one, unless raw."""
+def encode_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None) -> dict[str, torch.Tensor]:
+    """Token ids for one prompt: through the tokenizer's chat template when it has one, unless raw;
+    ``system`` replaces the template's default system message."""
     if not raw and getattr(tokenizer, "chat_template", None):
-        return dict(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  return_tensors="pt", return_dict=True))
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": prompt}]
+        return dict(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True))
     return dict(tokenizer(prompt, return_tensors="pt"))
 
 
@@ -28,7 +31,7 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, raw: bool = False,
+             top_p: float = 1.0, seed: int | None = None, raw: bool = False, system: str | None = None,
              on_text: Callable[[str], None] | None = None) -> str:
     """Generate a reply to ``prompt`` and return it (without the prompt).
 
@@ -36,7 +39,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, temper
     receives the text piece by piece as it is decoded (for a terminal, ``print(end="")``).
     """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in encode_prompt(tokenizer, prompt, raw).items()}
+    inputs = {k: v.to(device) for k, v in encode_prompt(tokenizer, prompt, raw, system).items()}
     if seed is not None:
         torch.manual_seed(seed)
     sampling = temperature > 0
