@@ -79,16 +79,9 @@ def format_summary(result: dict, out: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import dataclasses
-    import json
-
-    from tuneforge import config
     from tuneforge.eval.run import evaluate_file
-    from tuneforge.io.atomic import write_text
 
-    cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict({}, args.set, source="--set")
-    if args.model:
-        cfg = dataclasses.replace(cfg, model=args.model)
+    cfg = _file_config(args, {})
     metrics = evaluate_file(cfg, args.data, adapter=args.adapter, force=args.force)
     for key in ("loss", "perplexity", "accuracy", "macro_f1"):
         if key in metrics:
@@ -96,27 +89,50 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"{'n':>10}: {metrics['n']}")
     if "confusion_table" in metrics:
         print(metrics.pop("confusion_table"))
-    if args.json:
-        write_text(args.json, json.dumps(metrics, indent=1))
+    _write_json(args, metrics)
 
 
 def _icl(args: argparse.Namespace) -> None:
     import dataclasses
-    import json
 
-    from tuneforge import config
     from tuneforge.eval.fewshot import evaluate_icl
-    from tuneforge.io.atomic import write_text
 
-    cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict(
-        {"data": {"format": "classification"}}, args.set, source="--set")
+    cfg = _file_config(args, {"data": {"format": "classification"}})
     # Demonstrations come from --train; without it, from the part of --data not held out.
     data = dataclasses.replace(cfg.data, path=args.train or args.data, eval_path=args.data if args.train else None)
-    cfg = dataclasses.replace(cfg, model=args.model or cfg.model, data=data)
+    cfg = dataclasses.replace(cfg, data=data)
     metrics = evaluate_icl(cfg, k=args.shots, mode=args.mode, strategy=args.strategy, calibrate=args.calibrate,
                            seed=args.seed)
     for key, value in metrics.items():
         print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    _write_json(args, metrics)
+
+
+def _file_config(args: argparse.Namespace, defaults: dict):
+    """eval and icl: the run config that describes the data file (--config, else ``defaults``), with
+    --set applied and --model winning over the config's model."""
+    import dataclasses
+
+    from tuneforge import config
+
+    cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict(defaults, args.set,
+                                                                                       source="--set")
+    return dataclasses.replace(cfg, model=args.model) if args.model else cfg
+
+
+def _file_args(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--model", default=None, help="model spec (default: the config's, else smollm2-135m)")
+    p.add_argument("--config", default=None, help="a run configuration whose data settings describe the file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a field, e.g. --set {example}")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+
+
+def _write_json(args: argparse.Namespace, metrics: dict) -> None:
+    import json
+
+    from tuneforge.io.atomic import write_text
+
     if args.json:
         write_text(args.json, json.dumps(metrics, indent=1))
 
@@ -185,17 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = sub.add_parser("eval", help="loss and perplexity, or accuracy and macro-F1 for classification data")
-    p.add_argument("--model", default=None, help="model spec (default: the config's, else smollm2-135m)")
+    _file_args(p, "data.format=classification")
     _adapter_args(p)
     p.add_argument("--data", required=True, help="the evaluation file")
-    p.add_argument("--config", default=None, help="a run configuration whose data settings describe the file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set data.format=classification")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("icl", help="few-shot and zero-shot classification by in-context prompting")
-    p.add_argument("--model", default=None, help="model spec (default: the config's, else smollm2-135m)")
+    _file_args(p, "data.label_column=score")
     p.add_argument("--data", required=True, help="the evaluation file (classification rows)")
     p.add_argument("--train", default=None, help="the pool of demonstrations (default: the rest of --data)")
     p.add_argument("--shots", type=int, default=0, help="demonstrations per prompt; 0 is zero-shot")
@@ -206,10 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demonstrations drawn at random (seeded) or nearest to each query by embedding")
     p.add_argument("--calibrate", action="store_true", help="divide out the label prior of content-free inputs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default=None, help="a run configuration whose data settings describe the files")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set data.label_column=score")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(run=_icl)
 
     p = sub.add_parser("compare", help="run several methods on one task and tabulate what each buys")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import multiprocessing
 import re
 import resource
@@ -230,7 +229,3 @@ def plot(results: list[dict], png: Path) -> None:
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-
-
-def results_json(results: list[dict]) -> str:
-    return json.dumps(results, indent=1)

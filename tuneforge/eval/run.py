@@ -23,7 +23,7 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
     data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
     if cfg.eval.max_examples is not None:
         data = data.head(cfg.eval.max_examples)
-    evaluator = make_evaluator((model, tokenizer), data, cfg)
+    evaluator = make_evaluator(tokenizer, data, cfg)
     metrics = evaluator.run(model)
     metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)
     if data.eval_items:

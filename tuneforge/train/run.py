@@ -17,13 +17,12 @@ from tuneforge.train import checkpoint
 from tuneforge.train.loop import Evaluator, shuffled_batches, train
 
 
-def make_evaluator(model_tokenizer, data, cfg: RunCfg) -> Evaluator | None:
+def make_evaluator(tokenizer, data, cfg: RunCfg) -> Evaluator | None:
     """Accuracy by label scoring for classification data, loss and perplexity otherwise."""
     from tuneforge.data import Collator, word_ids
     from tuneforge.eval.classify import classification_metrics, score_labels
     from tuneforge.eval.lm import evaluate_lm
 
-    _, tokenizer = model_tokenizer
     if data.eval_items:
         answers = [word_ids(tokenizer, w, cfg.data.chat_template) for w in data.label_words]
 
@@ -83,7 +82,7 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
             print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
                   f"{report.dropped} dropped", file=sys.stderr)
 
-    evaluator = make_evaluator((model, tokenizer), data, cfg)
+    evaluator = make_evaluator(tokenizer, data, cfg)
     if cfg.data.packing:  # batches of similar length waste little on padding
         lengths = [len(e.input_ids) for e in data.train]
         order = lambda epoch: length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)  # noqa: E731
