@@ -124,6 +124,28 @@ def test_zero_init_and_config_errors(vocab):
         prefix.merge(model)
 
 
+def test_text_init_is_the_text_put_before_the_input(tiny, ids, tmp_path):
+    """Started from a text, the prefixed model is exactly the base model reading that text first."""
+    base, tokenizer = tiny
+    text = tokenizer("Hello")["input_ids"]  # five tokens: N of them, so the prefix is this text
+    model = copy.deepcopy(base)
+    prefix.inject(model, Config(num_virtual_tokens=N, init_text="Hello"), tokenizer=tokenizer)
+    ids = ids % base.config.vocab_size
+    with torch.no_grad():
+        whole = base(torch.cat([torch.tensor([text] * ids.shape[0]), ids], dim=1)).logits[:, N:]
+        torch.testing.assert_close(model(ids).logits, whole, rtol=0, atol=1e-5)
+    assert prefix.trainable(model)["tuneforge_prefix.embedding"].requires_grad
+    save_adapter(model, tmp_path / "a")  # loads without a tokenizer: the weights replace the init
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, whole, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="init_text"):
+        Config(init_text="x", prefix_projection=True)
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        prefix.inject(make_tiny_model(base.config.vocab_size), Config(init_text="x"))
+
+
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable:FutureWarning")
 def test_gradient_checkpointing_is_refused(vocab, ids):
     model = prefixed(vocab)

@@ -152,6 +152,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False)
     cfg = method_config(method, config, adapter_dir / CONFIG)
     if isinstance(info.get("fingerprint"), dict):
         check(info["fingerprint"], model, force, exclude=_base_params_in(model, sd).values(), where=str(adapter_dir))
-    method.inject(model, cfg)
+    # The saved weights replace whatever the method would start from, so a method that starts from
+    # something it must read (a tokenizer, for text initialization) skips it: the adapter loads anywhere.
+    method.inject(model, getattr(method, "for_loading", lambda c: c)(cfg))
     method.load_state_dict(model, sd)
     return model

@@ -20,7 +20,7 @@ last axis ordered (layer, key|value, head, dim). Gradient checkpointing drops ca
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -30,7 +30,8 @@ from transformers.utils import ModelOutput
 
 from tuneforge.errors import UserError
 from tuneforge.methods import mark_injected
-from tuneforge.methods.prompt import CACHE_ARGS, cache_in, check_model_keys, named_inputs, starts_sequence, widen
+from tuneforge.methods.prompt import (CACHE_ARGS, cache_in, check_model_keys, named_inputs, starts_sequence, text_ids,
+                                      text_tokenizer, widen)
 
 PEFT_TYPE = "PREFIX_TUNING"
 
@@ -42,6 +43,11 @@ class Config:
     encoder_hidden_size: int | None = None  # width of that MLP; null: kv_heads * head_dim, as PEFT
     # null: normal(0, 1) as PEFT; "zero": an all-zero prefix (not the identity: zero keys still draw attention)
     init_weights: Literal["zero"] | None = None
+    # Start from the keys and values the model itself computes for this text (its tokens repeated or
+    # cut to num_virtual_tokens), as Li & Liang recommend: at step 0 the model behaves exactly as if
+    # the text came before every input, instead of attending to random vectors. Wins over init_weights.
+    init_text: str | None = None
+    tokenizer_name_or_path: str | None = None  # init_text's tokenizer; default: the model's own folder
     # The model's shape as PEFT records it (token_dim = kv_heads * head_dim, num_attention_heads =
     # kv_heads); null: taken from the model, else checked against it
     token_dim: int | None = None
@@ -53,6 +59,9 @@ class Config:
         if self.num_virtual_tokens < 1:
             raise UserError(f"num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}",
                             "method.num_virtual_tokens")
+        if self.init_text is not None and self.prefix_projection:
+            raise UserError("init_text sets the prefix itself, which prefix_projection computes through an MLP",
+                            "method.init_text", fix="drop init_text, or set prefix_projection: false")
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             raise UserError(f"encoder_hidden_size must be at least 1, got {self.encoder_hidden_size}",
                             "method.encoder_hidden_size")
@@ -113,6 +122,19 @@ class Prefix(nn.Module):
         return cache
 
 
+@torch.no_grad()
+def text_prefix(model: nn.Module, ids: list[int]) -> Tensor:
+    """(n, layers * 2 * kv_heads * head_dim): the keys and values ``model`` caches for ``ids`` at
+    positions 0..n-1, in the saved layout; real tokens then start at position n, right after them."""
+    was_training = model.training
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).cache
+    model.train(was_training)
+    kv = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # 2L x (H, n, D)
+    return torch.stack(kv).permute(2, 0, 1, 3).reshape(len(ids), -1).float()  # (n, 2L, H, D) -> (n, 2L*H*D)
+
+
 def _prefix(model: nn.Module) -> Prefix:
     return next(m for m in model.modules() if isinstance(m, Prefix))
 
@@ -147,18 +169,34 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
     return type(output)(**{k: v for k, v in output.items() if k not in CACHE_ARGS})
 
 
-def inject(model: nn.Module, cfg: Config) -> None:
+def inject(model: nn.Module, cfg: Config, tokenizer=None) -> None:
+    """Freeze the model and give every attention layer a trainable prefix. ``tokenizer`` splits
+    ``init_text``; without it, ``tokenizer_name_or_path`` or else the model's folder is read."""
     mark_injected(model, "prefix", cfg)  # raises if any method is already in
+    init = None
     try:
         check_model_keys(cfg, model_keys(model))
+        if cfg.init_text is not None:
+            tokenizer, source = text_tokenizer(model, cfg.tokenizer_name_or_path, tokenizer, "init_text")
+            init = text_prefix(model, text_ids(tokenizer, cfg.init_text, cfg.num_virtual_tokens, "method.init_text"))
+            cfg = replace(cfg, tokenizer_name_or_path=source)
     except UserError:
         model.tuneforge_method = None  # nothing changed: the user can fix the config and retry
         raise
+    model.tuneforge_method = ("prefix", cfg)
     model.requires_grad_(False)
     device = model.get_input_embeddings().weight.device
     model.tuneforge_prefix = Prefix(cfg, kv_shape(model), list(inspect.signature(model.forward).parameters), device)
+    if init is not None:
+        with torch.no_grad():
+            model.tuneforge_prefix.embedding.copy_(init)
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, with_kwargs=True)
+
+
+def for_loading(cfg: Config) -> Config:
+    """The config to inject before loading saved weights: no text to run through the model."""
+    return replace(cfg, init_text=None)
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -147,13 +147,14 @@ def model_keys(model: nn.Module) -> dict:
             "num_attention_heads": cfg.num_attention_heads, "num_transformer_submodules": 1}
 
 
-def _tokenizer(model: nn.Module, cfg: Config, tokenizer):
-    """The tokenizer for TEXT, and the name to record for it."""
+def text_tokenizer(model: nn.Module, name: str | None, tokenizer, what: str):
+    """The tokenizer that splits an initialization text (``what`` names it in errors), and the name
+    to record for it: ``tokenizer`` if given, else the one in folder ``name``, else the model's own."""
     if tokenizer is not None:
-        return tokenizer, cfg.tokenizer_name_or_path or getattr(tokenizer, "name_or_path", None) or None
-    source = cfg.tokenizer_name_or_path or getattr(model.config, "name_or_path", None)
+        return tokenizer, name or getattr(tokenizer, "name_or_path", None) or None
+    source = name or getattr(model.config, "name_or_path", None)
     if not source:
-        raise UserError("prompt_tuning_init TEXT needs a tokenizer to split the text", "method.tokenizer_name_or_path",
+        raise UserError(f"{what} needs a tokenizer to split the text", "method.tokenizer_name_or_path",
                         fix="set tokenizer_name_or_path to the model's folder or hub name (or pass tokenizer=)")
     from transformers import AutoTokenizer
 
@@ -162,6 +163,14 @@ def _tokenizer(model: nn.Module, cfg: Config, tokenizer):
     except Exception as exc:  # a missing folder, no network, not a tokenizer: transformers' own error types
         raise UserError(f"cannot load a tokenizer from {source!r} ({exc})", "method.tokenizer_name_or_path",
                         fix="set tokenizer_name_or_path to a folder that holds the model's tokenizer") from None
+
+
+def text_ids(tokenizer, text: str, n: int, key: str) -> list[int]:
+    """``text``'s tokens repeated or cut to ``n``, as PEFT does."""
+    ids = tokenizer(text)["input_ids"]
+    if not ids:
+        raise UserError("the initialization text has no tokens", key)
+    return (ids * math.ceil(n / len(ids)))[:n]
 
 
 def initial_prompt(model: nn.Module, cfg: Config, tokenizer=None) -> tuple[Tensor, Config]:
@@ -173,11 +182,8 @@ def initial_prompt(model: nn.Module, cfg: Config, tokenizer=None) -> tuple[Tenso
     if cfg.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = torch.randint(0, table.shape[0], (n,)).tolist()
     else:
-        tokenizer, source = _tokenizer(model, cfg, tokenizer)
-        ids = tokenizer(cfg.prompt_tuning_init_text)["input_ids"]
-        if not ids:
-            raise UserError("prompt_tuning_init_text has no tokens", "method.prompt_tuning_init_text")
-        ids = (ids * math.ceil(n / len(ids)))[:n]  # repeated or cut to n, as PEFT does
+        tokenizer, source = text_tokenizer(model, cfg.tokenizer_name_or_path, tokenizer, "prompt_tuning_init TEXT")
+        ids = text_ids(tokenizer, cfg.prompt_tuning_init_text, n, "method.prompt_tuning_init_text")
         cfg = replace(cfg, tokenizer_name_or_path=source)
     return table.detach()[torch.tensor(ids, device=table.device)].float(), cfg
 
@@ -197,6 +203,11 @@ def inject(model: nn.Module, cfg: Config, tokenizer=None) -> None:
     params = inspect.signature(model.forward).parameters
     model.tuneforge_prompt = SoftPrompt(init, list(params), trims_logits="logits_to_keep" in params)
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+
+
+def for_loading(cfg: Config) -> Config:
+    """The config to inject before loading saved weights: no tokenizer to find for TEXT."""
+    return replace(cfg, prompt_tuning_init="RANDOM")
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:

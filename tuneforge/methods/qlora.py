@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from tuneforge.errors import UserError
@@ -78,6 +79,7 @@ def inject(model: nn.Module, cfg: Config) -> None:
     # the next layer's input. A no-op for a model loaded with the default dtype on its device.
     model.to(dtype=compute_dtype)
     quantize_linears_(model, names, cfg.block_size, cfg.double_quant, compute_dtype=compute_dtype)
+    _release_checkpoint(model)
     after = memory_report(model)
     if next(model.parameters()).device.type != "meta":  # estimate.py injects into a weightless copy
         print(f"tuneforge: qlora: {after['quantized_layers']} linear layers to NF4 ({after['bits_per_weight']:.3f} "
@@ -85,6 +87,23 @@ def inject(model: nn.Module, cfg: Config) -> None:
               f"{before / 2**20:.2f} MiB -> {after['total_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
     lora.inject(model, lora_cfg, name="qlora")
     model.tuneforge_method = ("qlora", cfg)  # the whole config, quantization keys included
+
+
+@torch.no_grad()
+def _release_checkpoint(model: nn.Module) -> None:
+    """Copy the tensors left unquantized into memory of their own.
+
+    transformers maps a safetensors checkpoint into memory and its tensors view the mapping. Quantizing
+    reads every page of it, and the pages stay resident (counted in the process's memory) for as long as
+    any tensor still views the file, the embedding for one; the copies let the whole mapping go. Tied
+    tensors stay tied: the Parameter objects are kept and only their data is replaced.
+    """
+    for param in model.parameters():  # each once, tied or not
+        param.data = param.data.clone()
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not isinstance(module, NF4Linear):
+                module._buffers[name] = buffer.clone()
 
 
 trainable = lora.trainable

@@ -36,10 +36,14 @@ DQ_BLOCK = 256  # absmax values per second-level scale when double quantizing
 _DQ_MAX = 127  # symmetric int8 range [-127, 127], stored shifted by +127 as uint8 [0, 254]
 
 
+# Every byte's two values, (256, 2): dequantization is one lookup per byte, no unpacking of nibbles.
+_NF4_PAIRS = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0x0F]], dim=1)
+
+
 @functools.lru_cache(maxsize=None)
-def _on(device: torch.device) -> tuple[Tensor, Tensor]:
-    # Cached so a forward pass on a GPU does not copy the 16-entry table host-to-device each time.
-    return NF4_CODE.to(device), _NF4_MIDPOINTS.to(device)
+def _on(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    # Cached so a forward pass on a GPU does not copy the tables host-to-device each time.
+    return NF4_CODE.to(device), _NF4_MIDPOINTS.to(device), _NF4_PAIRS.to(device)
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def quantize_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = True
         raise ValueError("cannot quantize an empty tensor")
     if block_size <= 0 or block_size % 2:
         raise ValueError(f"block_size must be a positive even number, got {block_size}")
-    _, midpoints = _on(weight.device)
+    _, midpoints, _ = _on(weight.device)
 
     flat = weight.detach().reshape(-1).float()
     flat = F.pad(flat, (0, -flat.numel() % block_size))  # zeros: they change no absmax
@@ -142,9 +146,10 @@ def _dequantize_absmax(state: NF4State) -> Tensor:
 
 def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None) -> Tensor:
     """Rebuild the weight in its original shape, as ``dtype`` (default: the original dtype)."""
-    code, _ = _on(state.packed.device)
-    # int64 indices, because a uint8 index tensor would be read as a boolean mask.
-    values = code[unpack_nibbles(state.packed).long()].view(-1, state.block_size)  # (n_blocks, bs)
+    _, _, pairs = _on(state.packed.device)
+    # One lookup per byte gives both of its values; int64 indices, as a uint8 index tensor would be
+    # read as a boolean mask.
+    values = pairs[state.packed.long()].view(-1, state.block_size)  # (n_bytes, 2) -> (n_blocks, bs)
     values = values * _dequantize_absmax(state).unsqueeze(1)
     return values.view(-1)[: state.numel].view(state.shape).to(dtype or state.dtype)
 
