@@ -15,6 +15,11 @@ With ``prefix_projection`` the prefix is a two-layer MLP (Linear, tanh, Linear) 
 while it trains (the reparameterization of Li & Liang). The file holds the prefix that MLP computes,
 so it is PEFT's plain format, {"prompt_embeddings": (n, layers * 2 * kv_heads * head_dim)}, the
 last axis ordered (layer, key|value, head, dim). Gradient checkpointing drops caches: it is refused.
+
+A prefix starts as N(0, 1) noise (PEFT's default), zeros, or, with ``init_text``, the keys and values
+the model computes for that text at positions 0..n-1: then the prefixed model is exactly the base model
+reading the text first, and training starts from a prompt rather than from noise (Li & Liang found
+initializing from real words' activations matters most in low-data settings).
 """
 
 from __future__ import annotations
