@@ -32,15 +32,23 @@ def examples(n: int):
 
     cfg = config.from_yaml(REPO / "configs" / "sentiment-lora.yaml", [f"data.max_examples={n}"])
     model, tokenizer = load_model(cfg.model, dtype="float32", device="cpu")
-    return model, tokenizer, load_datasets(cfg.data, tokenizer, seed=0).train, cfg
+    data = load_datasets(cfg.data, tokenizer, seed=0)
+    return model, tokenizer, data.train, cfg, data
 
 
-def child_tuneforge(steps: int) -> dict:
+def held_out_accuracy(model, tokenizer, data, cfg) -> float:
+    """The sentiment config's held-out accuracy, scored by tuneforge's evaluator for both sides."""
+    from tuneforge.train.run import make_evaluator
+
+    return make_evaluator(tokenizer, data, cfg).run(model)["accuracy"]
+
+
+def child_tuneforge(steps: int, accuracy: bool) -> dict:
     from tuneforge.data import Collator, length_grouped_batches
     from tuneforge.methods import lora
     from tuneforge.train.loop import train
 
-    model, tokenizer, train_set, cfg = examples(steps * RECIPE["batch_size"])
+    model, tokenizer, train_set, cfg, data = examples(steps * RECIPE["batch_size"])
     lora.inject(model, lora.Config(r=RECIPE["r"], lora_alpha=RECIPE["lora_alpha"],
                                    lora_dropout=RECIPE["lora_dropout"], target_modules="all-linear"))
     lengths = [len(e.input_ids) for e in train_set]
@@ -53,16 +61,19 @@ def child_tuneforge(steps: int) -> dict:
                         cfg.train.__class__(max_steps=steps, batch_size=RECIPE["batch_size"],
                                             learning_rate=RECIPE["learning_rate"], lr_schedule="linear"),
                         out, batch_order=order, progress=False)
-    return {"seconds": time.perf_counter() - start, "steps": summary.steps, "tokens": summary.tokens,
-            "loss": summary.final_loss}
+    result = {"seconds": time.perf_counter() - start, "steps": summary.steps, "tokens": summary.tokens,
+              "loss": summary.final_loss}
+    if accuracy:
+        result["accuracy"] = held_out_accuracy(model, tokenizer, data, cfg)
+    return result
 
 
-def child_peft(steps: int) -> dict:
+def child_peft(steps: int, accuracy: bool) -> dict:
     import peft
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    model, tokenizer, train_set, _ = examples(steps * RECIPE["batch_size"])
+    model, tokenizer, train_set, cfg, data = examples(steps * RECIPE["batch_size"])
     model = peft.get_peft_model(model, peft.LoraConfig(r=RECIPE["r"], lora_alpha=RECIPE["lora_alpha"],
                                                        lora_dropout=RECIPE["lora_dropout"],
                                                        target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -70,8 +81,8 @@ def child_peft(steps: int) -> dict:
             for e in train_set]
     import tempfile
 
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=RECIPE["batch_size"],
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=RECIPE["batch_size"],
                                  learning_rate=RECIPE["learning_rate"], max_steps=steps, lr_scheduler_type="linear",
                                  logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
                                  dataloader_num_workers=0, disable_tqdm=True, seed=0)
@@ -79,32 +90,45 @@ def child_peft(steps: int) -> dict:
                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         start = time.perf_counter()
         result = trainer.train()
-    tokens = sum(len(r["input_ids"]) for r in rows[: steps * RECIPE["batch_size"]])
-    return {"seconds": time.perf_counter() - start, "steps": steps, "tokens": tokens, "loss": result.training_loss,
-            "torch_threads": torch.get_num_threads()}
+        seconds = time.perf_counter() - start
+        out = {"seconds": seconds, "steps": steps, "loss": result.training_loss,
+               "tokens": sum(len(r["input_ids"]) for r in rows[: steps * RECIPE["batch_size"]]),
+               "torch_threads": torch.get_num_threads()}
+        if accuracy:  # PEFT's adapter, saved by PEFT, loaded by tuneforge onto a fresh base and scored
+            from tuneforge import load_adapter
+            from tuneforge.io.load import load_model
+
+            model.save_pretrained(Path(tmp) / "peft-adapter")
+            base, _ = load_model(cfg.model, dtype="float32", device="cpu")
+            out["accuracy"] = held_out_accuracy(load_adapter(base, Path(tmp) / "peft-adapter"), tokenizer, data, cfg)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="also score each side's adapter on the config's held-out snippets "
+                             "(--steps 250 is the whole recipe: one epoch over 2,000 snippets)")
     parser.add_argument("--child", choices=["tuneforge", "peft"])
     args = parser.parse_args()
     if args.child:
-        result = (child_tuneforge if args.child == "tuneforge" else child_peft)(args.steps)
+        result = (child_tuneforge if args.child == "tuneforge" else child_peft)(args.steps, args.accuracy)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
     results = {}
     for side in ("tuneforge", "peft"):
-        proc = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps)]
+                              + ["--accuracy"] * args.accuracy, capture_output=True, text=True)
         line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
         results[side] = json.loads(line[0][len("RESULT "):])
         r = results[side]
         print(f"{side:>9}: {r['seconds'] / r['steps']:.2f} s/step, {r['tokens'] / r['seconds']:.0f} tokens/s, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB, final loss {r['loss']:.4f}")
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, final loss {r['loss']:.4f}"
+              + (f", held-out accuracy {r['accuracy']:.2%}" if args.accuracy else ""))
     ours, ref = results["tuneforge"], results["peft"]
     speed = (ref["seconds"] / ref["steps"]) / (ours["seconds"] / ours["steps"])
     memory = ours["peak_rss_mb"] / ref["peak_rss_mb"]
@@ -112,20 +136,25 @@ def main() -> None:
 
     from bench.report import machine, write_section
 
+    acc_head, acc_rule = (" held-out accuracy |", "---|") if args.accuracy else ("", "")
+    acc = (lambda r: f" {r['accuracy']:.2%} |") if args.accuracy else (lambda r: "")  # noqa: E731
+    accuracy_note = ("\nAccuracy: each side's adapter scored by the same evaluator on the config's held-out snippets "
+                     "(PEFT's adapter saved by PEFT and loaded by tuneforge).\n" if args.accuracy else "")
+
     write_section("lora_vs_peft", f"""
 ## LoRA training: tuneforge vs Transformers + PEFT
 
-`python bench/lora_vs_peft.py --steps {args.steps}` on {machine()}. Default model, LoRA r=16
+`python bench/lora_vs_peft.py --steps {args.steps}{" --accuracy" * args.accuracy}` on {machine()}. Default model, LoRA r=16
 alpha=32 dropout 0.05 on all linear layers, batch 8, lr 2e-4, {args.steps} steps over the same
 movie-review examples (chat prompts, loss on the answer only). Reference: Trainer with
 DataCollatorForSeq2Seq (dynamic padding).
 
-| | s/step | tokens/s | peak RSS (MB) |
-|---|---|---|---|
-| tuneforge | {ours['seconds'] / ours['steps']:.2f} | {ours['tokens'] / ours['seconds']:.0f} | {ours['peak_rss_mb']:.0f} |
-| Transformers + PEFT | {ref['seconds'] / ref['steps']:.2f} | {ref['tokens'] / ref['seconds']:.0f} | {ref['peak_rss_mb']:.0f} |
-| ratio | {speed:.2f}x faster | | {memory:.2f}x |
-
+| | s/step | tokens/s | peak RSS (MB) |{acc_head}
+|---|---|---|---|{acc_rule}
+| tuneforge | {ours['seconds'] / ours['steps']:.2f} | {ours['tokens'] / ours['seconds']:.0f} | {ours['peak_rss_mb']:.0f} |{acc(ours)}
+| Transformers + PEFT | {ref['seconds'] / ref['steps']:.2f} | {ref['tokens'] / ref['seconds']:.0f} | {ref['peak_rss_mb']:.0f} |{acc(ref)}
+| ratio | {speed:.2f}x faster | | {memory:.2f}x |{acc_rule if args.accuracy else ""}
+{accuracy_note}
 tuneforge's speed comes from two things: batches of similar length (little padding) and the
 output head applied only at the positions that carry loss (2 of about
 {ours['tokens'] / (ours['steps'] * RECIPE['batch_size']):.0f} tokens per example here), where the reference projects every
