@@ -108,6 +108,14 @@ def test_lora_run_then_eval_generate_and_merge_with_the_adapter(tmp_path, tiny_d
     assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     assert cli.main(["eval", "--model", str(tiny_dir), "--adapter", str(adapter), "--data", str(data),
                      "--set", "data.format=classification"]) == 0
+    # --held-out scores exactly the run's own held-out split: the run's final figures come back
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert cli.main(["eval", "--config", str(cfg), "--adapter", str(adapter), "--data", str(data), "--held-out",
+                     "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n"] == summary["eval_examples"] == 12
+    assert metrics["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-5)
+    assert metrics["accuracy"] == summary["after"]["accuracy"]
     assert cli.main(["generate", "--model", str(tiny_dir), "--adapter", str(adapter), "--prompt", "hi",
                      "--max-new-tokens", "2"]) == 0
     merged = tmp_path / "merged"

@@ -82,7 +82,7 @@ def _eval(args: argparse.Namespace) -> None:
     from tuneforge.eval.run import evaluate_file
 
     cfg = _file_config(args, {})
-    metrics = evaluate_file(cfg, args.data, adapter=args.adapter, force=args.force)
+    metrics = evaluate_file(cfg, args.data, adapter=args.adapter, force=args.force, held_out=args.held_out)
     for key in ("loss", "perplexity", "accuracy", "macro_f1"):
         if key in metrics:
             print(f"{key:>10}: {metrics[key]:.4f}")
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     _file_args(p, "data.format=classification")
     _adapter_args(p)
     p.add_argument("--data", required=True, help="the evaluation file")
+    p.add_argument("--held-out", action="store_true",
+                   help="score only the part of --data a training run holds out (data.val_fraction, split by "
+                        "train.seed; data.max_eval_examples caps it): a run's own held-out set")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("icl", help="few-shot and zero-shot classification by in-context prompting")

@@ -7,10 +7,12 @@ import dataclasses
 from tuneforge.config import RunCfg
 
 
-def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: bool = False) -> dict:
+def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: bool = False,
+                  held_out: bool = False) -> dict:
     """Loss and perplexity on ``path``; for classification data also accuracy, macro-F1 and the
-    confusion matrix (``confusion``, and ``confusion_table`` as text)."""
-    from tuneforge.data import load_eval
+    confusion matrix (``confusion``, and ``confusion_table`` as text). ``held_out``: only the part of
+    ``path`` a training run with ``cfg`` holds out, split as training splits it."""
+    from tuneforge.data import load_datasets, load_eval
     from tuneforge.eval.classify import format_confusion
     from tuneforge.io.load import load_model
     from tuneforge.train.run import make_evaluator
@@ -20,7 +22,10 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
         from tuneforge.io.peft_format import load_adapter
 
         model = load_adapter(model, adapter, force=force)
-    data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
+    if held_out:
+        data = load_datasets(dataclasses.replace(cfg.data, path=path, eval_path=None), tokenizer, seed=cfg.train.seed)
+    else:
+        data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
     if cfg.eval.max_examples is not None:
         data = data.head(cfg.eval.max_examples)
     evaluator = make_evaluator(tokenizer, data, cfg)

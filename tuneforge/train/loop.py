@@ -39,7 +39,8 @@ class Summary:
     peak_memory_mb: float = 0.0
     final_loss: float | None = None
     first_eval: dict = field(default_factory=dict)  # before the first step (train.eval_at_start)
-    best_eval: dict = field(default_factory=dict)
+    best_eval: dict = field(default_factory=dict)  # the best evaluation by the evaluator's metric
+    final_eval: dict = field(default_factory=dict)  # the last one: of the weights the run ends with
     stopped: str = "finished"  # finished | early_stop | time_budget | interrupted
 
     def as_dict(self) -> dict:
@@ -213,6 +214,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     summary.tokens_per_s = (state["tokens"] - start_tokens) / max(time.perf_counter() - started, 1e-9)
     summary.peak_memory_mb = peak_memory_mb(device)
     summary.best_eval = state["best"] or {}
+    summary.final_eval = state.get("final") or {}
     return summary
 
 
@@ -230,6 +232,7 @@ def _evaluate(model, evaluator: Evaluator, state: dict, cfg: TrainCfg, log) -> s
     metrics = {**evaluator.run(model), "seconds": time.perf_counter() - started}
     model.train()
     log({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    state["final"] = {"step": state["step"], **metrics}
     value = metrics[evaluator.metric]
     best = state["best"]
     if evaluator.better(value, None if best is None else best[evaluator.metric]):

@@ -102,10 +102,13 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
     result = {"method": cfg.method.name, "trainable_parameters": n_train, "total_parameters": total,
               "artifact_bytes": artifact,
               "train_examples": len(data.train), "eval_examples": len(data.eval),
-              "before": _numbers(summary.first_eval) or None, "after": _numbers(summary.best_eval),
+              # "after" is the weights the run saved; "best" an earlier evaluation that scored higher, if any
+              "before": _numbers(summary.first_eval) or None, "after": _numbers(summary.final_eval),
               **summary.as_dict()}
-    result.pop("best_eval")
-    result.pop("first_eval")
+    if summary.best_eval.get("step") != summary.final_eval.get("step"):
+        result["best"] = _numbers(summary.best_eval)
+    for key in ("best_eval", "first_eval", "final_eval"):
+        result.pop(key)
     write_text(out / "summary.json", json.dumps(result, indent=1))
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     return result
