@@ -147,10 +147,10 @@ def _dequantize_absmax(state: NF4State) -> Tensor:
 def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None) -> Tensor:
     """Rebuild the weight in its original shape, as ``dtype`` (default: the original dtype)."""
     _, _, pairs = _on(state.packed.device)
-    # One lookup per byte gives both of its values; int64 indices, as a uint8 index tensor would be
-    # read as a boolean mask.
-    values = pairs[state.packed.long()].view(-1, state.block_size)  # (n_bytes, 2) -> (n_blocks, bs)
-    values = values * _dequantize_absmax(state).unsqueeze(1)
+    # One row lookup per byte gives both of its values (index_select: about twice as fast on a CPU as
+    # indexing the 16 codes with unpacked nibbles, and several times faster than pairs[idx]).
+    values = pairs.index_select(0, state.packed.long()).view(-1, state.block_size)  # (n_bytes, 2) -> (n_blocks, bs)
+    values.mul_(_dequantize_absmax(state).unsqueeze(1))  # values is a fresh tensor: scaled in place
     return values.view(-1)[: state.numel].view(state.shape).to(dtype or state.dtype)
 
 
