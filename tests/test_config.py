@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
-from tuneforge import cli, config
+from tuneforge import cli, compare, config
 from tuneforge.errors import UserError
 
 
@@ -95,3 +97,16 @@ def test_cli_unknown_key_exits_2_with_one_line(tmp_path, capsys):
 def test_cli_config_prints_the_resolved_config(tmp_path, capsys):
     assert cli.main(["config", str(write(tmp_path, "model: m\n")), "--set", "train.seed=4"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train"]["seed"] == 4
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_resolves(path):
+    """Each example config reads, its method's keys are valid, and its data files ship in the repository."""
+    cfg = config.from_yaml(path)
+    rows = cfg.compare.methods or [{"name": cfg.method.name}]
+    for row in rows:
+        if row["name"] not in ("zero-shot", "few-shot"):
+            config.method_config(compare.row_config(cfg, row, Path("unused")))
+    repo = Path(__file__).parents[1]
+    for data_path in (cfg.data.path, cfg.data.eval_path, cfg.compare.transfer_path):
+        assert data_path is None or (repo / data_path).is_file(), data_path
