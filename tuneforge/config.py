@@ -46,7 +46,7 @@ class DataCfg:
     val_fraction: float = 0.1  # share held out for validation when eval_path is not given
     max_examples: int | None = None  # use at most this many training examples (after the split)
     max_eval_examples: int | None = None  # evaluate on at most this many held-out examples
-    packing: bool = False  # pack short supervised examples into full rows (attention never crosses examples)
+    packing: bool = False  # supervised data in batches of similar length (little padding); raw text is always packed
     chat_template: bool = True  # render prompts with the tokenizer's chat template when it has one
     train_on_prompt: bool = False  # also put loss on the prompt tokens
 
