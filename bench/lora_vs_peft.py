@@ -36,6 +36,10 @@ def examples(n: int):
     return model, tokenizer, data.train, cfg, data
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def held_out_accuracy(model, tokenizer, data, cfg) -> float:
     """The sentiment config's held-out accuracy, scored by tuneforge's evaluator for both sides."""
     from tuneforge.train.run import make_evaluator
@@ -63,6 +67,7 @@ def child_tuneforge(steps: int, accuracy: bool) -> dict:
                         out, batch_order=order, progress=False)
     result = {"seconds": time.perf_counter() - start, "steps": summary.steps, "tokens": summary.tokens,
               "loss": summary.final_loss}
+    result["peak_rss_mb"] = peak_rss_mb()  # training's peak, before the scoring below
     if accuracy:
         result["accuracy"] = held_out_accuracy(model, tokenizer, data, cfg)
     return result
@@ -93,7 +98,7 @@ def child_peft(steps: int, accuracy: bool) -> dict:
         seconds = time.perf_counter() - start
         out = {"seconds": seconds, "steps": steps, "loss": result.training_loss,
                "tokens": sum(len(r["input_ids"]) for r in rows[: steps * RECIPE["batch_size"]]),
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
         if accuracy:  # PEFT's adapter, saved by PEFT, loaded by tuneforge onto a fresh base and scored
             from tuneforge import load_adapter
             from tuneforge.io.load import load_model
@@ -114,7 +119,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         result = (child_tuneforge if args.child == "tuneforge" else child_peft)(args.steps, args.accuracy)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
     results = {}

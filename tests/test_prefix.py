@@ -140,6 +140,7 @@ def test_text_init_is_the_text_put_before_the_input(tiny, ids, tmp_path):
     load_adapter(fresh, tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, whole, rtol=0, atol=1e-5)
+    assert fresh.tuneforge_method[1].init_text == "Hello"  # saved again, it still says how it started
     with pytest.raises(UserError, match="init_text"):
         Config(init_text="x", prefix_projection=True)
     with pytest.raises(UserError, match="needs a tokenizer"):

@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_args(p)
     p.add_argument("--data", required=True, help="the evaluation file")
     p.add_argument("--held-out", action="store_true",
-                   help="score only the part of --data a training run holds out (data.val_fraction, split by "
-                        "train.seed; data.max_eval_examples caps it): a run's own held-out set")
+                   help="score only what a training run with this config holds out: data.eval_path if it is set, "
+                        "else the part of --data split off by data.val_fraction and train.seed "
+                        "(data.max_eval_examples caps it), in fp32 as training scores it")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("icl", help="few-shot and zero-shot classification by in-context prompting")

@@ -17,17 +17,18 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
     from tuneforge.io.load import load_model
     from tuneforge.train.run import make_evaluator
 
-    model, tokenizer = load_model(cfg.model, device=cfg.train.device)
+    # fp32 for a run's held-out split, as training loads and evaluates the model
+    model, tokenizer = load_model(cfg.model, dtype="float32" if held_out else "auto", device=cfg.train.device)
     if adapter:
         from tuneforge.io.peft_format import load_adapter
 
         model = load_adapter(model, adapter, force=force)
-    if held_out:
-        data = load_datasets(dataclasses.replace(cfg.data, path=path, eval_path=None), tokenizer, seed=cfg.train.seed)
+    if held_out:  # what the run held out: data.eval_path if it has one, else its split of the file
+        data = load_datasets(dataclasses.replace(cfg.data, path=path), tokenizer, seed=cfg.train.seed)
     else:
         data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
-    if cfg.eval.max_examples is not None:
-        data = data.head(cfg.eval.max_examples)
+        if cfg.eval.max_examples is not None:
+            data = data.head(cfg.eval.max_examples)
     evaluator = make_evaluator(tokenizer, data, cfg)
     metrics = evaluator.run(model)
     metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)

@@ -156,4 +156,5 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False)
     # something it must read (a tokenizer, for text initialization) skips it: the adapter loads anywhere.
     method.inject(model, getattr(method, "for_loading", lambda c: c)(cfg))
     method.load_state_dict(model, sd)
+    model.tuneforge_method = (name, cfg)  # how the adapter was made, for saving it again
     return model

@@ -134,7 +134,8 @@ def text_prefix(model: nn.Module, ids: list[int]) -> Tensor:
     was_training = model.training
     model.eval()
     device = model.get_input_embeddings().weight.device
-    cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).cache
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    cache = next(getattr(out, k) for k in CACHE_ARGS if getattr(out, k, None) is not None)
     model.train(was_training)
     kv = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # 2L x (H, n, D)
     return torch.stack(kv).permute(2, 0, 1, 3).reshape(len(ids), -1).float()  # (n, 2L, H, D) -> (n, 2L*H*D)
@@ -185,8 +186,8 @@ def inject(model: nn.Module, cfg: Config, tokenizer=None) -> None:
             tokenizer, source = text_tokenizer(model, cfg.tokenizer_name_or_path, tokenizer, "init_text")
             init = text_prefix(model, text_ids(tokenizer, cfg.init_text, cfg.num_virtual_tokens, "method.init_text"))
             cfg = replace(cfg, tokenizer_name_or_path=source)
-    except UserError:
-        model.tuneforge_method = None  # nothing changed: the user can fix the config and retry
+    except Exception:  # a bad config, or running the text failed: nothing changed, so a retry may go ahead
+        model.tuneforge_method = None
         raise
     model.tuneforge_method = ("prefix", cfg)
     model.requires_grad_(False)

@@ -206,8 +206,9 @@ def inject(model: nn.Module, cfg: Config, tokenizer=None) -> None:
 
 
 def for_loading(cfg: Config) -> Config:
-    """The config to inject before loading saved weights: no tokenizer to find for TEXT."""
-    return replace(cfg, prompt_tuning_init="RANDOM")
+    """The config to inject before loading saved weights: no tokenizer to find for TEXT (a few
+    vocabulary rows are the cheapest start to overwrite)."""
+    return replace(cfg, prompt_tuning_init="SAMPLE_VOCAB")
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:

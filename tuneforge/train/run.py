@@ -103,9 +103,10 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True) -> dict:
               "artifact_bytes": artifact,
               "train_examples": len(data.train), "eval_examples": len(data.eval),
               # "after" is the weights the run saved; "best" an earlier evaluation that scored higher, if any
-              "before": _numbers(summary.first_eval) or None, "after": _numbers(summary.final_eval),
+              "before": _numbers(summary.first_eval) or None,
+              "after": _numbers(summary.final_eval or summary.best_eval),  # best: a resumed run with no steps left
               **summary.as_dict()}
-    if summary.best_eval.get("step") != summary.final_eval.get("step"):
+    if summary.final_eval and summary.best_eval.get("step") != summary.final_eval.get("step"):
         result["best"] = _numbers(summary.best_eval)
     for key in ("best_eval", "first_eval", "final_eval"):
         result.pop(key)
