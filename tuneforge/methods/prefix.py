@@ -133,10 +133,12 @@ def text_prefix(model: nn.Module, ids: list[int]) -> Tensor:
     positions 0..n-1, in the saved layout; real tokens then start at position n, right after them."""
     was_training = model.training
     model.eval()
-    device = model.get_input_embeddings().weight.device
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    try:
+        device = model.get_input_embeddings().weight.device
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    finally:
+        model.train(was_training)
     cache = next(getattr(out, k) for k in CACHE_ARGS if getattr(out, k, None) is not None)
-    model.train(was_training)
     kv = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # 2L x (H, n, D)
     return torch.stack(kv).permute(2, 0, 1, 3).reshape(len(ids), -1).float()  # (n, 2L, H, D) -> (n, 2L*H*D)
 

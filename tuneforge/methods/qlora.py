@@ -96,13 +96,15 @@ def _release_checkpoint(model: nn.Module) -> None:
     transformers maps a safetensors checkpoint into memory and its tensors view the mapping. Quantizing
     reads every page of it, and the pages stay resident (counted in the process's memory) for as long as
     any tensor still views the file, the embedding for one; the copies let the whole mapping go. Tied
-    tensors stay tied: the Parameter objects are kept and only their data is replaced.
+    tensors stay tied: the Parameter objects are kept and only their data is replaced. Only CPU tensors
+    can view the file; a model moved to another device owns its memory already.
     """
     for param in model.parameters():  # each once, tied or not
-        param.data = param.data.clone()
+        if param.device.type == "cpu":
+            param.data = param.data.clone()
     for module in model.modules():
         for name, buffer in module._buffers.items():
-            if buffer is not None and not isinstance(module, NF4Linear):
+            if buffer is not None and buffer.device.type == "cpu" and not isinstance(module, NF4Linear):
                 module._buffers[name] = buffer.clone()
 
 

@@ -36,10 +36,6 @@ DQ_BLOCK = 256  # absmax values per second-level scale when double quantizing
 _DQ_MAX = 127  # symmetric int8 range [-127, 127], stored shifted by +127 as uint8 [0, 254]
 
 
-# Every byte's two values, (256, 2): dequantization is one lookup per byte, no unpacking of nibbles.
-_NF4_PAIRS = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arange(256) & 0x0F]], dim=1)
-
-
 @functools.lru_cache(maxsize=None)
 def _on(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     # Cached so a forward pass on a GPU does not copy the tables host-to-device each time.
@@ -97,6 +93,10 @@ def pack_nibbles(codes: Tensor) -> Tensor:
 def unpack_nibbles(packed: Tensor) -> Tensor:
     """Inverse of ``pack_nibbles``: uint8 bytes, shape (n,) -> uint8 codes, shape (2n,)."""
     return torch.stack([packed >> 4, packed & 0x0F], dim=1).view(-1)  # (n, 2) -> (2n,)
+
+
+# Every byte's two values, (256, 2), in unpack_nibbles' order: dequantization is one lookup per byte.
+_NF4_PAIRS = NF4_CODE[unpack_nibbles(torch.arange(256, dtype=torch.uint8)).long()].view(256, 2)
 
 
 def quantize_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = True) -> NF4State:
