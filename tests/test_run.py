@@ -116,6 +116,20 @@ def test_lora_run_then_eval_generate_and_merge_with_the_adapter(tmp_path, tiny_d
     assert metrics["n"] == summary["eval_examples"] == 12
     assert metrics["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-5)
     assert metrics["accuracy"] == summary["after"]["accuracy"]
+    # --unseen: that held-out split whole, plus the training rows past data.max_examples (here 36 -> 20)
+    assert cli.main(["eval", "--config", str(cfg), "--adapter", str(adapter), "--data", str(data), "--unseen",
+                     "--set", "data.max_examples=20", "--json", str(tmp_path / "u.json")]) == 0
+    unseen = json.loads((tmp_path / "u.json").read_text())
+    parts = unseen["parts"]
+    assert parts["held_out"]["n"] == 12 and parts["unused_training"]["n"] == 16 and unseen["n"] == 28
+    assert parts["held_out"]["accuracy"] == metrics["accuracy"]
+    assert parts["held_out"]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+    assert unseen["accuracy"] == pytest.approx((12 * metrics["accuracy"] + 16 * parts["unused_training"]["accuracy"])
+                                               / 28)
+    assert unseen["accuracy_ci95"][0] <= unseen["accuracy"] <= unseen["accuracy_ci95"][1]
+    assert "unused_training" in capsys.readouterr().out
+    assert cli.main(["eval", "--config", str(cfg), "--data", str(data), "--unseen", "--held-out"]) == 2
+    assert "--held-out and --unseen" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tiny_dir), "--adapter", str(adapter), "--prompt", "hi",
                      "--max-new-tokens", "2"]) == 0
     merged = tmp_path / "merged"

@@ -1,17 +1,19 @@
 import json
+import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tuneforge.config import TrainCfg
-from tuneforge.eval.classify import classification_metrics, score_labels
+from tuneforge.eval.classify import classification_metrics, metrics_from_confusion, score_labels, wilson_interval
 from tuneforge.eval.lm import label_loss
 from tuneforge.methods import full
 from tuneforge.train import checkpoint
@@ -84,6 +86,36 @@ def test_classification_metrics():
     m = classification_metrics([0, 1, 1, 1], [0, 1, 0, 1], 2)
     assert m.accuracy == 0.75 and m.confusion == [[1, 1], [0, 2]]
     assert m.macro_f1 == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_metrics_from_confusion_match_scikit_learn_and_parts_combine():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    gold, predicted = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
+    predicted[gold == 2] = 0  # label 2 is gold but never predicted; label 3 neither
+    whole = classification_metrics(predicted, gold, 4)
+    assert whole.macro_f1 == pytest.approx(f1_score(gold, predicted, labels=[0, 1, 2, 3], average="macro",
+                                                    zero_division=0))
+    halves = [classification_metrics(predicted[s], gold[s], 4) for s in (slice(0, 20), slice(20, 50))]
+    summed = metrics_from_confusion((np.array(halves[0].confusion) + np.array(halves[1].confusion)).tolist())
+    assert summed == whole
+
+
+def test_wilson_interval_bounds_where_the_normal_test_just_rejects():
+    z = 1.96
+    for correct, n in ((92, 100), (0, 10), (10, 10), (367, 400)):
+        lo, hi = wilson_interval(correct, n, z)
+        p_hat = correct / n
+        # the interval's ends are the proportions p at which |p_hat - p| = z * sqrt(p (1 - p) / n)
+        for end in (lo, hi):
+            if 1e-9 < end < 1 - 1e-9:
+                assert abs(p_hat - end) == pytest.approx(z * math.sqrt(end * (1 - end) / n), rel=1e-9)
+        assert lo <= p_hat <= hi
+    assert wilson_interval(0, 10)[0] == pytest.approx(0, abs=1e-12)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1, abs=1e-12)
+    assert wilson_interval(92, 100) == pytest.approx((0.8500, 0.9589), abs=1e-4)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
 
 
 def test_schedules():

@@ -82,11 +82,15 @@ def _eval(args: argparse.Namespace) -> None:
     from tuneforge.eval.run import evaluate_file
 
     cfg = _file_config(args, {})
-    metrics = evaluate_file(cfg, args.data, adapter=args.adapter, force=args.force, held_out=args.held_out)
+    metrics = evaluate_file(cfg, args.data, adapter=args.adapter, force=args.force, held_out=args.held_out,
+                            unseen=args.unseen)
     for key in ("loss", "perplexity", "accuracy", "macro_f1"):
         if key in metrics:
-            print(f"{key:>10}: {metrics[key]:.4f}")
+            ci = metrics.get("accuracy_ci95") if key == "accuracy" else None
+            print(f"{key:>10}: {metrics[key]:.4f}" + (f"  (95% interval {ci[0]:.4f} to {ci[1]:.4f})" if ci else ""))
     print(f"{'n':>10}: {metrics['n']}")
+    for name, part in metrics.get("parts", {}).items():
+        print(f"{name:>16}: accuracy {part['accuracy']:.4f}, macro-F1 {part['macro_f1']:.4f}, n {part['n']}")
     if "confusion_table" in metrics:
         print(metrics.pop("confusion_table"))
     _write_json(args, metrics)
@@ -208,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only what a training run with this config holds out: data.eval_path if it is set, "
                         "else the part of --data split off by data.val_fraction and train.seed "
                         "(data.max_eval_examples caps it), in fp32 as training scores it")
+    p.add_argument("--unseen", action="store_true",
+                   help="score every classification row of --data a training run with this config never trains on: "
+                        "its whole held-out split and the training rows past data.max_examples (a larger sample, "
+                        "so a narrower interval), in fp32; prints each part as well")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("icl", help="few-shot and zero-shot classification by in-context prompting")

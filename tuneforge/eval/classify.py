@@ -3,6 +3,7 @@ the prompt, and the most likely label is the prediction (no free generation)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,16 +77,34 @@ class ClassifyMetrics:
 
 
 def classification_metrics(predicted, gold, n_labels: int) -> ClassifyMetrics:
-    from sklearn.metrics import confusion_matrix, f1_score
+    from sklearn.metrics import confusion_matrix
 
-    predicted, gold = np.asarray(predicted), np.asarray(gold)
     labels = list(range(n_labels))
-    return ClassifyMetrics(
-        accuracy=float((predicted == gold).mean()) if len(gold) else 0.0,
-        macro_f1=float(f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)),
-        n=int(len(gold)),
-        confusion=confusion_matrix(gold, predicted, labels=labels).tolist(),
-    )
+    return metrics_from_confusion(confusion_matrix(np.asarray(gold), np.asarray(predicted), labels=labels).tolist())
+
+
+def metrics_from_confusion(confusion: list[list[int]]) -> ClassifyMetrics:
+    """Accuracy and macro-F1 from a confusion matrix (confusion[gold][predicted]), so that parts
+    scored separately combine exactly: sum their matrices. A label never predicted nor gold counts
+    as F1 0, as scikit-learn's ``zero_division=0`` does."""
+    c = np.asarray(confusion, dtype=np.int64)
+    n = int(c.sum())
+    tp = np.diag(c)
+    wrong = c.sum(0) - tp + c.sum(1) - tp  # false positives plus false negatives, per label
+    f1 = np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(len(c)), where=(2 * tp + wrong) > 0)
+    return ClassifyMetrics(accuracy=float(tp.sum() / n) if n else 0.0, macro_f1=float(f1.mean()) if len(c) else 0.0,
+                           n=n, confusion=c.tolist())
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of ``correct`` out of ``n``: how far a figure on
+    a sample of this size can stray from the model's accuracy on the whole distribution."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def format_confusion(confusion: list[list[int]], names: list[str]) -> str:

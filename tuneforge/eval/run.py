@@ -3,36 +3,97 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import numpy as np
 
 from tuneforge.config import RunCfg
+from tuneforge.errors import UserError
 
 
 def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: bool = False,
-                  held_out: bool = False) -> dict:
+                  held_out: bool = False, unseen: bool = False) -> dict:
     """Loss and perplexity on ``path``; for classification data also accuracy, macro-F1 and the
-    confusion matrix (``confusion``, and ``confusion_table`` as text). ``held_out``: only the part of
-    ``path`` a training run with ``cfg`` holds out, split as training splits it."""
+    confusion matrix (``confusion``, and ``confusion_table`` as text), with the accuracy's 95%
+    interval (``accuracy_ci95``).
+
+    ``held_out``: only the part of ``path`` a training run with ``cfg`` holds out, split as training
+    splits it. ``unseen``: every classification row such a run never trained on, its whole held-out
+    split and the training rows beyond ``data.max_examples``; ``parts`` gives each part's figures.
+    """
     from tuneforge.data import load_datasets, load_eval
     from tuneforge.eval.classify import format_confusion
     from tuneforge.io.load import load_model
     from tuneforge.train.run import make_evaluator
 
-    # fp32 for a run's held-out split, as training loads and evaluates the model
-    model, tokenizer = load_model(cfg.model, dtype="float32" if held_out else "auto", device=cfg.train.device)
+    if held_out and unseen:
+        raise UserError("--held-out and --unseen choose different rows", "eval", fix="give one of them")
+    # fp32 for a run's own rows, as training loads and evaluates the model
+    run_rows = held_out or unseen
+    model, tokenizer = load_model(cfg.model, dtype="float32" if run_rows else "auto", device=cfg.train.device)
     if adapter:
         from tuneforge.io.peft_format import load_adapter
 
         model = load_adapter(model, adapter, force=force)
-    if held_out:  # what the run held out: data.eval_path if it has one, else its split of the file
-        data = load_datasets(dataclasses.replace(cfg.data, path=path), tokenizer, seed=cfg.train.seed)
+    if unseen:
+        metrics = evaluate_unseen(model, tokenizer, cfg, path)
+        labels = metrics["labels"]
     else:
-        data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
-        if cfg.eval.max_examples is not None:
-            data = data.head(cfg.eval.max_examples)
-    evaluator = make_evaluator(tokenizer, data, cfg)
-    metrics = evaluator.run(model)
-    metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)
-    if data.eval_items:
-        metrics["labels"] = data.label_words
-        metrics["confusion_table"] = format_confusion(metrics["confusion"], data.label_words)
+        if held_out:  # what the run held out: data.eval_path if it has one, else its split of the file
+            data = load_datasets(dataclasses.replace(cfg.data, path=path), tokenizer, seed=cfg.train.seed)
+        else:
+            data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
+            if cfg.eval.max_examples is not None:
+                data = data.head(cfg.eval.max_examples)
+        metrics = make_evaluator(tokenizer, data, cfg).run(model)
+        metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)
+        labels = data.label_words
+    if "confusion" in metrics:
+        from tuneforge.eval.classify import wilson_interval
+
+        correct = sum(row[i] for i, row in enumerate(metrics["confusion"]))
+        metrics["accuracy_ci95"] = list(wilson_interval(correct, metrics["n"]))
+        metrics["labels"] = labels
+        metrics["confusion_table"] = format_confusion(metrics["confusion"], labels)
     return metrics
+
+
+def evaluate_unseen(model, tokenizer, cfg: RunCfg, path: str) -> dict:
+    """Figures on every row of ``path`` a run with ``cfg`` never trains on (``unseen_parts``), the
+    parts scored separately and combined; ``parts`` holds each part's own figures."""
+    from tuneforge.train.run import make_evaluator
+
+    parts = unseen_parts(cfg, path, tokenizer)
+    scored = {name: make_evaluator(tokenizer, part, cfg).run(model) for name, part in parts.items() if part.eval}
+    if not scored:
+        raise UserError("a run with this config trains on every row of the file: none is unseen", path,
+                        fix="set data.val_fraction or data.max_examples, or use --held-out")
+    return {**combined(scored), "labels": parts["held_out"].label_words}
+
+
+def unseen_parts(cfg: RunCfg, path: str, tokenizer) -> dict:
+    """The rows of ``path`` a run with ``cfg`` never trains on, as two evaluation sets: its whole
+    held-out split ("held_out", uncapped) and its training rows past ``data.max_examples``
+    ("unused_training"), each split and ordered exactly as training splits them."""
+    from tuneforge.data import load_datasets
+
+    if cfg.data.format != "classification":
+        raise UserError(f"--unseen scores classification rows, and this data's format is {cfg.data.format!r}",
+                        "data.format", fix="use --held-out for this data")
+    data_cfg = dataclasses.replace(cfg.data, path=path, max_examples=None, max_eval_examples=None)
+    full = load_datasets(data_cfg, tokenizer, seed=cfg.train.seed)
+    cap = cfg.data.max_examples if cfg.data.max_examples is not None else len(full.train)
+    held = dataclasses.replace(full, train=[], train_items=[])
+    unused = dataclasses.replace(full, train=[], train_items=[], eval=full.train[cap:],
+                                 eval_items=full.train_items[cap:])
+    return {"held_out": held, "unused_training": unused}
+
+
+def combined(scored: dict[str, dict]) -> dict:
+    """One set of figures from parts scored separately: confusion matrices add, losses weigh by size."""
+    from tuneforge.eval.classify import metrics_from_confusion
+
+    total = metrics_from_confusion(np.sum([m["confusion"] for m in scored.values()], axis=0).tolist())
+    loss = sum(m["loss"] * m["n"] for m in scored.values()) / total.n
+    parts = {name: {k: m[k] for k in ("accuracy", "macro_f1", "loss", "n")} for name, m in scored.items()}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **total.as_dict(), "parts": parts}
