@@ -69,13 +69,23 @@ def format_summary(result: dict, out: str) -> str:
                      f"({result['tokens_per_s']:.0f} tokens/s), peak memory {result['peak_memory_mb']:.0f} MB, "
                      f"stopped: {result['stopped']}")
     for when in ("before", "after"):
-        shown = {k: v for k, v in (result.get(when) or {}).items() if k in ("loss", "perplexity", "accuracy", "macro_f1")}
+        metrics = result.get(when) or {}
+        shown = {k: v for k, v in metrics.items() if k in ("loss", "perplexity", "accuracy", "macro_f1")}
         if shown:
-            lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+            lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + _interval(metrics))
     if "accuracy" in result and not result.get("after"):
-        lines.append(f"held-out accuracy {result['accuracy']:.4f}, macro-F1 {result.get('macro_f1', 0):.4f}")
+        lines.append(f"held-out accuracy {result['accuracy']:.4f}, macro-F1 {result.get('macro_f1', 0):.4f}"
+                     + _interval(result))
     lines.append(f"result in {out}/final (summary.json beside it)")
     return "\n".join(lines)
+
+
+def _interval(metrics: dict) -> str:
+    """The accuracy's 95% interval and sample size, where there is one: how much the figure can say."""
+    if "accuracy_ci95" not in metrics:
+        return ""
+    low, high = metrics["accuracy_ci95"]
+    return f" (accuracy's 95% interval {low:.4f} to {high:.4f} on {metrics['n']})"
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -87,7 +97,7 @@ def _eval(args: argparse.Namespace) -> None:
     for key in ("loss", "perplexity", "accuracy", "macro_f1"):
         if key in metrics:
             ci = metrics.get("accuracy_ci95") if key == "accuracy" else None
-            print(f"{key:>10}: {metrics[key]:.4f}" + (f"  (95% interval {ci[0]:.4f} to {ci[1]:.4f})" if ci else ""))
+            print(f"{key:>10}: {metrics[key]:.4f}" + (f" (95% interval {ci[0]:.4f} to {ci[1]:.4f})" if ci else ""))
     print(f"{'n':>10}: {metrics['n']}")
     for name, part in metrics.get("parts", {}).items():
         print(f"{name:>16}: accuracy {part['accuracy']:.4f}, macro-F1 {part['macro_f1']:.4f}, n {part['n']}")

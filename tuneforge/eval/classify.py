@@ -72,8 +72,13 @@ class ClassifyMetrics:
     n: int
     confusion: list[list[int]]  # confusion[gold][predicted]
 
+    @property
+    def accuracy_ci95(self) -> tuple[float, float]:
+        return wilson_interval(sum(row[i] for i, row in enumerate(self.confusion)), self.n)
+
     def as_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "n": self.n, "confusion": self.confusion}
+        return {"accuracy": self.accuracy, "accuracy_ci95": list(self.accuracy_ci95), "macro_f1": self.macro_f1,
+                "n": self.n, "confusion": self.confusion}
 
 
 def classification_metrics(predicted, gold, n_labels: int) -> ClassifyMetrics:

@@ -49,10 +49,6 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
         metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)
         labels = data.label_words
     if "confusion" in metrics:
-        from tuneforge.eval.classify import wilson_interval
-
-        correct = sum(row[i] for i, row in enumerate(metrics["confusion"]))
-        metrics["accuracy_ci95"] = list(wilson_interval(correct, metrics["n"]))
         metrics["labels"] = labels
         metrics["confusion_table"] = format_confusion(metrics["confusion"], labels)
     return metrics
