@@ -91,5 +91,6 @@ def combined(scored: dict[str, dict]) -> dict:
 
     total = metrics_from_confusion(np.sum([m["confusion"] for m in scored.values()], axis=0).tolist())
     loss = sum(m["loss"] * m["n"] for m in scored.values()) / total.n
-    parts = {name: {k: m[k] for k in ("accuracy", "macro_f1", "loss", "n")} for name, m in scored.items()}
+    parts = {name: {k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "loss", "n")}
+             for name, m in scored.items()}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **total.as_dict(), "parts": parts}
