@@ -156,8 +156,8 @@ def main() -> None:
 
     accuracy_note = (f"""
 Accuracy: each side's adapter (PEFT's saved by PEFT, loaded by tuneforge) scored by the same
-evaluator, as `tuneforge eval --unseen` scores: on the {ours['held_out_n']} snippets of
-configs/sentiment-lora.yaml's held-out split, and on all {ours['unseen_n']} snippets the run never trained
+evaluator, as `tuneforge eval --unseen` scores: on the {ours['held_out_n']:,} snippets of
+configs/sentiment-lora.yaml's held-out split, and on all {ours['unseen_n']:,} snippets the run never trained
 on (that split and the training split's snippets past the {args.steps * RECIPE['batch_size']:,} trained on).
 """ if args.accuracy else "")
 

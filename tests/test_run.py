@@ -38,6 +38,9 @@ def test_train_writes_config_metrics_checkpoint_and_a_loadable_model(tmp_path, t
                                                "summary.json", "loss.png"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and "accuracy" in summary["before"] and "accuracy" in summary["after"]
+    low, high = summary["after"]["accuracy_ci95"]
+    assert low <= summary["after"]["accuracy"] <= high
+    assert f"accuracy's 95% interval {low:.4f} to {high:.4f} on 12" in capsys.readouterr().out
     AutoModelForCausalLM.from_pretrained(out / "final")  # a plain Hugging Face directory
     assert cli.main(["generate", "--model", str(out / "final"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     # the same output folder again is refused (nothing is overwritten) ...
@@ -116,7 +119,8 @@ def test_lora_run_then_eval_generate_and_merge_with_the_adapter(tmp_path, tiny_d
     assert metrics["n"] == summary["eval_examples"] == 12
     assert metrics["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-5)
     assert metrics["accuracy"] == summary["after"]["accuracy"]
-    # --unseen: that held-out split whole, plus the training rows past data.max_examples (here 36 -> 20)
+    # --unseen: that held-out split whole, plus the training rows past data.max_examples (set to 20 here,
+    # of 36, to give the second part rows; tests/test_eval_run.py checks which rows)
     assert cli.main(["eval", "--config", str(cfg), "--adapter", str(adapter), "--data", str(data), "--unseen",
                      "--set", "data.max_examples=20", "--json", str(tmp_path / "u.json")]) == 0
     unseen = json.loads((tmp_path / "u.json").read_text())
@@ -129,7 +133,8 @@ def test_lora_run_then_eval_generate_and_merge_with_the_adapter(tmp_path, tiny_d
     assert unseen["accuracy_ci95"][0] <= unseen["accuracy"] <= unseen["accuracy_ci95"][1]
     assert "unused_training" in capsys.readouterr().out
     assert cli.main(["eval", "--config", str(cfg), "--data", str(data), "--unseen", "--held-out"]) == 2
-    assert "--held-out and --unseen" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--held-out and --unseen" in err and err.count("\n") == 1
     assert cli.main(["generate", "--model", str(tiny_dir), "--adapter", str(adapter), "--prompt", "hi",
                      "--max-new-tokens", "2"]) == 0
     merged = tmp_path / "merged"

@@ -118,6 +118,8 @@ def _icl(args: argparse.Namespace) -> None:
     metrics = evaluate_icl(cfg, k=args.shots, mode=args.mode, strategy=args.strategy, calibrate=args.calibrate,
                            seed=args.seed)
     for key, value in metrics.items():
+        if key == "accuracy_ci95":
+            value = f"{value[0]:.4f} to {value[1]:.4f}"
         print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
     _write_json(args, metrics)
 
@@ -223,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the part of --data split off by data.val_fraction and train.seed "
                         "(data.max_eval_examples caps it), in fp32 as training scores it")
     p.add_argument("--unseen", action="store_true",
-                   help="score every classification row of --data a training run with this config never trains on: "
-                        "its whole held-out split and the training rows past data.max_examples (a larger sample, "
-                        "so a narrower interval), in fp32; prints each part as well")
+                   help="score every classification row a training run on --data with this config never trains "
+                        "on: its whole held-out split (data.eval_path if set) and the training rows past "
+                        "data.max_examples (a larger sample, so a narrower interval), in fp32; prints each part too")
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("icl", help="few-shot and zero-shot classification by in-context prompting")

@@ -84,8 +84,10 @@ class ClassifyMetrics:
 def classification_metrics(predicted, gold, n_labels: int) -> ClassifyMetrics:
     from sklearn.metrics import confusion_matrix
 
-    labels = list(range(n_labels))
-    return metrics_from_confusion(confusion_matrix(np.asarray(gold), np.asarray(predicted), labels=labels).tolist())
+    gold, predicted = np.asarray(gold), np.asarray(predicted)
+    if len(gold) and (min(gold.min(), predicted.min()) < 0 or max(gold.max(), predicted.max()) >= n_labels):
+        raise ValueError(f"labels must lie in 0..{n_labels - 1}")  # every row must count in n
+    return metrics_from_confusion(confusion_matrix(gold, predicted, labels=list(range(n_labels))).tolist())
 
 
 def metrics_from_confusion(confusion: list[list[int]]) -> ClassifyMetrics:
@@ -102,8 +104,9 @@ def metrics_from_confusion(confusion: list[list[int]]) -> ClassifyMetrics:
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of an accuracy of ``correct`` out of ``n``: how far a figure on
-    a sample of this size can stray from the model's accuracy on the whole distribution."""
+    """The Wilson score interval (95% for the default ``z``) of an accuracy of ``correct`` out of
+    ``n``: how far a figure on a sample of this size can stray from the accuracy on the whole
+    distribution."""
     if n == 0:
         return 0.0, 1.0
     p = correct / n

@@ -63,6 +63,11 @@ def label_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labe
     return -logprobs.sum(), logprobs.numel()
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged model's loss does not overflow."""
+    return math.exp(min(loss, 50.0))
+
+
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, examples, collate, batch_size: int = 8) -> dict[str, float]:
     """Mean token loss and perplexity over ``examples`` (each with input_ids and labels)."""
@@ -76,4 +81,4 @@ def evaluate_lm(model: nn.Module, examples, collate, batch_size: int = 8) -> dic
         total, count = total + loss.item(), count + n
     model.train(was_training)
     mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -28,6 +27,8 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
 
     if held_out and unseen:
         raise UserError("--held-out and --unseen choose different rows", "eval", fix="give one of them")
+    if unseen:
+        check_unseen(cfg)
     # fp32 for a run's own rows, as training loads and evaluates the model
     run_rows = held_out or unseen
     model, tokenizer = load_model(cfg.model, dtype="float32" if run_rows else "auto", device=cfg.train.device)
@@ -63,19 +64,29 @@ def evaluate_unseen(model, tokenizer, cfg: RunCfg, path: str) -> dict:
     scored = {name: make_evaluator(tokenizer, part, cfg).run(model) for name, part in parts.items() if part.eval}
     if not scored:
         raise UserError("a run with this config trains on every row of the file: none is unseen", path,
-                        fix="set data.val_fraction or data.max_examples, or use --held-out")
+                        fix="set data.val_fraction or data.max_examples")
     return {**combined(scored), "labels": parts["held_out"].label_words}
 
 
-def unseen_parts(cfg: RunCfg, path: str, tokenizer) -> dict:
-    """The rows of ``path`` a run with ``cfg`` never trains on, as two evaluation sets: its whole
-    held-out split ("held_out", uncapped) and its training rows past ``data.max_examples``
-    ("unused_training"), each split and ordered exactly as training splits them."""
-    from tuneforge.data import load_datasets
-
+def check_unseen(cfg: RunCfg) -> None:
+    """Refuse, before any model is loaded, a config whose run leaves no classification row unseen."""
     if cfg.data.format != "classification":
         raise UserError(f"--unseen scores classification rows, and this data's format is {cfg.data.format!r}",
-                        "data.format", fix="use --held-out for this data")
+                        "data.format", fix="give the run's --config, or use --held-out for this data")
+    if not cfg.data.eval_path and cfg.data.val_fraction <= 0 and cfg.data.max_examples is None:
+        raise UserError("a run with this config trains on every row of the file: none is unseen",
+                        "data.val_fraction", fix="set data.val_fraction or data.max_examples")
+
+
+def unseen_parts(cfg: RunCfg, path: str, tokenizer) -> dict:
+    """The rows a run with ``cfg`` and ``path`` as its training file never trains on, as two
+    evaluation sets: its whole held-out split ("held_out", uncapped: ``data.eval_path`` if set,
+    else split off ``path``) and its training rows past ``data.max_examples``
+    ("unused_training"), each split and ordered exactly as training splits them. A run stopped
+    early (``max_steps``) saw fewer rows still; those are not counted here."""
+    from tuneforge.data import load_datasets
+
+    check_unseen(cfg)
     data_cfg = dataclasses.replace(cfg.data, path=path, max_examples=None, max_eval_examples=None)
     full = load_datasets(data_cfg, tokenizer, seed=cfg.train.seed)
     cap = cfg.data.max_examples if cfg.data.max_examples is not None else len(full.train)
@@ -88,9 +99,10 @@ def unseen_parts(cfg: RunCfg, path: str, tokenizer) -> dict:
 def combined(scored: dict[str, dict]) -> dict:
     """One set of figures from parts scored separately: confusion matrices add, losses weigh by size."""
     from tuneforge.eval.classify import metrics_from_confusion
+    from tuneforge.eval.lm import perplexity
 
     total = metrics_from_confusion(np.sum([m["confusion"] for m in scored.values()], axis=0).tolist())
     loss = sum(m["loss"] * m["n"] for m in scored.values()) / total.n
     parts = {name: {k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "loss", "n")}
              for name, m in scored.items()}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **total.as_dict(), "parts": parts}
+    return {"loss": loss, "perplexity": perplexity(loss), **total.as_dict(), "parts": parts}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ def make_evaluator(tokenizer, data, cfg: RunCfg) -> Evaluator | None:
     """Accuracy by label scoring for classification data, loss and perplexity otherwise."""
     from tuneforge.data import Collator, word_ids
     from tuneforge.eval.classify import classification_metrics, score_labels
-    from tuneforge.eval.lm import evaluate_lm
+    from tuneforge.eval.lm import evaluate_lm, perplexity
 
     if data.eval_items:
         answers = [word_ids(tokenizer, w, cfg.data.chat_template) for w in data.label_words]
@@ -35,7 +34,7 @@ def make_evaluator(tokenizer, data, cfg: RunCfg) -> Evaluator | None:
             # log-likelihood, averaged over its tokens.
             lengths = torch.tensor([len(a) for a in answers], dtype=torch.float32)
             loss = (-scores[torch.arange(len(gold)), gold] / lengths[gold]).mean().item()
-            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), **m.as_dict()}
+            return {"loss": loss, "perplexity": perplexity(loss), **m.as_dict()}
 
         return Evaluator(run, metric="accuracy", higher_is_better=True)
     if data.eval:
@@ -125,7 +124,10 @@ def _print_estimate(cfg: RunCfg, data) -> None:
 
 
 def _numbers(metrics: dict | None) -> dict | None:
-    return None if metrics is None else {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    """The figures of an evaluation for the summary: its numbers and the accuracy's interval."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or k == "accuracy_ci95"}
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
