@@ -80,12 +80,15 @@ def format_summary(result: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def _span(interval: list[float]) -> str:
+    return f"{interval[0]:.4f} to {interval[1]:.4f}"
+
+
 def _interval(metrics: dict) -> str:
     """The accuracy's 95% interval and sample size, where there is one: how much the figure can say."""
     if "accuracy_ci95" not in metrics:
         return ""
-    low, high = metrics["accuracy_ci95"]
-    return f" (accuracy's 95% interval {low:.4f} to {high:.4f} on {metrics['n']})"
+    return f" (accuracy's 95% interval {_span(metrics['accuracy_ci95'])} on {metrics['n']})"
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -97,7 +100,7 @@ def _eval(args: argparse.Namespace) -> None:
     for key in ("loss", "perplexity", "accuracy", "macro_f1"):
         if key in metrics:
             ci = metrics.get("accuracy_ci95") if key == "accuracy" else None
-            print(f"{key:>10}: {metrics[key]:.4f}" + (f" (95% interval {ci[0]:.4f} to {ci[1]:.4f})" if ci else ""))
+            print(f"{key:>10}: {metrics[key]:.4f}" + (f" (95% interval {_span(ci)})" if ci else ""))
     print(f"{'n':>10}: {metrics['n']}")
     for name, part in metrics.get("parts", {}).items():
         print(f"{name:>16}: accuracy {part['accuracy']:.4f}, macro-F1 {part['macro_f1']:.4f}, n {part['n']}")
@@ -119,7 +122,7 @@ def _icl(args: argparse.Namespace) -> None:
                            seed=args.seed)
     for key, value in metrics.items():
         if key == "accuracy_ci95":
-            value = f"{value[0]:.4f} to {value[1]:.4f}"
+            value = _span(value)
         print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
     _write_json(args, metrics)
 
