@@ -54,18 +54,18 @@ def accuracy(model, tokenizer, cfg) -> dict:
 def child_tuneforge(steps: int, scored: bool) -> dict:
     from tuneforge.data import Collator, length_grouped_batches
     from tuneforge.methods import lora
-    from tuneforge.train.loop import train
+    from tuneforge.training.loop import train
 
     model, tokenizer, train_set, cfg = examples(steps * RECIPE["batch_size"])
-    lora.inject(model, lora.Config(r=RECIPE["r"], lora_alpha=RECIPE["lora_alpha"],
-                                   lora_dropout=RECIPE["lora_dropout"], target_modules="all-linear"))
+    adapter = lora.inject(model, lora.Config(r=RECIPE["r"], lora_alpha=RECIPE["lora_alpha"],
+                                             lora_dropout=RECIPE["lora_dropout"], target_modules="all-linear"))
     lengths = [len(e.input_ids) for e in train_set]
     order = lambda epoch: length_grouped_batches(lengths, RECIPE["batch_size"], 0, epoch)  # noqa: E731
     import tempfile
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        summary = train(model, lora.trainable(model), train_set, Collator(tokenizer.pad_token_id),
+        summary = train(model, adapter.trainable(model), train_set, Collator(tokenizer.pad_token_id),
                         cfg.train.__class__(max_steps=steps, batch_size=RECIPE["batch_size"],
                                             learning_rate=RECIPE["learning_rate"], lr_schedule="linear"),
                         out, batch_order=order, progress=False)
@@ -109,7 +109,8 @@ def child_peft(steps: int, scored: bool) -> dict:
 
             model.save_pretrained(Path(tmp) / "peft-adapter")
             base, _ = load_model(cfg.model, dtype="float32", device="cpu")
-            out.update(accuracy(load_adapter(base, Path(tmp) / "peft-adapter"), tokenizer, cfg))
+            load_adapter(base, Path(tmp) / "peft-adapter")
+            out.update(accuracy(base, tokenizer, cfg))
     return out
 
 

@@ -10,7 +10,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_THREADS = torch.get_num_threads()
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The default model's chat format, so prompts render the same way on the tiny model.
 CHAT_TEMPLATE = (
@@ -76,10 +75,9 @@ def real_model():
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip("the shared data folder is not beside this checkout")
-    return SHARED_DATA
+def data_dir() -> Path:
+    """The real data that ships in the repository's data/ folder."""
+    return REPO / "data"
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,9 @@
 """`tuneforge compare` on the tiny model: every row reported, a failing one included."""
 
 import csv
+import json
 
+import pytest
 import yaml
 
 from tuneforge import cli
@@ -27,8 +29,15 @@ def test_compare_writes_table_and_chart_and_survives_a_failing_method(tmp_path, 
     broken = rows[1]
     assert "no_such_layer" in broken["error"] and broken["accuracy"] == ""
     for r in (rows[0], rows[2], rows[3]):
-        assert r["error"] == "" and 0 <= float(r["accuracy"]) <= 1 and r["transfer_accuracy"] != ""
-        assert float(r["peak_memory_mb"]) > 0
+        assert r["error"] == "" and r["transfer_accuracy"] != "" and float(r["peak_memory_mb"]) > 0
+    for i in (2, 3):  # a trained row reports its own run's held-out accuracy, and its artifact on the second domain
+        folder = next((tmp_path / "cmp").glob(f"{i:02d}-*"))
+        summary = json.loads((folder / "summary.json").read_text())
+        assert float(rows[i]["accuracy"]) == pytest.approx(summary["after"]["accuracy"], abs=5e-5)
+        assert cli.main(["eval", "--config", str(path), "--model", str(tiny_dir), "--adapter", str(folder / "final"),
+                         "--data", str(transfer), "--json", str(tmp_path / "t.json")]) == 0
+        transfer_accuracy = json.loads((tmp_path / "t.json").read_text())["accuracy"]
+        assert float(rows[i]["transfer_accuracy"]) == pytest.approx(transfer_accuracy, abs=5e-5)
     assert int(rows[0]["trainable_params"]) == 0 and int(rows[2]["trainable_params"]) > 0
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     assert "| broken |" in (tmp_path / "cmp" / "compare.md").read_text()

@@ -82,7 +82,8 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     cfg = config.from_yaml(write(tmp_path, "method: {name: full, freeze_layers: 1}\ntrain: {seed: 5}\n"))
-    config.save(cfg, tmp_path / "out" / "config.yaml")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text(config.to_yaml(cfg))
     again = config.from_yaml(tmp_path / "out" / "config.yaml")
     assert again == cfg
 

@@ -257,9 +257,9 @@ def test_prompt_helpers_without_template(tiny_tokenizer):
     assert tiny_tokenizer.decode(answer_ids(tiny_tokenizer, "positive", chat_template=False)) == " positive" + END
 
 
-def test_shared_sentiment_binary_cut(shared_data):
+def test_shared_sentiment_binary_cut(data_dir):
     cfg = DataCfg(columns=["id", "score", "text"], label_column="score", score_thresholds=[-1.0, 1.0])
-    rows = read_rows(shared_data / "sentiment" / "movie_review_snippets.tsv", cfg)
+    rows = read_rows(data_dir / "sentiment" / "movie_review_snippets.tsv", cfg)
     counts = Counter(label_of(row, cfg, ["negative", "positive"]) for row in rows)
     assert len(rows) == 10605 and counts == {1: 4598, 0: 4575, None: 1432}
 

@@ -121,7 +121,20 @@ def test_run_icl_matches_scoring_by_hand(tiny, tmp_path):
     assert out["accuracy"] == (calibrate(scores, cf).argmax(1) == gold).float().mean().item()
     near = run_icl(model, tok, items, POOL, WORDS, k=2, mode="chat_turns", strategy="nearest", calibrate=True,
                    cache_dir=tmp_path)
-    assert near["n"] == 4 and 0 <= near["accuracy"] <= 1
+    # by hand: each query's two nearest pool texts by mean-pooled last hidden state, its own calibration
+    embed = lambda texts: torch.stack([  # noqa: E731
+        model(torch.tensor([tok(t)["input_ids"]]), output_hidden_states=True).hidden_states[-1][0].mean(0)
+        for t in texts]).detach()
+    sets = select_demos(POOL, 2, "nearest", query_embeddings=embed(items[0]), pool_embeddings=embed(POOL[0]))
+    correct = 0
+    for text, label, chosen in zip(*items, sets):
+        demos = [(POOL[0][i], WORDS[POOL[1][i]]) for i in chosen]
+        prompt = lambda t: build_prompt(tok, t, demos, None, WORDS, "chat_turns")  # noqa: E731
+        answers = [word_ids(tok, w) for w in WORDS]
+        s = score_labels(model, [prompt(text)], answers, pad_id=tok.pad_token_id)
+        cf = score_labels(model, [prompt(c) for c in ("N/A", "", "[MASK]")], answers, pad_id=tok.pad_token_id)
+        correct += int(calibrate(s, cf).argmax(1).item() == label)
+    assert near["n"] == 4 and near["accuracy"] == correct / 4
 
 
 def test_rouge_l_and_exact_match():
@@ -131,20 +144,28 @@ def test_rouge_l_and_exact_match():
     assert exact_match(" Paris\n", "paris") and not exact_match("Paris.", "Paris")
 
 
-def test_generation_icl_runs(tiny):
+def test_generation_icl_is_greedy_decoding_scored_against_the_reference(tiny):
     model, tok = tiny
-    out = run_generation_icl(model, tok, (["2+2?"], ["4"]), (["1+1?", "3+3?"], ["2", "6"]), k=1, max_new_tokens=3)
-    assert out["n"] == 1 and len(out["predictions"]) == 1 and 0 <= out["rouge_l"] <= 1
+    pool = (["1+1?", "3+3?"], ["2", "6"])
+    out = run_generation_icl(model, tok, (["2+2?"], ["4"]), pool, k=1, max_new_tokens=3)
+    demos = [(pool[0][i], pool[1][i]) for i in select_demos((pool[0], [0, 0]), 1, "random", 0)]
+    ids = torch.tensor([build_prompt(tok, "2+2?", demos, None, None, "chat")])
+    with torch.no_grad():  # three greedy steps by hand, no cache
+        for _ in range(3):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = tok.decode(ids[0, -3:], skip_special_tokens=True).split("\nText:")[0].strip()
+    assert out["n"] == 1 and out["predictions"] == [expected]
+    assert out["rouge_l"] == rouge_l(expected, "4") and out["exact_match"] == float(exact_match(expected, "4"))
 
 
 @pytest.mark.real
-def test_zero_shot_on_movie_reviews(real_model, shared_data):
+def test_zero_shot_on_movie_reviews(real_model, data_dir):
     from tuneforge.config import DataCfg
     from tuneforge.data.classify import clean_text, label_of
     from tuneforge.data.readers import read_rows, shuffled
 
     cfg = DataCfg(columns=["id", "score", "text"], label_column="score", score_thresholds=[-1.0, 1.0])
-    rows = shuffled(read_rows(shared_data / "sentiment" / "movie_review_snippets.tsv", cfg), seed=0)
+    rows = shuffled(read_rows(data_dir / "sentiment" / "movie_review_snippets.tsv", cfg), seed=0)
     kept = [(clean_text(r["text"]), label_of(r, cfg, WORDS)) for r in rows[:40]]
     texts, labels = zip(*[(t, y) for t, y in kept if y is not None][:20])
     model, tok = real_model

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tuneforge import cli
 from tuneforge.eval.generate import encode_prompt, generate
@@ -12,23 +13,37 @@ def test_chat_template_is_applied_unless_raw(tiny_tokenizer):
     assert with_system == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_greedy_is_deterministic_and_streams_the_same_text(tiny):
+def greedy_by_hand(model, tok, prompt: str, n: int) -> str:
+    """n steps of argmax over the whole sequence so far, without a cache."""
+    ids = encode_prompt(tok, prompt)["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tok.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_greedy_is_the_argmax_at_every_step_and_streams_the_same_text(tiny):
     model, tok = tiny
     pieces = []
-    a = generate(model, tok, "hello", max_new_tokens=8, on_text=pieces.append)
-    b = generate(model, tok, "hello", max_new_tokens=8)
-    assert a == b and "".join(pieces) == a
+    text = generate(model, tok, "hello", max_new_tokens=8, on_text=pieces.append)
+    assert text == greedy_by_hand(model, tok, "hello", 8) and "".join(pieces) == text
 
 
-def test_sampling_is_seeded(tiny):
+def test_sampling_is_seeded_and_is_not_greedy(tiny):
     model, tok = tiny
     a = generate(model, tok, "hello", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     b = generate(model, tok, "hello", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
-    assert a == b
+    others = {generate(model, tok, "hello", max_new_tokens=8, temperature=1.0, seed=s) for s in range(4)}
+    assert a == b and len(others) > 1 and others != {greedy_by_hand(model, tok, "hello", 8)}
 
 
-def test_cli_generate_on_a_model_directory(tiny_dir, capsys):
+def test_cli_generate_on_a_model_directory_prints_the_reply(tiny_dir, capsys):
+    from tuneforge.io.load import load_model
+
     assert cli.main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "4"]) == 0
+    model, tok = load_model(str(tiny_dir))
+    assert capsys.readouterr().out == greedy_by_hand(model, tok, "hi", 4) + "\n"
 
 
 def test_cli_unknown_model_is_one_line_and_exit_2(capsys):

@@ -14,9 +14,9 @@ from tuneforge.config import TrainCfg
 from tuneforge.errors import UserError
 from tuneforge.eval.lm import evaluate_lm
 from tuneforge.io.peft_format import load_adapter, save_adapter
-from tuneforge.methods import REGISTRY, ia3
+from tuneforge.methods import ia3
 from tuneforge.methods.ia3 import Config, IA3Linear
-from tuneforge.train.loop import train
+from tuneforge.training.loop import train
 
 from conftest import make_tiny_model
 from test_train import VOCAB, collate, synthetic_examples
@@ -69,8 +69,7 @@ def test_identity_right_after_inject(tiny, ids):
 
 def test_trainable_count_and_only_the_vectors(tiny):
     model, _ = tiny
-    ia3.inject(model, Config())
-    params = ia3.trainable(model)
+    params = ia3.inject(model, Config()).trainable(model)
     # k_proj and v_proj out: 2 kv heads * 16 = 32 each; down_proj in: 128; 2 blocks
     assert sum(p.numel() for p in params.values()) == 2 * (32 + 32 + 128)
     assert {id(p) for p in params.values()} == {id(p) for p in model.parameters() if p.requires_grad}
@@ -81,28 +80,28 @@ def test_trainable_count_and_only_the_vectors(tiny):
 
 def test_merged_equals_unmerged(tiny, ids):
     model, _ = tiny
-    ia3.inject(model, Config(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
-                             feedforward_modules=["up_proj", "down_proj"]))
-    nudge(ia3.trainable(model).items())
+    handle = ia3.inject(model, Config(target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                                      feedforward_modules=["up_proj", "down_proj"]))
+    nudge(handle.trainable(model).items())
     unmerged = model(ids).logits
-    ia3.merge(model)
+    handle.merge(model)
     assert not ia3.layers(model) and type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert rel_err(model(ids).logits, unmerged) <= 1e-5
 
 
 def test_save_then_load_is_bit_exact(tiny, tmp_path, ids):
     model, _ = tiny
-    ia3.inject(model, Config(modules_to_save=["norm"]))
-    nudge(ia3.trainable(model).items())
-    save_adapter(model, tmp_path / "a", base_model_name="tiny")
+    handle = ia3.inject(model, Config(modules_to_save=["norm"]))
+    nudge(handle.trainable(model).items())
+    save_adapter(model, handle, tmp_path / "a", base_model_name="tiny")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3" and config["target_modules"] == ["down_proj", "k_proj", "v_proj"]
     assert config["feedforward_modules"] == ["down_proj"] and config["modules_to_save"] == ["model.norm"]
     fresh = make_tiny_model(model.config.vocab_size)
-    load_adapter(fresh, tmp_path / "a")
-    saved, loaded = ia3.state_dict(model), ia3.state_dict(fresh)
+    loaded = load_adapter(fresh, tmp_path / "a")
+    saved, again = handle.state_dict(model), loaded.state_dict(fresh)
     assert "base_model.model.model.layers.1.self_attn.v_proj.ia3_l" in saved
-    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
@@ -119,49 +118,50 @@ def test_changing_a_vector_changes_the_output(tiny, ids):
 
 def test_training_lowers_the_loss(tmp_path):
     model = make_tiny_model(VOCAB, seed=1)
-    ia3.inject(model, Config())
+    handle = ia3.inject(model, Config())
     rows = synthetic_examples(16)
     before = evaluate_lm(model, rows, collate)["loss"]
-    train(model, ia3.trainable(model), rows, collate, TrainCfg(batch_size=8, max_steps=20, learning_rate=0.1),
+    train(model, handle.trainable(model), rows, collate, TrainCfg(batch_size=8, max_steps=20, learning_rate=0.1),
           tmp_path, progress=False)
     assert evaluate_lm(model, rows, collate)["loss"] < before - 0.05  # 3.71 -> 3.60 measured
 
 
-def test_generation_works(tiny, ids):
+def test_generation_is_greedy_decoding_of_the_adapted_model(tiny, ids):
+    """generate (with its KV cache) picks, token by token, the argmax of the scaled model run on the
+    whole sequence so far without a cache."""
     model, tok = tiny
-    ia3.inject(model, Config())
-    nudge(ia3.trainable(model).items())
+    nudge(ia3.inject(model, Config()).trainable(model).items())
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                          pad_token_id=tok.pad_token_id)
-    assert out.shape == (2, ids.shape[1] + 3)
+    expected = ids
+    for _ in range(3):
+        logits = model(expected, use_cache=False).logits[:, -1]
+        expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
 
 
 def test_errors(tiny):
     model, _ = tiny
     with pytest.raises(UserError, match="which target_modules does not"):
         ia3.inject(model, Config(target_modules=["k_proj", "v_proj"]))  # down_proj is feedforward by default
-    assert getattr(model, "tuneforge_method", None) is None  # nothing changed: it can be retried
-    ia3.inject(model, Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]))
+    assert not ia3.layers(model)  # nothing changed: it can be retried
+    handle = ia3.inject(model, Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]))
     assert not any(layer.is_feedforward for layer in ia3.layers(model).values())
-    sd = ia3.state_dict(model)
+    sd = handle.state_dict(model)
     key = next(iter(sd))
     with pytest.raises(UserError, match="shape"):
-        ia3.load_state_dict(model, {**sd, key: torch.ones(1, 32)})
+        handle.load_state_dict(model, {**sd, key: torch.ones(1, 32)})
     with pytest.raises(UserError, match="unexpected tensor"):
-        ia3.load_state_dict(model, {**sd, "x.ia3_l": torch.ones(1)})
-
-
-def test_registered():
-    assert REGISTRY["ia3"] is ia3 and ia3.PEFT_TYPE == "IA3"
+        handle.load_state_dict(model, {**sd, "x.ia3_l": torch.ones(1)})
 
 
 def test_tuneforge_adapter_loads_in_peft(vocab, ids, tmp_path):
     peft = pytest.importorskip("peft")
     model = make_tiny_model(vocab)
-    ia3.inject(model, Config(modules_to_save=["norm"]))
-    nudge(ia3.trainable(model).items(), seed=1)
+    handle = ia3.inject(model, Config(modules_to_save=["norm"]))
+    nudge(handle.trainable(model).items(), seed=1)
     expected = model(ids).logits
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, handle, tmp_path / "a")
     with warnings.catch_warnings(record=True) as log:
         warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(make_tiny_model(vocab), tmp_path / "a").eval()
@@ -178,7 +178,8 @@ def test_peft_adapter_loads_in_tuneforge(vocab, ids, tmp_path):
     theirs.eval()
     expected = theirs(ids).logits
     theirs.save_pretrained(tmp_path / "a")
-    ours = load_adapter(make_tiny_model(vocab), tmp_path / "a")
+    ours = make_tiny_model(vocab)
+    load_adapter(ours, tmp_path / "a")
     assert sum(layer.is_feedforward for layer in ia3.layers(ours).values()) == 2  # one down_proj per block
     torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(make_tiny_model(vocab)(ids).logits, expected)  # the adapter does something

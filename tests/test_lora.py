@@ -3,6 +3,7 @@ start, merge, save/load, targets, fingerprints, combining and switching adapters
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,7 @@ from torch import nn
 from tuneforge.errors import UserError
 from tuneforge.io.fingerprint import fingerprint
 from tuneforge.io.peft_format import load_adapter, save_adapter
-from tuneforge.methods import REGISTRY, lora
+from tuneforge.methods import lora
 from tuneforge.methods.lora import Config, LoRALinear
 
 from conftest import make_tiny_model
@@ -119,8 +120,7 @@ def test_merged_equals_unmerged(tiny, ids, variant):
 
 def test_trainable_is_only_lora(tiny):
     model, _ = tiny
-    lora.inject(model, Config(r=4, target_modules="all-linear"))
-    params = lora.trainable(model)
+    params = lora.inject(model, Config(r=4, target_modules="all-linear")).trainable(model)
     assert {id(p) for p in params.values()} == {id(p) for p in model.parameters() if p.requires_grad}
     expected = sum(4 * (m.in_features + m.out_features) for m in (l.base_layer for l in lora.layers(model).values()))
     assert sum(p.numel() for p in params.values()) == expected
@@ -130,32 +130,25 @@ def test_trainable_is_only_lora(tiny):
 @pytest.mark.parametrize("saved", ["norm", "lm_head"])  # lm_head is tied to the embeddings here
 def test_modules_to_save_train_and_save(tiny, tmp_path, ids, saved):
     model, _ = tiny
-    lora.inject(model, Config(modules_to_save=[saved]))
+    adapter = lora.inject(model, Config(modules_to_save=[saved]))
     weight = model.get_submodule(saved.replace("norm", "model.norm")).weight
-    assert weight.requires_grad and id(weight) in {id(p) for p in lora.trainable(model).values()}
+    assert weight.requires_grad and id(weight) in {id(p) for p in adapter.trainable(model).values()}
     with torch.no_grad():
         weight.mul_(1.5)  # the fingerprint leaves out what the adapter itself saves
     randomize(model)
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, adapter, tmp_path / "a")
     fresh = make_tiny_model(model.config.vocab_size)
     load_adapter(fresh, tmp_path / "a")
     assert torch.equal(fresh.get_submodule(saved.replace("norm", "model.norm")).weight, weight)
     assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
-def test_second_inject_raises(tiny):
-    model, _ = tiny
-    lora.inject(model, Config())
-    with pytest.raises(RuntimeError, match="already injected"):
-        lora.inject(model, Config())
-
-
 def test_unknown_target_lists_close_names(tiny):
     model, _ = tiny
     with pytest.raises(UserError, match="q_proj"):
         lora.inject(model, Config(target_modules=["q_prj"]))
-    assert getattr(model, "tuneforge_method", None) is None  # nothing changed: it can be retried
-    lora.inject(model, Config(target_modules=["q_proj"]))
+    assert not lora.layers(model) and all(p.requires_grad for p in model.parameters())  # nothing changed
+    lora.inject(model, Config(target_modules=["q_proj"]))  # so it can be retried
 
 
 def test_all_linear_excludes_head(tiny):
@@ -176,36 +169,37 @@ def test_regex_from_config_parser():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_then_load_is_bit_exact(tiny, tmp_path, ids, variant):
     model, _ = tiny
-    lora.inject(model, Config(r=4, target_modules=["q_proj", "k_proj", "down_proj"], **VARIANTS[variant]))
+    adapter = lora.inject(model, Config(r=4, target_modules=["q_proj", "k_proj", "down_proj"], **VARIANTS[variant]))
     randomize(model)
-    save_adapter(model, tmp_path / "a", base_model_name="tiny")
+    save_adapter(model, adapter, tmp_path / "a", base_model_name="tiny")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["target_modules"] == ["down_proj", "k_proj", "q_proj"]
     fresh = make_tiny_model(model.config.vocab_size)
-    load_adapter(fresh, tmp_path / "a")
-    saved, loaded = lora.state_dict(model), lora.state_dict(fresh)
-    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    loaded = load_adapter(fresh, tmp_path / "a")
+    assert loaded.cfg == dataclasses.replace(adapter.cfg, target_modules=["down_proj", "k_proj", "q_proj"])
+    saved, again = adapter.state_dict(model), loaded.state_dict(fresh)
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
 def test_load_state_dict_errors_name_the_key(tiny):
     model, _ = tiny
-    lora.inject(model, Config(r=4))
-    sd = lora.state_dict(model)
+    adapter = lora.inject(model, Config(r=4))
+    sd = adapter.state_dict(model)
     key = next(iter(sd))
     with pytest.raises(UserError, match="missing"):
-        lora.load_state_dict(model, {k: v for k, v in sd.items() if k != key})
+        adapter.load_state_dict(model, {k: v for k, v in sd.items() if k != key})
     with pytest.raises(UserError, match="shape"):
-        lora.load_state_dict(model, {**sd, key: torch.zeros(3, 3)})
+        adapter.load_state_dict(model, {**sd, key: torch.zeros(3, 3)})
     with pytest.raises(UserError, match="unexpected tensor 'x.weight'"):
-        lora.load_state_dict(model, {**sd, "x.weight": torch.zeros(1)})
+        adapter.load_state_dict(model, {**sd, "x.weight": torch.zeros(1)})
 
 
 def test_fingerprint_mismatch_and_force(tiny, tmp_path):
     model, _ = tiny
-    lora.inject(model, Config(use_dora=True))
+    adapter = lora.inject(model, Config(use_dora=True))
     randomize(model)
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, adapter, tmp_path / "a")
     other = make_tiny_model(model.config.vocab_size, seed=1)
     with pytest.raises(UserError, match="made for .* but the model is"):
         load_adapter(other, tmp_path / "a")
@@ -217,12 +211,12 @@ def test_bad_files(tiny, tmp_path):
     model, _ = tiny
     with pytest.raises(UserError, match="adapter_config.json"):
         load_adapter(model, tmp_path)
-    lora.inject(model, Config())
-    save_adapter(model, tmp_path / "a")
+    adapter = lora.inject(model, Config())
+    save_adapter(model, adapter, tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="adapter_model.safetensors"):
         load_adapter(make_tiny_model(model.config.vocab_size), tmp_path / "a")
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, adapter, tmp_path / "a")
     path = tmp_path / "a" / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "fan_in_fan_out": True}))
     with pytest.raises(UserError, match="fan_in_fan_out"):
@@ -238,14 +232,13 @@ def test_combine_is_the_weighted_sum_of_deltas(tiny, ids):
     adapters = []
     for seed in (1, 2):
         model = make_tiny_model(vocab)
-        lora.inject(model, cfg)
+        adapter = lora.inject(model, cfg)
         randomize(model, seed)
         adapters.append(model)
-    new_cfg, sd = lora.combine([lora.state_dict(m) for m in adapters], [0.7, -0.4], cfg)
+    new_cfg, sd = lora.combine([adapter.state_dict(m) for m in adapters], [0.7, -0.4], cfg)
     assert new_cfg.r == 8 and lora.scale(new_cfg) == pytest.approx(lora.scale(cfg))
     combined = make_tiny_model(vocab)
-    lora.inject(combined, new_cfg)
-    lora.load_state_dict(combined, sd)
+    lora.inject(combined, new_cfg).load_state_dict(combined, sd)
     for path, layer in lora.layers(combined).items():
         expected = 0.7 * lora.layers(adapters[0])[path].delta() - 0.4 * lora.layers(adapters[1])[path].delta()
         torch.testing.assert_close(layer.delta(), expected, rtol=1e-5, atol=1e-7)
@@ -262,10 +255,6 @@ def test_set_enabled(tiny, ids):
     assert torch.equal(model(ids).logits, base)
     lora.set_enabled(model, True)
     assert torch.equal(model(ids).logits, adapted)
-
-
-def test_registered():
-    assert REGISTRY["lora"] is lora
 
 
 @pytest.mark.real

@@ -46,10 +46,10 @@ def ids(vocab):
 @pytest.mark.parametrize("case", CASES)
 def test_tuneforge_adapter_loads_in_peft(vocab, ids, tmp_path, case):
     model = make_tiny_model(vocab)
-    lora.inject(model, lora.Config(**CASES[case]))
-    nudge(lora.trainable(model).items(), seed=1)
+    adapter = lora.inject(model, lora.Config(**CASES[case]))
+    nudge(adapter.trainable(model).items(), seed=1)
     expected = model(ids).logits
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, adapter, tmp_path / "a")
     with warnings.catch_warnings(record=True) as log:
         warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(make_tiny_model(vocab), tmp_path / "a").eval()
@@ -64,7 +64,8 @@ def test_peft_adapter_loads_in_tuneforge(vocab, ids, tmp_path, case):
     theirs.eval()
     expected = theirs(ids).logits
     theirs.save_pretrained(tmp_path / "a")
-    ours = load_adapter(make_tiny_model(vocab), tmp_path / "a")
+    ours = make_tiny_model(vocab)
+    load_adapter(ours, tmp_path / "a")
     torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(make_tiny_model(vocab)(ids).logits, expected)  # the adapter does something
 
@@ -74,9 +75,9 @@ def test_real_model_greedy_generations_match(tmp_path):
     from tuneforge.io.load import load_model
 
     model, tok = load_model("smollm2-135m", device="cpu")  # a fresh copy: real_model stays untouched
-    lora.inject(model, lora.Config(r=8, lora_alpha=16, target_modules="all-linear"))
-    nudge(((n, p) for n, p in lora.trainable(model).items()), seed=3)
-    save_adapter(model, tmp_path / "a", base_model_name="smollm2-135m")
+    adapter = lora.inject(model, lora.Config(r=8, lora_alpha=16, target_modules="all-linear"))
+    nudge(adapter.trainable(model).items(), seed=3)
+    save_adapter(model, adapter, tmp_path / "a", base_model_name="smollm2-135m")
     theirs = peft.PeftModel.from_pretrained(load_model("smollm2-135m", device="cpu")[0], tmp_path / "a").eval()
     prompt = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], add_generation_prompt=True,
                                      return_tensors="pt", return_dict=True)

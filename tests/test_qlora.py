@@ -17,9 +17,9 @@ from tuneforge.config import TrainCfg, from_dict
 from tuneforge.errors import UserError
 from tuneforge.eval.lm import evaluate_lm
 from tuneforge.io.peft_format import load_adapter, save_adapter
-from tuneforge.methods import REGISTRY, lora, qlora
+from tuneforge.methods import lora, qlora
 from tuneforge.quant.nf4 import NF4Linear, dequantize_nf4, quantize_linears_, quantize_nf4
-from tuneforge.train.loop import train
+from tuneforge.training.loop import train
 
 from conftest import make_tiny_model
 from test_lora import randomize, rel_err
@@ -36,14 +36,13 @@ def ids(tiny):
 def test_config_is_lora_config_plus_quantization():
     ours, theirs = dataclasses.fields(qlora.Config), dataclasses.fields(lora.Config)
     assert [f.name for f in ours] == [f.name for f in theirs] + ["block_size", "double_quant", "compute_dtype"]
-    assert qlora.lora_config(qlora.Config()) == lora.Config()
+    assert qlora.Config().lora() == lora.Config()
     assert (qlora.Config().block_size, qlora.Config().double_quant, qlora.Config().compute_dtype) == (64, True, "auto")
     assert qlora.Config(target_modules=["all-linear"]).target_modules == "all-linear"  # LoRA's __post_init__ runs
     with pytest.raises(UserError, match="block_size"):
         qlora.Config(block_size=63)
     run = from_dict({"method": {"name": "qlora", "r": 4, "block_size": 32, "double_quant": False}})
     assert run.method.args["block_size"] == 32 and run.method.args["lora_alpha"] == 16
-    assert REGISTRY["qlora"] is qlora and qlora.PEFT_TYPE == "LORA"
 
 
 def test_identity_right_after_inject(tiny, ids, capsys):
@@ -57,8 +56,7 @@ def test_identity_right_after_inject(tiny, ids, capsys):
 
 def test_trainable_is_only_lora(tiny):
     model, _ = tiny
-    qlora.inject(model, qlora.Config(r=4, target_modules="all-linear"))
-    params = qlora.trainable(model)
+    params = qlora.inject(model, qlora.Config(r=4, target_modules="all-linear")).trainable(model)
     assert {id(p) for p in params.values()} == {id(p) for p in model.parameters() if p.requires_grad}
     layers = lora.layers(model).values()
     assert len(layers) == 7 * model.config.num_hidden_layers
@@ -93,32 +91,34 @@ def test_quantized_logits_close_to_base(tiny, ids):
 @pytest.mark.parametrize(("loaded", "compute"), [(torch.bfloat16, "auto"), (torch.float32, "bf16")])
 def test_one_compute_dtype_for_the_unquantized_tensors(tiny, ids, loaded, compute):
     model = tiny[0].to(loaded)
-    qlora.inject(model, qlora.Config(target_modules="all-linear", compute_dtype=compute))
+    handle = qlora.inject(model, qlora.Config(target_modules="all-linear", compute_dtype=compute))
     dtype = torch.float32 if compute == "auto" else torch.bfloat16  # auto on a CPU: fp32
     assert model.model.norm.weight.dtype == model.lm_head.weight.dtype == dtype
     assert all(l.base_layer.compute_dtype == dtype for l in lora.layers(model).values())
-    assert all(p.dtype == torch.float32 for p in qlora.trainable(model).values())
+    assert all(p.dtype == torch.float32 for p in handle.trainable(model).values())
     randomize(model)
     model(ids).logits.float().square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in qlora.trainable(model).values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in handle.trainable(model).values())
     with pytest.warns(UserWarning):
-        qlora.merge(model)
+        handle.merge(model)
     assert model(ids).logits.dtype == dtype
+
 
 def test_save_then_load_is_bit_exact(tiny, tmp_path, ids):
     model, _ = tiny
-    qlora.inject(model, qlora.Config(r=4, target_modules=TARGETS, use_rslora=True))
+    handle = qlora.inject(model, qlora.Config(r=4, target_modules=TARGETS, use_rslora=True))
     randomize(model)
-    save_adapter(model, tmp_path / "a", base_model_name="tiny")
+    save_adapter(model, handle, tmp_path / "a", base_model_name="tiny")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] and "block_size" not in config
     with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["tuneforge"])["method"] == "qlora"
-    fresh = load_adapter(make_tiny_model(model.config.vocab_size), tmp_path / "a")  # full precision: quantized here
-    assert fresh.tuneforge_method[0] == "qlora"
+    fresh = make_tiny_model(model.config.vocab_size)
+    loaded = load_adapter(fresh, tmp_path / "a")  # full precision: quantized here
+    assert loaded.method is qlora and loaded.cfg == dataclasses.replace(handle.cfg, target_modules=sorted(TARGETS))
     assert all(isinstance(l.base_layer, NF4Linear) for l in lora.layers(fresh).values())
-    saved, loaded = qlora.state_dict(model), qlora.state_dict(fresh)
-    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    saved, again = handle.state_dict(model), loaded.state_dict(fresh)
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
     assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
@@ -126,11 +126,11 @@ def test_merged_equals_unmerged_and_is_a_plain_model(tiny, tmp_path, ids):
     from transformers import AutoModelForCausalLM
 
     model, tok = tiny
-    qlora.inject(model, qlora.Config(r=4, target_modules="all-linear"))
+    handle = qlora.inject(model, qlora.Config(r=4, target_modules="all-linear"))
     randomize(model)
     unmerged = model(ids).logits
     with pytest.warns(UserWarning, match="4-bit"):
-        qlora.merge(model)
+        handle.merge(model)
     assert not any(isinstance(m, (NF4Linear, lora.LoRALinear)) for m in model.modules())
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     merged = model(ids).logits
@@ -140,15 +140,20 @@ def test_merged_equals_unmerged_and_is_a_plain_model(tiny, tmp_path, ids):
     assert torch.equal(reloaded(ids).logits, merged)
     prompt = tok("ab", return_tensors="pt")
     out = reloaded.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] == prompt.input_ids.shape[1] + 4
+    expected = prompt.input_ids
+    with torch.no_grad():  # greedy decoding of the merged model, token by token, without a cache
+        for _ in range(4):
+            step = reloaded(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, step], dim=1)
+    assert torch.equal(out, expected)
 
 
 def test_training_lowers_the_loss(tmp_path):
     model = make_tiny_model(VOCAB, seed=1)
-    qlora.inject(model, qlora.Config(r=8, target_modules="all-linear"))
+    handle = qlora.inject(model, qlora.Config(r=8, target_modules="all-linear"))
     rows = synthetic_examples(16)
     before = evaluate_lm(model, rows, collate)["loss"]
-    train(model, qlora.trainable(model), rows, collate, TrainCfg(batch_size=8, max_steps=6, learning_rate=2e-2),
+    train(model, handle.trainable(model), rows, collate, TrainCfg(batch_size=8, max_steps=6, learning_rate=2e-2),
           tmp_path, progress=False)
     after = evaluate_lm(model, rows, collate)["loss"]
     print(f"qlora training loss {before:.3f} -> {after:.3f}")
@@ -158,10 +163,10 @@ def test_training_lowers_the_loss(tmp_path):
 def test_peft_loads_it_onto_the_dequantized_base(tiny, tmp_path, ids):
     peft = pytest.importorskip("peft")
     model, _ = tiny
-    qlora.inject(model, qlora.Config(r=4, lora_alpha=8, target_modules=TARGETS))
+    handle = qlora.inject(model, qlora.Config(r=4, lora_alpha=8, target_modules=TARGETS))
     randomize(model)
     expected = model(ids).logits
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, handle, tmp_path / "a")
     dense = make_tiny_model(model.config.vocab_size)
     with torch.no_grad():
         for name in targets.find(dense, TARGETS):
@@ -175,7 +180,7 @@ def test_memory_report(tiny):
     model, _ = tiny
     dense = qlora.memory_report(model)
     assert dense["quantized_bytes"] == 0 and dense["bits_per_weight"] is None
-    qlora.inject(model, qlora.Config(r=4, target_modules="all-linear"))
+    handle = qlora.inject(model, qlora.Config(r=4, target_modules="all-linear"))
     report = qlora.memory_report(model)
     linear = [l.base_layer for l in lora.layers(model).values()]
     assert report["quantized_layers"] == len(linear)
@@ -185,7 +190,7 @@ def test_memory_report(tiny):
     # the tiny layers (64 x 32 and up) pay a whole fp32 scale and offset each: a little above 4.127
     assert 4.12 < report["bits_per_weight"] < 4.2
     assert report["unquantized_bytes"] == dense["total_bytes"] - report["dense_bytes"]
-    assert report["adapter_bytes"] == 4 * sum(p.numel() for p in qlora.trainable(model).values())
+    assert report["adapter_bytes"] == 4 * sum(p.numel() for p in handle.trainable(model).values())
 
 
 def test_second_inject_raises_before_quantizing(tiny):

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -56,7 +57,24 @@ def test_eval_command_prints_and_writes_json(tmp_path, tiny_dir, capsys):
     assert cli.main(["eval", "--model", str(tiny_dir), "--data", str(data), "--set", "data.format=classification",
                      "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    assert metrics["n"] == 12 and 0 <= metrics["accuracy"] <= 1 and {"loss", "perplexity", "macro_f1"} <= set(metrics)
+    assert metrics["n"] == 12 and {"loss", "perplexity", "macro_f1"} <= set(metrics)
+    # by hand: each label word's log-likelihood after the question, from a plain forward pass
+    from tuneforge.data import classification_prompt, word_ids
+    from tuneforge.io.load import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    words = ["negative", "positive"]
+    correct = 0
+    for row in sentiment_rows(6):
+        prompt = classification_prompt(tok, row["text"], None, words)
+        scores = []
+        for word in words:
+            answer = word_ids(tok, word)
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(answer)))
+        correct += words[scores.index(max(scores))] == row["label"]
+    assert metrics["accuracy"] == pytest.approx(correct / 12)
     assert "rows: gold" in capsys.readouterr().out
     text = tmp_path / "t.txt"
     text.write_text("some plain text to score " * 40)
@@ -140,13 +158,12 @@ def test_lora_run_then_eval_generate_and_merge_with_the_adapter(tmp_path, tiny_d
     merged = tmp_path / "merged"
     assert cli.main(["merge", "--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(merged)]) == 0
 
-    import torch
-
     from tuneforge.io.load import load_model
     from tuneforge.io.peft_format import load_adapter
 
     ids = torch.tensor([[5, 6, 7, 8]])
-    with_adapter = load_adapter(load_model(str(tiny_dir))[0], adapter)
+    with_adapter = load_model(str(tiny_dir))[0]
+    load_adapter(with_adapter, adapter)
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
     torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -155,3 +172,37 @@ def test_estimate_command(tmp_path, tiny_dir, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows())
     assert cli.main(["estimate", str(write_config(tmp_path, data, model=tiny_dir))]) == 0
     assert "trainable" in capsys.readouterr().out
+
+
+def test_the_python_api_trains_twice_in_one_process_and_takes_a_model_you_injected(tmp_path, tiny_dir):
+    """tuneforge.train is a function whatever was imported before it (the package that holds the loop is
+    tuneforge.training), so a second run in one process works, and with the same seed gives the same adapter."""
+    import tuneforge
+    from safetensors.torch import load_file
+
+    from tuneforge import config
+
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
+
+    def cfg(out: str):
+        return config.from_dict({"model": str(tiny_dir), "method": {"name": "lora", "r": 4},
+                                 "data": {"path": str(data), "format": "classification", "val_fraction": 0.25},
+                                 "train": {"output_dir": str(tmp_path / out), "max_steps": 3, "batch_size": 4,
+                                           "learning_rate": 1e-2, "device": "cpu"}})
+
+    first, second = tuneforge.train(cfg("a"), progress=False), tuneforge.train(cfg("b"), progress=False)
+    assert first["steps"] == second["steps"] == 3 and first["after"] == {**second["after"],
+                                                                         "seconds": first["after"]["seconds"]}
+    a, b = (load_file(tmp_path / out / "final" / "adapter_model.safetensors") for out in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it trained
+
+    model, tokenizer = tuneforge.load_model(str(tiny_dir), device="cpu")
+    lora = tuneforge.get_method("lora")
+    adapter = lora.inject(model, lora.Config(r=2, target_modules=["k_proj"]))
+    third = tuneforge.train(cfg("c"), progress=False, model=model, tokenizer=tokenizer, injected=adapter)
+    assert third["trainable_parameters"] == sum(p.numel() for p in adapter.trainable(model).values())
+    recorded = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["method"]
+    assert recorded["name"] == "lora" and recorded["r"] == 2 and recorded["target_modules"] == ["k_proj"]
+    fresh = tuneforge.load_model(str(tiny_dir), device="cpu")[0]
+    assert tuneforge.load_adapter(fresh, tmp_path / "c" / "final").cfg == adapter.cfg

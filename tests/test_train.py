@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from tuneforge.config import TrainCfg
 from tuneforge.eval.classify import classification_metrics, metrics_from_confusion, score_labels, wilson_interval
 from tuneforge.eval.lm import label_loss
+from tuneforge.eval.evaluator import Evaluator
 from tuneforge.methods import full
-from tuneforge.train import checkpoint
-from tuneforge.train.loop import Evaluator, enable_checkpointing, train
-from tuneforge.train.optim import lr_multiplier, param_groups
+from tuneforge.training import checkpoint
+from tuneforge.training.loop import enable_checkpointing, train
+from tuneforge.training.optim import lr_multiplier, param_groups
 
 VOCAB = 40
 
@@ -49,15 +50,15 @@ def collate(rows) -> dict:
 
 
 def tiny_full(seed=1):
+    """The tiny model with every weight trainable, and its trainable parameters."""
     from conftest import make_tiny_model
 
     model = make_tiny_model(VOCAB, seed=seed)
-    full.inject(model, full.Config())
-    return model
+    return model, full.inject(model, full.Config()).trainable(model)
 
 
 def test_label_loss_equals_full_vocabulary_cross_entropy():
-    model = tiny_full()
+    model, _ = tiny_full()
     batch = collate(synthetic_examples(5))
     loss, n = label_loss(model, **batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -67,7 +68,7 @@ def test_label_loss_equals_full_vocabulary_cross_entropy():
 
 
 def test_score_labels_matches_hand_computed_log_likelihood():
-    model = tiny_full()
+    model, _ = tiny_full()
     prompts, answers = [[5, 6, 7], [8, 9]], [[10], [11, 12]]
     scores = score_labels(model, prompts, answers, batch_size=3)
     with torch.no_grad():
@@ -127,8 +128,8 @@ def test_schedules():
 
 
 def test_weight_decay_on_matrices_only():
-    model = tiny_full()
-    groups = param_groups(full.trainable(model), 0.1)
+    _, params = tiny_full()
+    groups = param_groups(params, 0.1)
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
     assert all(p.ndim < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
 
@@ -141,8 +142,7 @@ def test_accumulation_gives_the_token_mean_of_the_whole_step(tmp_path):
             for i, r in enumerate(synthetic_examples(8))]
     results = []
     for batch_size, accum in ((8, 1), (4, 2)):
-        model = tiny_full()
-        params = full.trainable(model)
+        model, params = tiny_full()
         cfg = TrainCfg(batch_size=batch_size, grad_accum=accum, max_steps=1, learning_rate=1e-2, max_grad_norm=0)
         train(model, params, rows, collate, cfg, tmp_path / f"{batch_size}", batch_order=lambda e: [list(range(8))[
             i:i + batch_size] for i in range(0, 8, batch_size)], progress=False)
@@ -151,13 +151,13 @@ def test_accumulation_gives_the_token_mean_of_the_whole_step(tmp_path):
 
 
 def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
-    model = tiny_full()
+    model, params = tiny_full()
     rows = synthetic_examples(16)
     from tuneforge.eval.lm import evaluate_lm
 
     before = evaluate_lm(model, rows, collate)["loss"]
     evaluator = Evaluator(lambda m: evaluate_lm(m, rows, collate))
-    summary = train(model, full.trainable(model), rows, collate,
+    summary = train(model, params, rows, collate,
                     TrainCfg(batch_size=8, max_steps=30, learning_rate=3e-3, eval_steps=10, logging_steps=5),
                     tmp_path, evaluator=evaluator, progress=False)
     after = evaluate_lm(model, rows, collate)["loss"]
@@ -170,19 +170,19 @@ def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
 
 
 def test_early_stopping(tmp_path):
-    model = tiny_full()
+    model, params = tiny_full()
     rows = synthetic_examples(8)
     worse = iter(range(100))
     evaluator = Evaluator(lambda m: {"loss": float(next(worse))})  # never improves after the first
-    summary = train(model, full.trainable(model), rows, collate,
+    summary = train(model, params, rows, collate,
                     TrainCfg(batch_size=4, max_steps=50, eval_steps=1, early_stopping_patience=3), tmp_path,
                     evaluator=evaluator, progress=False)
     assert summary.stopped == "early_stop" and summary.steps == 4
 
 
 def test_keeps_the_last_k_checkpoints(tmp_path):
-    model = tiny_full()
-    train(model, full.trainable(model), synthetic_examples(8), collate,
+    model, params = tiny_full()
+    train(model, params, synthetic_examples(8), collate,
           TrainCfg(batch_size=4, max_steps=6, save_steps=1, keep_checkpoints=2), tmp_path, progress=False)
     assert [p.name for p in checkpoint.complete(tmp_path / "checkpoints")] == ["step-0000005", "step-0000006"]
 
@@ -211,14 +211,14 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_weights(tmp_path):
 
 
 def test_ctrl_c_writes_a_checkpoint_then_exits(tmp_path):
-    model = tiny_full()
+    model, params = tiny_full()
 
     def interrupt(step):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(model, full.trainable(model), synthetic_examples(8), collate,
+        train(model, params, synthetic_examples(8), collate,
               TrainCfg(batch_size=4, max_steps=10), tmp_path, on_step=interrupt, progress=False)
     assert checkpoint.complete(tmp_path / "checkpoints")[-1].name == "step-0000003"
 
@@ -233,11 +233,11 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base():
     grads = []
     for checkpointing in (False, True):
         model = make_tiny_model(VOCAB, seed=1)
-        lora.inject(model, lora.Config(r=2, target_modules="all-linear", init_lora_weights=False))
+        adapter = lora.inject(model, lora.Config(r=2, target_modules="all-linear", init_lora_weights=False))
         if checkpointing:
             enable_checkpointing(model)
         model.train()
         loss, n = label_loss(model, **collate(synthetic_examples(4)))
         (loss / n).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in lora.trainable(model).values()]))
+        grads.append(torch.cat([p.grad.flatten() for p in adapter.trainable(model).values()]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -14,15 +14,14 @@ from test_train import VOCAB, collate, synthetic_examples  # noqa: E402
 
 from tuneforge.config import TrainCfg  # noqa: E402
 from tuneforge.methods import full  # noqa: E402
-from tuneforge.train.loop import train  # noqa: E402
+from tuneforge.training.loop import train  # noqa: E402
 
 out, kill_after, resume = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "resume"
 model = make_tiny_model(VOCAB, seed=1)
 model.config.attention_dropout = 0.2  # dropout makes the result depend on the restored RNG state
 for layer in model.model.layers:
     layer.self_attn.attention_dropout = 0.2
-full.inject(model, full.Config())
-params = full.trainable(model)
+params = full.inject(model, full.Config()).trainable(model)
 cfg = TrainCfg(batch_size=4, grad_accum=2, max_steps=8, save_steps=2, learning_rate=1e-3, warmup_steps=2,
                seed=3, keep_checkpoints=3)
 

@@ -6,21 +6,28 @@ A UserError prints as one line on stderr and exits with code 2; `--debug` shows 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
+from tuneforge import config
+from tuneforge.atomic import write_text
 from tuneforge.errors import UserError
 
 
 def _generate(args: argparse.Namespace) -> None:
     from tuneforge.eval.generate import generate
     from tuneforge.io.load import load_model
+    from tuneforge.methods._shared import Injected
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.adapter:
         from tuneforge.io.peft_format import load_adapter
 
-        model = load_adapter(model, args.adapter, force=args.force)
+        if not isinstance(load_adapter(model, args.adapter, force=args.force), Injected):
+            raise UserError("this folder holds a feature classifier, which labels texts and does not generate",
+                            args.adapter, fix="score texts with it: tuneforge eval --adapter")
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_p=args.top_p, seed=args.seed, raw=args.raw, system=args.system,
              on_text=lambda s: print(s, end="", flush=True))
@@ -28,8 +35,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> None:
-    from tuneforge import config
-
     print(config.to_yaml(config.from_yaml(args.config, args.set)), end="")
 
 
@@ -41,15 +46,13 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from tuneforge import config
     from tuneforge.estimate import estimate
 
     print(estimate(config.from_yaml(args.config, args.set)).describe())
 
 
 def _train(args: argparse.Namespace) -> None:
-    from tuneforge import config
-    from tuneforge.train.run import run
+    from tuneforge.training.run import run
 
     cfg = config.from_yaml(args.config, args.set)
     result = run(cfg, resume=args.resume)
@@ -68,14 +71,16 @@ def format_summary(result: dict, out: str) -> str:
         lines.append(f"{result['steps']} steps, {result['tokens']:,} tokens in {result['seconds']:.0f} s "
                      f"({result['tokens_per_s']:.0f} tokens/s), peak memory {result['peak_memory_mb']:.0f} MB, "
                      f"stopped: {result['stopped']}")
+    if "fit" in result:
+        fit = result["fit"]
+        chosen = ", ".join(f"{k} {v}" for k, v in fit.items() if isinstance(v, (int, str)) and not isinstance(v, bool))
+        lines.append(f"fitted in {result['seconds']:.1f} s ({fit['seconds_extract']:.1f} s extracting features"
+                     f"{', from the cache' if fit['cache_hit'] else ''}){'; ' + chosen if chosen else ''}")
     for when in ("before", "after"):
         metrics = result.get(when) or {}
         shown = {k: v for k, v in metrics.items() if k in ("loss", "perplexity", "accuracy", "macro_f1")}
         if shown:
             lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + _interval(metrics))
-    if "accuracy" in result and not result.get("after"):
-        lines.append(f"held-out accuracy {result['accuracy']:.4f}, macro-F1 {result.get('macro_f1', 0):.4f}"
-                     + _interval(result))
     lines.append(f"result in {out}/final (summary.json beside it)")
     return "\n".join(lines)
 
@@ -110,8 +115,6 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _icl(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from tuneforge.eval.fewshot import evaluate_icl
 
     cfg = _file_config(args, {"data": {"format": "classification"}})
@@ -130,10 +133,6 @@ def _icl(args: argparse.Namespace) -> None:
 def _file_config(args: argparse.Namespace, defaults: dict):
     """eval and icl: the run config that describes the data file (--config, else ``defaults``), with
     --set applied and --model winning over the config's model."""
-    import dataclasses
-
-    from tuneforge import config
-
     cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict(defaults, args.set,
                                                                                        source="--set")
     return dataclasses.replace(cfg, model=args.model) if args.model else cfg
@@ -148,16 +147,11 @@ def _file_args(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def _write_json(args: argparse.Namespace, metrics: dict) -> None:
-    import json
-
-    from tuneforge.io.atomic import write_text
-
     if args.json:
         write_text(args.json, json.dumps(metrics, indent=1))
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from tuneforge import config
     from tuneforge.compare import compare
 
     cfg = config.from_yaml(args.config, args.set)

@@ -21,9 +21,13 @@ import traceback
 from pathlib import Path
 
 from tuneforge import config as config_mod
+from tuneforge.atomic import atomic_path, write_text
 from tuneforge.config import RunCfg
 from tuneforge.errors import UserError
-from tuneforge.io.atomic import atomic_path, write_text
+from tuneforge.eval.fewshot import evaluate_icl
+from tuneforge.eval.run import evaluate_file
+from tuneforge.io.peft_format import CONFIG
+from tuneforge.training.run import run
 
 ICL_ROWS = {"zero-shot", "few-shot"}
 ICL_KEYS = {"shots", "mode", "strategy", "calibrate"}
@@ -42,9 +46,7 @@ def row_config(cfg: RunCfg, row: dict, out: Path) -> RunCfg:
     """The run configuration of one row: the shared one, with the row's method and train overrides."""
     raw = config_mod.to_dict(dataclasses.replace(cfg, compare=config_mod.CompareCfg()))
     method = {k: v for k, v in row.items() if k not in ("label", "train") and k not in ICL_KEYS}
-    if row["name"] in ICL_ROWS:
-        method = {"name": "full"}  # not trained; the model and data settings are what matter
-    raw["method"] = method
+    raw["method"] = {} if row["name"] in ICL_ROWS else method  # in-context rows train nothing: no method
     raw["train"] = {**raw["train"], **row.get("train", {}), "output_dir": str(out)}
     return config_mod.from_dict(raw, source=f"compare row {row_label(row)!r}")
 
@@ -61,8 +63,6 @@ def _transfer_cfg(cfg: RunCfg, path: str) -> RunCfg:
 
 
 def _run_icl(cfg: RunCfg, row: dict, transfer: str | None) -> dict:
-    from tuneforge.eval.fewshot import evaluate_icl
-
     k = 0 if row["name"] == "zero-shot" else int(row.get("shots", 4))
     args = dict(k=k, mode=row.get("mode", "chat"), strategy=row.get("strategy", "random"),
                 calibrate=bool(row.get("calibrate", False)), seed=cfg.train.seed)
@@ -74,36 +74,7 @@ def _run_icl(cfg: RunCfg, row: dict, transfer: str | None) -> dict:
     return out
 
 
-def _run_features(cfg: RunCfg, transfer: str | None) -> dict:
-    from tuneforge.methods import features
-
-    summary = features.run(cfg, progress=False)
-    final = Path(cfg.train.output_dir) / "final"
-    out = {"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"],
-           "trainable_params": summary["trainable_parameters"],
-           "train_seconds": summary["seconds_extract"] + summary["seconds_fit"],
-           "infer_ms_per_example": 1000 * summary["seconds_extract"] / max(summary["train_examples"] + summary["n"], 1),
-           "artifact_mb": _size_mb(final)}
-    if transfer:
-        from tuneforge.data import load_eval
-        from tuneforge.eval.classify import classification_metrics
-        from tuneforge.io.load import load_model
-
-        model, tokenizer = load_model(cfg.model, device=cfg.train.device)
-        data = load_eval(_transfer_cfg(cfg, transfer).data, tokenizer, seed=cfg.train.seed)
-        items = data.eval_items[: cfg.data.max_eval_examples or None]
-        clf = features.FeatureClassifier.load(final)
-        predicted = clf.predict(model, tokenizer, [it.text for it in items])
-        out["transfer_accuracy"] = classification_metrics(predicted, [it.label for it in items],
-                                                          len(data.label_words)).accuracy
-    return out
-
-
 def _run_trained(cfg: RunCfg, transfer: str | None) -> dict:
-    from tuneforge.eval.run import evaluate_file
-    from tuneforge.methods import get_method
-    from tuneforge.train.run import run
-
     result = run(cfg, progress=False)
     after = result.get("after") or {}
     final = Path(cfg.train.output_dir) / "final"
@@ -112,15 +83,11 @@ def _run_trained(cfg: RunCfg, transfer: str | None) -> dict:
            "infer_ms_per_example": 1000 * after.get("seconds", 0.0) / max(after.get("n", 1), 1),
            "artifact_mb": result["artifact_bytes"] / 2**20}
     if transfer:
-        is_model = getattr(get_method(cfg.method.name), "save", None) is not None  # full: a model directory
-        target = dataclasses.replace(cfg, model=str(final)) if is_model else cfg
-        m = evaluate_file(_transfer_cfg(target, transfer), transfer, adapter=None if is_model else str(final))
+        is_adapter = (final / CONFIG).is_file()  # else a whole model (full fine-tuning)
+        target = cfg if is_adapter else dataclasses.replace(cfg, model=str(final))
+        m = evaluate_file(_transfer_cfg(target, transfer), transfer, adapter=str(final) if is_adapter else None)
         out["transfer_accuracy"] = m.get("accuracy")
     return out
-
-
-def _size_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def run_row(cfg: RunCfg, row: dict, out: Path, transfer: str | None) -> dict:
@@ -130,8 +97,6 @@ def run_row(cfg: RunCfg, row: dict, out: Path, transfer: str | None) -> dict:
         row_cfg = row_config(cfg, row, out)
         if row["name"] in ICL_ROWS:
             result.update(_run_icl(row_cfg, row, transfer))
-        elif row["name"] == "features":
-            result.update(_run_features(row_cfg, transfer))
         else:
             result.update(_run_trained(row_cfg, transfer))
     except UserError as exc:
@@ -158,8 +123,7 @@ def compare(cfg: RunCfg, progress: bool = True) -> list[dict]:
     out_dir = Path(cfg.compare.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError("this compare folder is not empty", str(out_dir), fix="set compare.output_dir to a new folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_mod.save(cfg, out_dir / "config.yaml")
+    write_text(out_dir / "config.yaml", config_mod.to_yaml(cfg))
     ctx = multiprocessing.get_context("spawn")  # a fresh process per row: its own peak memory
     results = []
     for i, row in enumerate(rows):

@@ -13,8 +13,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from tuneforge import config as config_mod
 from tuneforge.config import RunCfg
+from tuneforge.devices import resolve_device
+from tuneforge.io.load import resolve_spec
+from tuneforge.methods._shared import parameter_count
+from tuneforge.methods.registry import get_method
 
 # Fraction of peak matmul throughput a training step achieves, measured on the default model
 # (fp32, 2-core CPU); see docs/estimate.md.
@@ -69,20 +75,16 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
 def estimate(cfg: RunCfg, tokens_per_example: float | None = None, loss_tokens_per_example: float | None = None,
              n_examples: int | None = None, flops_per_s: float | None = None) -> Estimate:
     """Estimate the cost of ``cfg``. Without data statistics, every example is taken to fill
-    ``data.max_length`` with loss on every token (an upper bound)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tuneforge import config as config_mod
-    from tuneforge.io.load import resolve_device, resolve_spec
-    from tuneforge.methods import get_method, parameter_count
-
+    ``data.max_length`` with loss on every token (an upper bound). A probe method (features) trains
+    nothing in the model: its cost is one forward pass per text, without gradients."""
     model_config = AutoConfig.from_pretrained(resolve_spec(cfg.model))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     method = get_method(cfg.method.name)
-    method.inject(model, config_mod.method_config(cfg))
-    trainable = method.trainable(model)
-    n_trainable = sum(p.numel() for p in trainable.values())
+    probe = method.KIND == "probe"
+    if not probe:
+        trainable = method.inject(model, config_mod.method_config(cfg)).trainable(model)
+    n_trainable = 0 if probe else sum(p.numel() for p in trainable.values())
     n_total = parameter_count(model)  # a tied head once, a 4-bit weight by its shape
 
     device = resolve_device(cfg.train.device)
@@ -98,6 +100,8 @@ def estimate(cfg: RunCfg, tokens_per_example: float | None = None, loss_tokens_p
     attention = 4 * layers * tokens * hidden  # scores and weighted values, per token
     per_token = 4 * body + 2 * min(n_trainable, body) + 2 * attention
     per_loss_token = 4 * head + (2 * head if n_trainable >= n_total else 0)
+    if probe:  # forward only, and no head: hidden states are the output
+        per_token, per_loss_token = 2 * body + attention, 0
     flops = batch * (tokens * per_token + loss_tokens * per_loss_token)
     rate = (flops_per_s or matmul_flops_per_s(device)) * STEP_EFFICIENCY.get(device.type, 0.5)
 
@@ -106,6 +110,8 @@ def estimate(cfg: RunCfg, tokens_per_example: float | None = None, loss_tokens_p
     heads, b = model_config.num_attention_heads, cfg.train.batch_size
     per_layer = tokens * b * hidden * (34 + 5 * heads * tokens / hidden)
     activations = 2 * layers * per_layer + 8 * b * loss_tokens * vocab
+    if probe:  # nothing kept for a backward pass: about one layer's worth at a time, and every hidden state
+        activations = 2 * per_layer + 4 * b * tokens * hidden * (layers + 1)
     steps = cfg.train.max_steps
     if steps is None and n_examples:
         steps = max(1, round(cfg.train.epochs * n_examples / batch))

@@ -1,4 +1,5 @@
-"""The one place that matches module names.
+"""Parts of a model: the one place that matches module names (``find``), the stack of blocks, the
+output head (and ``head_only_at``, which shows it only some positions), and ``swap``.
 
 A pattern is a list of leaf names (``["q_proj", "v_proj"]`` matches ``...self_attn.q_proj``), a
 regular expression matched against the whole module path (PEFT's rule for a string), or
@@ -8,11 +9,13 @@ the closest names, since a silent no-op would train nothing.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from tuneforge.errors import UserError
 
@@ -63,3 +66,26 @@ def swap(model: nn.Module, path: str, make: Callable[[nn.Module], nn.Module]) ->
     new = make(getattr(parent, child))
     setattr(parent, child, new)
     return new
+
+
+@contextlib.contextmanager
+def head_only_at(model: nn.Module, keep: Tensor) -> Iterator[None]:
+    """While active, the output head sees only the positions where ``keep`` (batch, seq) is True,
+    and the model's ``logits`` come out as (n_kept, vocab), in row-major order. A method that
+    prepends virtual tokens lengthens the sequence; those leading positions are never kept.
+
+    A causal LM projects every position onto the vocabulary (49,152 columns for the default model),
+    yet a supervised example carries loss on a handful of answer tokens: a forward pre-hook on the
+    head gathers the positions that matter, and the model's own forward runs unchanged."""
+    def gather(_module, args):
+        hidden = args[0]  # (batch, seq + n_virtual, hidden)
+        mask = keep
+        if hidden.shape[1] != mask.shape[1]:
+            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
+        return (hidden[mask],)  # (n_kept, hidden)
+
+    handle = output_head(model).register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()

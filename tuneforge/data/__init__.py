@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tuneforge.data.classify import (ClassifyItem, answer_ids, classification_prompt, classify_examples,
-                                     label_names, label_words, word_ids)
+from tuneforge.data.classify import (ClassifyItem, answer_ids, classification_prompt, classify_examples, label_names,
+                                     label_words, word_ids)
 from tuneforge.data.collate import IGNORE, Collator, Example, length_grouped_batches
 from tuneforge.data.instruct import supervised_examples
 from tuneforge.data.readers import Row, read_rows, shuffled, split_rows

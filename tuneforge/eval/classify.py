@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.metrics import confusion_matrix
 from torch import Tensor, nn
 
 from tuneforge.eval.lm import IGNORE, label_logprobs
+from tuneforge.targets import head_only_at
 
 
 def _pad_right(rows: list[list[int]], value: int) -> Tensor:
@@ -56,8 +58,6 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
 
 
 def _next_token_logprobs(model, ids, mask, labels, candidates: list[int]) -> Tensor:
-    from tuneforge.eval.lm import head_only_at
-
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # exactly one position per row: the prompt's last
     with head_only_at(model, keep):
@@ -82,8 +82,6 @@ class ClassifyMetrics:
 
 
 def classification_metrics(predicted, gold, n_labels: int) -> ClassifyMetrics:
-    from sklearn.metrics import confusion_matrix
-
     gold, predicted = np.asarray(gold), np.asarray(predicted)
     if len(gold) and (min(gold.min(), predicted.min()) < 0 or max(gold.max(), predicted.max()) >= n_labels):
         raise ValueError(f"labels must lie in 0..{n_labels - 1}")  # every row must count in n

@@ -25,9 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tuneforge.data import load_datasets
 from tuneforge.data.classify import default_instruction, word_ids
 from tuneforge.data.instruct import render, tokens, uses_template
 from tuneforge.errors import UserError
+from tuneforge.eval.classify import classification_metrics, score_labels
+from tuneforge.io import feature_cache
+from tuneforge.io.load import load_model
+from tuneforge.methods import features
 
 Mode = Literal["chat", "raw", "chat_turns"]
 MODES = ("chat", "raw", "chat_turns")
@@ -118,18 +123,15 @@ def run_icl(model: nn.Module, tokenizer, eval_items: tuple[list[str], list[int]]
     """Accuracy and macro-F1 of k-shot prediction on ``eval_items`` (texts, label indices), with the
     demonstrations drawn from ``pool``. Calibrated runs also report the uncalibrated figures; with nearest
     demonstrations every query has its own set, so calibration costs three more prompts per query."""
-    from tuneforge.eval.classify import classification_metrics, score_labels
-    from tuneforge.methods import features
-
     start = time.perf_counter()
     texts, gold = list(eval_items[0]), list(eval_items[1])
     if k == 0:
         sets = [()] * len(texts)
     elif strategy == "nearest":  # mean-pooled last hidden states, cached, as the texts' embeddings
-        embed = features.Config(pooling="mean", batch_size=batch_size)
-        sets = [tuple(s) for s in select_demos(pool, k, "nearest", seed,
-                                               features.extract(model, tokenizer, texts, embed, cache_dir),
-                                               features.extract(model, tokenizer, list(pool[0]), embed, cache_dir))]
+        embed = features.Config(pooling="mean", batch_size=batch_size)  # the last hidden state
+        query = feature_cache.extract(model, tokenizer, texts, embed, cache_dir=cache_dir)[0][0]
+        demos = feature_cache.extract(model, tokenizer, list(pool[0]), embed, cache_dir=cache_dir)[0][0]
+        sets = [tuple(s) for s in select_demos(pool, k, "nearest", seed, query, demos)]
     else:
         sets = [tuple(select_demos(pool, k, strategy, seed))] * len(texts)
 
@@ -156,9 +158,6 @@ def evaluate_icl(cfg, k: int = 0, mode: Mode = "chat", strategy: Literal["random
                  calibrate: bool = False, seed: int = 0) -> dict:
     """`tuneforge icl`: k-shot on the run's held-out split (data.max_eval_examples of it), with the
     demonstrations drawn from its training split, as ``load_datasets`` makes them."""
-    from tuneforge.data import load_datasets
-    from tuneforge.io.load import load_model
-
     if cfg.data.format != "classification":
         raise UserError("in-context classification needs classification data", "data.format",
                         fix="set data.format: classification")

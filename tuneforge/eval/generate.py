@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from transformers import TextStreamer
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None) -> dict[str, torch.Tensor]:
@@ -18,15 +19,16 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None 
     return dict(tokenizer(prompt, return_tensors="pt"))
 
 
-def _streamer(tokenizer, on_text: Callable[[str], None]):
-    from transformers import TextStreamer
+class _CallbackStreamer(TextStreamer):
+    """transformers' streamer, handing each finished piece of text to a callback instead of printing it."""
 
-    class CallbackStreamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text:
-                on_text(text)
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
 
-    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
 
 
 @torch.no_grad()
@@ -49,6 +51,6 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, temper
     else:  # a model's generation_config may carry sampling defaults that greedy decoding must not see
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if on_text is not None:
-        kwargs["streamer"] = _streamer(tokenizer, on_text)
+        kwargs["streamer"] = _CallbackStreamer(tokenizer, on_text)
     out = model.generate(**inputs, **kwargs)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

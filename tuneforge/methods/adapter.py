@@ -16,39 +16,18 @@ PEFT has no such method: the adapter is saved in tuneforge's format (``"peft_typ
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods import load_prefixed, mark_injected, prefixed_state
+from tuneforge.methods._shared import (Injected, MethodModule, device_of, injected, modules_of, prefixed_hooks,
+                                       refuse_second_inject, same_config, wrap)
+from tuneforge.methods.configs import AdapterConfig as Config
 
-PEFT_TYPE = None
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "adapter", "gradient", None, False
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-@dataclass(frozen=True)
-class Config:
-    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"  # houlsby: after attention and MLP; pfeiffer: MLP only
-    bottleneck_size: int | None = None  # width of the bottleneck; None: hidden size // reduction_factor
-    reduction_factor: int = 16  # used when bottleneck_size is None
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # between the down- and up-projection
-    train_norms: bool = False  # also train every RMSNorm / LayerNorm weight (Houlsby trains them)
-    dropout: float = 0.0  # dropout on the bottleneck activations
-    attn_output_modules: list[str] = field(default_factory=lambda: ["o_proj"])  # leaf names: attention output
-    mlp_output_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # leaf names: MLP output
-
-    def __post_init__(self):
-        if self.bottleneck_size is not None and self.bottleneck_size < 1:
-            raise UserError(f"bottleneck_size must be at least 1, got {self.bottleneck_size}", "method.bottleneck_size")
-        if self.reduction_factor < 1:
-            raise UserError(f"reduction_factor must be at least 1, got {self.reduction_factor}",
-                            "method.reduction_factor")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}", "method.dropout")
 
 
 class Bottleneck(nn.Module):
@@ -67,14 +46,13 @@ class Bottleneck(nn.Module):
         return self.up(self.dropout(self.act(self.down(h))))
 
 
-class AdaptedOutput(nn.Module):
+class AdaptedOutput(nn.Module, MethodModule):
     """``base_layer`` followed by a residual bottleneck on its output: y = f(x) + adapter(f(x))."""
 
     def __init__(self, base_layer: nn.Module, bottleneck: int, cfg: Config):
         super().__init__()
         self.base_layer = base_layer
-        device = next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
-        self.adapter = Bottleneck(base_layer.out_features, bottleneck, cfg, device)
+        self.adapter = Bottleneck(base_layer.out_features, bottleneck, cfg, device_of(base_layer))
 
     def forward(self, *args, **kwargs) -> Tensor:
         h = self.base_layer(*args, **kwargs)
@@ -103,57 +81,49 @@ def _per_block(model: nn.Module, names: list[str], key: str) -> list[str]:
     return found
 
 
-def inject(model: nn.Module, cfg: Config) -> None:
-    mark_injected(model, "adapter", cfg)  # raises if any method is already in
-    try:
-        wrapped = _per_block(model, cfg.mlp_output_modules, "mlp_output_modules")
-        if cfg.placement == "houlsby":
-            wrapped = _per_block(model, cfg.attn_output_modules, "attn_output_modules") + wrapped
-    except UserError:
-        model.tuneforge_method = None  # nothing changed: the user can fix the names and retry
-        raise
-    model.requires_grad_(False)
-    for path in wrapped:
-        targets.swap(model, path, lambda base: AdaptedOutput(
-            base, cfg.bottleneck_size or max(1, base.out_features // cfg.reduction_factor), cfg))
+def inject(model: nn.Module, cfg: Config) -> Injected:
+    refuse_second_inject(model)
+    wrapped = _per_block(model, cfg.mlp_output_modules, "mlp_output_modules")
+    if cfg.placement == "houlsby":
+        wrapped = _per_block(model, cfg.attn_output_modules, "attn_output_modules") + wrapped
+    wrap(model, wrapped, lambda _, base: AdaptedOutput(
+        base, cfg.bottleneck_size or max(1, base.out_features // cfg.reduction_factor), cfg))
     if cfg.train_norms:
         for module in model.modules():
             if is_norm(module):
                 module.requires_grad_(True)
+    return injected(__name__, cfg)
 
 
 def layers(model: nn.Module) -> dict[str, AdaptedOutput]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedOutput)}
+    return modules_of(model, AdaptedOutput)
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
     params = {}
     for path, layer in layers(model).items():
         params.update({f"{path}.adapter.{key}": p for key, p in layer.adapter.named_parameters()})
-    if model.tuneforge_method[1].train_norms:
+    if cfg.train_norms:
         for path, module in model.named_modules():
             if is_norm(module):
                 params.update({f"{path}.{key}": p for key, p in module.named_parameters(recurse=False)})
     return params
 
 
-def state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return prefixed_state(trainable(model))
+# The file holds the trainable tensors under PEFT-style keys.
+state_dict, load_state_dict = prefixed_hooks(
+    trainable, fix="check that the adapter's config (placement, bottleneck_size, train_norms, module names) matches "
+                   "its weights")
+for_loading = same_config
 
 
-def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    load_prefixed(trainable(model), sd,
-                  fix="check that the adapter's config (placement, "
-                      "bottleneck_size, train_norms, module names) matches its weights")
-
-
-def merge(model: nn.Module) -> None:
+def merge(model: nn.Module, cfg: Config | None = None) -> None:
     raise UserError("bottleneck adapters put a nonlinearity between their two projections, so they cannot be "
                     "folded into the base weights", "method adapter",
                     fix="keep the model unmerged and load the adapter on top of the base (load_adapter), "
                         "or train with lora or ia3 if you need a merged model")
 
 
-def peft_config(cfg: Config, model: nn.Module) -> dict:
+def file_config(model: nn.Module, cfg: Config) -> dict:
     """No PEFT type: the config is tuneforge's own, and the method name tells the loader what to inject."""
-    return {"peft_type": None, "method": "adapter", **dataclasses.asdict(cfg)}
+    return {"peft_type": None, "method": NAME, **dataclasses.asdict(cfg)}

@@ -1,71 +1,56 @@
 """Full-parameter fine-tuning: every weight trains, optionally all but the embeddings or the
 first k transformer blocks (freezing the bottom of the network saves optimizer memory and keeps
-the most general features)."""
+the most general features). The result is a whole model, not an adapter: a run saves it as a
+Hugging Face directory (``WHOLE_MODEL``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods import mark_injected
+from tuneforge.methods._shared import Injected, injected, load_exact, refuse_second_inject
+from tuneforge.methods.configs import FullConfig as Config
 
-PEFT_TYPE = None
-
-
-@dataclass(frozen=True)
-class Config:
-    freeze_embeddings: bool = False  # keep the input embeddings (and a head tied to them) frozen
-    freeze_layers: int = 0  # keep the first k transformer blocks frozen
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "full", "gradient", None, True
 
 
-def inject(model: nn.Module, cfg: Config) -> None:
-    mark_injected(model, "full", cfg)
+def inject(model: nn.Module, cfg: Config) -> Injected:
+    """Unfreeze the model, then freeze what ``cfg`` keeps. Inject into a fresh model: one that
+    holds another method (or a quantized layer, whose 4-bit codes cannot train) is refused."""
+    refuse_second_inject(model)
+    stack = targets.blocks(model) if cfg.freeze_layers else []
+    if cfg.freeze_layers > len(stack):
+        raise UserError(f"freeze_layers={cfg.freeze_layers} but the model has {len(stack)} blocks",
+                        "method.freeze_layers")
     model.requires_grad_(True)
     if cfg.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
-    if cfg.freeze_layers:
-        stack = targets.blocks(model)
-        if cfg.freeze_layers > len(stack):
-            raise UserError(f"freeze_layers={cfg.freeze_layers} but the model has {len(stack)} blocks",
-                            "method.freeze_layers")
-        for block in stack[: cfg.freeze_layers]:
-            block.requires_grad_(False)
+    for block in stack[: cfg.freeze_layers]:
+        block.requires_grad_(False)
+    return injected(__name__, cfg)
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in trainable(model).items()}
+def state_dict(model: nn.Module, cfg: Config) -> dict[str, Tensor]:
+    return {name: p.detach() for name, p in trainable(model, cfg).items()}
 
 
-def load_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    params = trainable(model)
-    missing, unexpected = params.keys() - sd.keys(), sd.keys() - params.keys()
-    if missing or unexpected:
-        raise UserError(f"state dict does not fit: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != sd[name].shape:
-                raise UserError(f"shape mismatch for {name}: {tuple(sd[name].shape)} vs {tuple(p.shape)}")
-            p.copy_(sd[name])
+def load_state_dict(model: nn.Module, cfg: Config, sd: dict[str, Tensor]) -> None:
+    load_exact(trainable(model, cfg), sd, fix="load weights saved from the same model with the same freeze settings")
 
 
-def merge(model: nn.Module) -> None:
+def for_loading(cfg: Config) -> Config:
+    return cfg
+
+
+def merge(model: nn.Module, cfg: Config | None = None) -> None:
     """Nothing to fold: the base weights are the trained weights."""
 
 
-def save(model: nn.Module, tokenizer, out_dir) -> None:
-    """The result of full fine-tuning is a whole model: a Hugging Face directory (safetensors,
-    config, tokenizer) that transformers and ``tuneforge generate --model DIR`` load."""
-    from tuneforge.io.atomic import atomic_dir
-
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+def file_config(model: nn.Module, cfg: Config) -> dict:
+    raise UserError("full fine-tuning changes the model itself, so its result is a whole model, not an adapter",
+                    fix="save it with tuneforge.save_model(model, tokenizer, folder), as `tuneforge train` does")

@@ -11,49 +11,28 @@ adapters it writes load there and back:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods import load_prefixed, mark_injected, prefixed_state
+from tuneforge.methods._shared import (Injected, MethodModule, base_weight, dense_copy, device_of, injected, leaf_names,
+                                       modules_of, prefixed_hooks, refuse_second_inject, same_config, saved_modules,
+                                       saved_parameters, wrap)
+from tuneforge.methods.configs import IA3Config as Config
 from tuneforge.quant.nf4 import NF4Linear
 
-PEFT_TYPE = "IA3"
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "ia3", "gradient", "IA3", False
 WRAPPABLE = (nn.Linear, NF4Linear)
-REGEX_CHARS = set("*+?()[]{}|\\^$")
 
 
-def _as_pattern(names):
-    """The config parser reads a lone string as a one-item list; a regex or "all-linear" is a string."""
-    if isinstance(names, list) and len(names) == 1 and (names[0] == "all-linear" or REGEX_CHARS & set(names[0])):
-        return names[0]
-    return names
-
-
-@dataclass(frozen=True)
-class Config:
-    # leaf names, a regular expression over module paths, or "all-linear"
-    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    # those targets whose input, not output, is scaled (PEFT requires them to be among the targets)
-    feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
-    modules_to_save: list[str] | None = None  # whole modules trained and saved besides the vectors
-    init_ia3_weights: bool = True  # True: vectors of ones (identity at start); False: random normal, as PEFT
-
-    def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_pattern(self.target_modules))
-        object.__setattr__(self, "feedforward_modules", _as_pattern(self.feedforward_modules))
-
-
-class IA3Linear(nn.Module):
+class IA3Linear(nn.Module, MethodModule):
     """``base_layer`` with its output (or, if ``is_feedforward``, its input) scaled by ``ia3_l``."""
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool, cfg: Config):
         super().__init__()
         self.base_layer, self.is_feedforward = base_layer, is_feedforward
-        device = next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
+        device = device_of(base_layer)
         shape = (1, base_layer.in_features) if is_feedforward else (base_layer.out_features, 1)  # PEFT's shapes
         self.ia3_l = nn.Parameter(torch.ones(shape, device=device) if cfg.init_ia3_weights
                                   else torch.randn(shape, device=device))
@@ -70,96 +49,62 @@ class IA3Linear(nn.Module):
         """The plain layer with the vector folded in: the base itself, changed in place, or a dense copy of a
         quantized base."""
         base = self.base_layer
-        dequantize = getattr(base, "dequantize", None)
-        weight = dequantize() if callable(dequantize) else base.weight  # (out, in)
-        folded = weight.float() * self.ia3_l  # (out, 1) scales rows; (1, in) scales columns
-        if callable(dequantize):
-            base = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                             device=weight.device, dtype=weight.dtype).requires_grad_(False)
-            if base.bias is not None:
-                base.bias.copy_(self.base_layer.bias)
-        base.weight.copy_(folded)
+        folded = base_weight(base).float() * self.ia3_l  # (out, 1) scales rows; (1, in) scales columns
+        if isinstance(base, NF4Linear):
+            base = dense_copy(base, folded)
+        else:
+            base.weight.copy_(folded)
         if base.bias is not None and not self.is_feedforward:  # an output scale scales the bias too
             base.bias.copy_(base.bias.float() * self.ia3_l.flatten())
         return base
 
 
-def _saved(model: nn.Module, cfg: Config) -> list[str]:
-    names = cfg.modules_to_save
-    return targets.find(model, names, types=(nn.Module,), key="modules_to_save") if names else []
-
-
-def _find(model: nn.Module, cfg: Config) -> tuple[list[str], set[str], list[str]]:
+def find(model: nn.Module, cfg: Config) -> tuple[list[str], set[str], list[str]]:
     """The layers to wrap, those of them that are feedforward, and the whole modules to save."""
     wrapped = targets.find(model, cfg.target_modules, types=WRAPPABLE)
     ff = cfg.feedforward_modules
     feedforward = set(targets.find(model, ff, types=WRAPPABLE, key="feedforward_modules")) if ff else set()
     if outside := sorted(feedforward - set(wrapped)):
         raise UserError(f"feedforward_modules selects {outside[0]}, which target_modules does not",
-                        "feedforward_modules",
-                        fix="list the feedforward layers in target_modules too")
-    saved = _saved(model, cfg)
-    for s in saved:
-        if clash := [w for w in wrapped if w == s or w.startswith(s + ".") or s.startswith(w + ".")]:
-            raise UserError(f"modules_to_save entry {s!r} overlaps the IA3 targets {clash[:3]}", "modules_to_save",
-                            fix="save a module that no target lies in, or drop it from target_modules")
-    return wrapped, feedforward, saved
+                        "feedforward_modules", fix="list the feedforward layers in target_modules too")
+    return wrapped, feedforward, saved_modules(model, cfg.modules_to_save, wrapped, "IA3")
 
 
-def inject(model: nn.Module, cfg: Config) -> None:
-    mark_injected(model, "ia3", cfg)  # raises if any method is already in
-    try:
-        wrapped, feedforward, saved = _find(model, cfg)
-    except UserError:
-        model.tuneforge_method = None  # nothing changed: the user can fix the names and retry
-        raise
-    model.requires_grad_(False)
-    for path in wrapped:
-        targets.swap(model, path, lambda base: IA3Linear(base, path in feedforward, cfg))
+def inject(model: nn.Module, cfg: Config) -> Injected:
+    refuse_second_inject(model)
+    wrapped, feedforward, saved = find(model, cfg)
+    wrap(model, wrapped, lambda path, base: IA3Linear(base, path in feedforward, cfg))
     for path in saved:
         model.get_submodule(path).requires_grad_(True)
+    return injected(__name__, cfg)
 
 
 def layers(model: nn.Module) -> dict[str, IA3Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return modules_of(model, IA3Linear)
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
     params = {f"{path}.ia3_l": layer.ia3_l for path, layer in layers(model).items()}
-    for path in _saved(model, model.tuneforge_method[1]):
-        params.update({f"{path}.{key}": p for key, p in model.get_submodule(path).named_parameters()})
-    return params
+    return {**params, **saved_parameters(model, saved_modules(model, cfg.modules_to_save, [], "IA3"))}
 
 
-def state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return prefixed_state(trainable(model))
-
-
-def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    load_prefixed(trainable(model), sd,
-                  fix="check target_modules and feedforward_modules: a feedforward vector "
-                      "is (1, in), any other (out, 1)")
+# The file holds the trainable tensors under PEFT's keys.
+state_dict, load_state_dict = prefixed_hooks(
+    trainable, fix="check target_modules and feedforward_modules: a feedforward vector is (1, in), any other (out, 1)")
+for_loading = same_config
 
 
 @torch.no_grad()
-def merge(model: nn.Module) -> None:
+def merge(model: nn.Module, cfg: Config | None = None) -> None:
     """Fold every vector into its layer's weights and put the plain layer back."""
     for path, layer in layers(model).items():
         targets.swap(model, path, lambda _: layer.merged())
 
 
-def _names(model: nn.Module, paths: list[str]) -> list[str]:
-    """Leaf names when they select exactly ``paths``, else the full paths: PEFT then picks the same layers."""
-    if not paths:
-        return []
-    leaves = sorted({path.rsplit(".", 1)[-1] for path in paths})
-    return leaves if set(targets.find(model, leaves, types=(nn.Module,))) == set(paths) else paths
-
-
-def peft_config(cfg: Config, model: nn.Module) -> dict:
+def file_config(model: nn.Module, cfg: Config) -> dict:
     """PEFT's IA3Config keys. modules_to_save lists full paths: PEFT matches those as bare suffixes."""
     wrapped = layers(model)
-    return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "target_modules": _names(model, list(wrapped)),
-            "feedforward_modules": _names(model, [p for p, layer in wrapped.items() if layer.is_feedforward]),
+    return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "target_modules": leaf_names(model, list(wrapped)),
+            "feedforward_modules": leaf_names(model, [p for p, layer in wrapped.items() if layer.is_feedforward]),
             "fan_in_fan_out": False, "init_ia3_weights": cfg.init_ia3_weights,
-            "modules_to_save": _saved(model, cfg) or None, "inference_mode": True}
+            "modules_to_save": saved_modules(model, cfg.modules_to_save, [], "IA3") or None, "inference_mode": True}

@@ -24,9 +24,7 @@ initializing from real words' activations matters most in low-data settings).
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -34,42 +32,11 @@ from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
 from tuneforge.errors import UserError
-from tuneforge.methods import mark_injected
-from tuneforge.methods.prompt import (CACHE_ARGS, cache_in, check_model_keys, named_inputs, starts_sequence, text_ids,
-                                      text_tokenizer, widen)
+from tuneforge.methods import _virtual
+from tuneforge.methods._shared import Injected, MethodModule, check_state, injected, refuse_second_inject
+from tuneforge.methods.configs import PrefixConfig as Config
 
-PEFT_TYPE = "PREFIX_TUNING"
-
-
-@dataclass(frozen=True)
-class Config:
-    num_virtual_tokens: int = 20  # prefix length: key/value vectors per layer
-    prefix_projection: bool = False  # train the prefix through an MLP over an embedding; saved folded
-    encoder_hidden_size: int | None = None  # width of that MLP; null: kv_heads * head_dim, as PEFT
-    # null: normal(0, 1) as PEFT; "zero": an all-zero prefix (not the identity: zero keys still draw attention)
-    init_weights: Literal["zero"] | None = None
-    # Start from the keys and values the model itself computes for this text (its tokens repeated or
-    # cut to num_virtual_tokens), as Li & Liang recommend: at step 0 the model behaves exactly as if
-    # the text came before every input, instead of attending to random vectors. Wins over init_weights.
-    init_text: str | None = None
-    tokenizer_name_or_path: str | None = None  # init_text's tokenizer; default: the model's own folder
-    # The model's shape as PEFT records it (token_dim = kv_heads * head_dim, num_attention_heads =
-    # kv_heads); null: taken from the model, else checked against it
-    token_dim: int | None = None
-    num_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_transformer_submodules: int | None = None
-
-    def __post_init__(self):
-        if self.num_virtual_tokens < 1:
-            raise UserError(f"num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}",
-                            "method.num_virtual_tokens")
-        if self.init_text is not None and self.prefix_projection:
-            raise UserError("init_text sets the prefix itself, which prefix_projection computes through an MLP",
-                            "method.init_text", fix="drop init_text, or set prefix_projection: false")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
-            raise UserError(f"encoder_hidden_size must be at least 1, got {self.encoder_hidden_size}",
-                            "method.encoder_hidden_size")
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "prefix", "gradient", "PREFIX_TUNING", False
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -86,7 +53,7 @@ def model_keys(model: nn.Module) -> dict:
             "num_transformer_submodules": 1}
 
 
-class Prefix(nn.Module):
+class Prefix(nn.Module, MethodModule):
     """The prefix: ``embedding`` itself, or ``transform(embedding)`` with the projection."""
 
     def __init__(self, cfg: Config, shape: tuple[int, int, int], arg_names: list[str], device):
@@ -138,33 +105,28 @@ def text_prefix(model: nn.Module, ids: list[int]) -> Tensor:
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
     finally:
         model.train(was_training)
-    cache = next(getattr(out, k) for k in CACHE_ARGS if getattr(out, k, None) is not None)
+    cache = next(getattr(out, k) for k in _virtual.CACHE_ARGS if getattr(out, k, None) is not None)
     kv = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # 2L x (H, n, D)
     return torch.stack(kv).permute(2, 0, 1, 3).reshape(len(ids), -1).float()  # (n, 2L, H, D) -> (n, 2L*H*D)
 
 
-def _prefix(model: nn.Module) -> Prefix:
-    return next(m for m in model.modules() if isinstance(m, Prefix))
-
-
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
-    prefix = _prefix(model)
-    kwargs = named_inputs(prefix.arg_names, args, kwargs)
+    prefix = _virtual.find(model, Prefix)
+    kwargs = _virtual.named_inputs(prefix.arg_names, args, kwargs)
     if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
                                                           for m in model.modules()):
         raise UserError("prefix tuning feeds its prefix through the KV cache, which gradient checkpointing drops",
                         "train.gradient_checkpointing", fix="set train.gradient_checkpointing: false")
-    if starts_sequence(kwargs):
+    if _virtual.starts_sequence(kwargs):
         inputs = kwargs.get("input_ids")
         inputs = kwargs["inputs_embeds"] if inputs is None else inputs
-        cache = cache_in(kwargs)
-        key = next((k for k in CACHE_ARGS if kwargs.get(k) is not None),
-                   next((k for k in CACHE_ARGS if k in prefix.arg_names), CACHE_ARGS[0]))
+        cache = _virtual.cache_in(kwargs)
+        key = _virtual.cache_arg(kwargs, prefix.arg_names)
         device = prefix.embedding.device.type  # under autocast the keys come out in the autocast dtype
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
         kwargs[key] = prefix.fill(DynamicCache(config=model.config) if cache is None else cache, inputs.shape[0],
                                   dtype)
-    widen(kwargs, prefix.embedding.shape[0], lead_positions=False)
+    _virtual.widen(kwargs, prefix.embedding.shape[0], lead_positions=False)
     return (), kwargs
 
 
@@ -174,32 +136,27 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
         use_cache = getattr(model.config, "use_cache", True)
     if use_cache or not isinstance(output, ModelOutput):
         return None
-    return type(output)(**{k: v for k, v in output.items() if k not in CACHE_ARGS})
+    return type(output)(**{k: v for k, v in output.items() if k not in _virtual.CACHE_ARGS})
 
 
-def inject(model: nn.Module, cfg: Config, tokenizer=None) -> None:
+def inject(model: nn.Module, cfg: Config, tokenizer=None) -> Injected:
     """Freeze the model and give every attention layer a trainable prefix. ``tokenizer`` splits
     ``init_text``; without it, ``tokenizer_name_or_path`` or else the model's folder is read."""
-    mark_injected(model, "prefix", cfg)  # raises if any method is already in
+    refuse_second_inject(model)
+    _virtual.check_model_keys(cfg, model_keys(model))
     init = None
-    try:
-        check_model_keys(cfg, model_keys(model))
-        if cfg.init_text is not None:
-            tokenizer, source = text_tokenizer(model, cfg.tokenizer_name_or_path, tokenizer, "init_text")
-            init = text_prefix(model, text_ids(tokenizer, cfg.init_text, cfg.num_virtual_tokens, "method.init_text"))
-            cfg = replace(cfg, tokenizer_name_or_path=source)
-    except Exception:  # a bad config, or running the text failed: nothing changed, so a retry may go ahead
-        model.tuneforge_method = None
-        raise
-    model.tuneforge_method = ("prefix", cfg)
+    if cfg.init_text is not None:
+        tokenizer, source = _virtual.text_tokenizer(model, cfg.tokenizer_name_or_path, tokenizer, "init_text")
+        ids = _virtual.text_ids(tokenizer, cfg.init_text, cfg.num_virtual_tokens, "method.init_text")
+        init, cfg = text_prefix(model, ids), replace(cfg, tokenizer_name_or_path=source)
     model.requires_grad_(False)
     device = model.get_input_embeddings().weight.device
-    model.tuneforge_prefix = Prefix(cfg, kv_shape(model), list(inspect.signature(model.forward).parameters), device)
+    prefix = Prefix(cfg, kv_shape(model), _virtual.forward_arg_names(model), device)
     if init is not None:
         with torch.no_grad():
-            model.tuneforge_prefix.embedding.copy_(init)
-    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
-    model.register_forward_hook(_after_forward, with_kwargs=True)
+            prefix.embedding.copy_(init)
+    _virtual.attach(model, "tuneforge_prefix", prefix, _before_forward, _after_forward)
+    return injected(__name__, cfg)
 
 
 def for_loading(cfg: Config) -> Config:
@@ -207,40 +164,35 @@ def for_loading(cfg: Config) -> Config:
     return replace(cfg, init_text=None)
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
     return {f"{path}.{key}": p for path, m in model.named_modules() if isinstance(m, Prefix)
             for key, p in m.named_parameters()}
 
 
-def state_dict(model: nn.Module) -> dict[str, Tensor]:
+def state_dict(model: nn.Module, cfg: Config) -> dict[str, Tensor]:
     """The prefix itself, computed through the MLP when there is one: PEFT's saved form."""
     with torch.no_grad():
-        return {"prompt_embeddings": _prefix(model).prefix().detach()}
+        return {"prompt_embeddings": _virtual.find(model, Prefix).prefix().detach()}
 
 
-@torch.no_grad()
-def load_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
+def load_state_dict(model: nn.Module, cfg: Config, sd: dict[str, Tensor]) -> None:
     """Load a saved prefix; a model built with the projection drops its MLP for it (the saved prefix is
     what the MLP computed, and the MLP cannot be recovered from it)."""
-    prefix = _prefix(model)
-    if set(sd) != {"prompt_embeddings"}:
-        raise UserError(f"a prefix-tuning adapter holds one tensor, 'prompt_embeddings'; this one has {sorted(sd)[:3]}",
-                        fix="load an adapter saved with method prefix (PEFT: PREFIX_TUNING)")
+    prefix = _virtual.find(model, Prefix)
     layers, kv_heads, head_dim = prefix.shape
-    expected = (prefix.embedding.shape[0], layers * 2 * kv_heads * head_dim)
-    if tuple(sd["prompt_embeddings"].shape) != expected:
-        raise UserError(f"tensor 'prompt_embeddings' has shape {tuple(sd['prompt_embeddings'].shape)}, the model "
-                        f"expects {expected}", fix="check num_virtual_tokens and the base model")
+    check_state({"prompt_embeddings": (prefix.embedding.shape[0], layers * 2 * kv_heads * head_dim)}, sd,
+                fix="load an adapter saved with method prefix (PEFT: PREFIX_TUNING), with this num_virtual_tokens, "
+                    "on its base model")
     prefix.fold()
-    prefix.embedding.copy_(sd["prompt_embeddings"])
+    with torch.no_grad():
+        prefix.embedding.copy_(sd["prompt_embeddings"])
 
 
-def merge(model: nn.Module) -> None:
-    raise UserError("a prefix is extra keys and values in the attention, not a change of weights: it cannot be merged",
-                    fix="keep the adapter and load it with the base (tuneforge eval/generate --adapter)")
+def merge(model: nn.Module, cfg: Config | None = None) -> None:
+    _virtual.no_merge("a prefix is extra keys and values in the attention")
 
 
-def peft_config(cfg: Config, model: nn.Module) -> dict:
+def file_config(model: nn.Module, cfg: Config) -> dict:
     """PEFT's PrefixTuningConfig keys. prefix_projection is written false: the file holds the folded prefix,
     which PEFT loads (for inference or further training) only as a plain prefix."""
     keys = model_keys(model)

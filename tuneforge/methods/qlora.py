@@ -12,67 +12,27 @@ given before loading, and evaluation sees the 4-bit weights the adapter was trai
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import typing
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from tuneforge.errors import UserError
-from tuneforge.io.load import resolve_dtype
-from tuneforge.methods import lora, mark_injected
+from tuneforge.devices import resolve_dtype
+from tuneforge.methods import lora
+from tuneforge.methods._shared import Injected, injected, prefixed_hooks, refuse_second_inject, same_config
+from tuneforge.methods.configs import QLoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
 
+NAME, KIND, WHOLE_MODEL = "qlora", "gradient", False
 PEFT_TYPE = "LORA"  # the adapter is LoRA's; how the base is held in memory is not part of it
 
 
-@dataclass(frozen=True)
-class Quantization:
-    """QLoRA's keys besides LoRA's."""
-
-    block_size: int = 64  # weights per absmax scale
-    double_quant: bool = True  # store the scales in 8 bits too: about 4.127 instead of 4.5 bits per weight
-    # the dtype the weights are rebuilt in for each matmul; auto: fp32 on CPU, bf16 on CUDA
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-
-
-def _fields(cls) -> list[tuple]:
-    """(name, type, field) of a dataclass, fresh copies, to build another dataclass from."""
-    hints = typing.get_type_hints(cls)
-    return [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory))
-            for f in dataclasses.fields(cls)]
-
-
-def _check(cfg) -> None:
-    lora.Config.__post_init__(cfg)  # LoRA's checks, and its reading of a one-item target_modules list
-    if cfg.block_size < 2 or cfg.block_size % 2:
-        raise UserError(f"block_size must be a positive even number, got {cfg.block_size}", "method.block_size",
-                        fix="use 64, as QLoRA does")
-
-
-# Every LoRA key with LoRA's defaults, then the quantization keys: built from lora.Config, so the two
-# cannot drift apart.
-Config = dataclasses.make_dataclass(
-    "Config", _fields(lora.Config) + _fields(Quantization), frozen=True,
-    namespace={"__post_init__": _check, "__module__": __name__, "__doc__": "lora.Config's keys plus Quantization's."})
-
-
-def lora_config(cfg: Config) -> lora.Config:
-    """LoRA's share of a QLoRA config."""
-    return lora.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(lora.Config)})
-
-
-def inject(model: nn.Module, cfg: Config) -> None:
+def inject(model: nn.Module, cfg: Config) -> Injected:
     """Quantize the targeted linear layers to NF4, then put LoRA on them. The unquantized tensors
     (embeddings, head, norms) are cast to ``compute_dtype`` if they are in another dtype; LoRA's are float32."""
-    if getattr(model, "tuneforge_method", None) is not None:
-        mark_injected(model, "qlora", cfg)  # raises, before anything is quantized
-    lora_cfg = lora_config(cfg)
-    names, _ = lora._find(model, lora_cfg)  # targets.find plus LoRA's own checks, while nothing has changed
+    refuse_second_inject(model)
+    names, saved = lora.find(model, cfg.lora())  # LoRA's checks, while nothing has changed
     compute_dtype = resolve_dtype(cfg.compute_dtype, next(model.parameters()).device)
     before = memory_report(model)["total_bytes"]
     # One dtype for the whole forward: what the quantized layers return feeds the norms, the head and
@@ -85,8 +45,8 @@ def inject(model: nn.Module, cfg: Config) -> None:
         print(f"tuneforge: qlora: {after['quantized_layers']} linear layers to NF4 ({after['bits_per_weight']:.3f} "
               f"bits per weight), computing in {str(compute_dtype).removeprefix('torch.')}; model "
               f"{before / 2**20:.2f} MiB -> {after['total_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
-    lora.inject(model, lora_cfg, name="qlora")
-    model.tuneforge_method = ("qlora", cfg)  # the whole config, quantization keys included
+    lora.attach(model, cfg.lora(), names, saved)
+    return injected(__name__, cfg)
 
 
 @torch.no_grad()
@@ -108,12 +68,15 @@ def _release_checkpoint(model: nn.Module) -> None:
                 module._buffers[name] = buffer.clone()
 
 
-trainable = lora.trainable
-state_dict = lora.state_dict
-load_state_dict = lora.load_state_dict
+def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
+    return lora.trainable(model, cfg.lora())
 
 
-def merge(model: nn.Module) -> None:
+state_dict, load_state_dict = prefixed_hooks(trainable, fix=lora.FIX)
+for_loading = same_config
+
+
+def merge(model: nn.Module, cfg: Config | None = None) -> None:
     """Dense layers holding dequantized NF4 + s * B A: a plain transformers model again."""
     lora.merge(model)  # replaces each quantized base by an nn.Linear with the merged weight
     warnings.warn("qlora: the adapter was trained against the 4-bit weights, so the merged model holds the "
@@ -121,9 +84,10 @@ def merge(model: nn.Module) -> None:
                   "gives a different model", stacklevel=2)
 
 
-def peft_config(cfg: Config, model: nn.Module) -> dict:
-    """LoRA's keys only: block_size and the like would make PEFT warn about a config it cannot read."""
-    return lora.peft_config(lora_config(cfg), model)
+def file_config(model: nn.Module, cfg: Config) -> dict:
+    """LoRA's keys only: block_size and the like would make PEFT warn about a config it cannot read
+    (tuneforge keeps them in the weights file's metadata)."""
+    return lora.file_config(model, cfg.lora())
 
 
 def memory_report(model: nn.Module) -> dict:
@@ -141,8 +105,7 @@ def memory_report(model: nn.Module) -> dict:
     quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
     codes = {id(t): t for m in quantized for t in (m.packed, m.absmax, m.absmax_scale, m.absmax_offset)
              if t is not None}
-    adapter = {id(p): p for layer in lora.layers(model).values()
-               for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector) if p is not None}
+    adapter = {id(p): p for layer in lora.layers(model).values() for p in layer.adapter_params().values()}
     rest = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in codes and id(t) not in adapter}
     weights = sum(m.in_features * m.out_features for m in quantized)
     quantized_bytes, unquantized, adapter_bytes = (sum(t.numel() * t.element_size() for t in d.values())

@@ -1,29 +1,29 @@
-"""One typed, frozen configuration for every command.
+"""The run configuration: one typed, frozen RunCfg for every command.
 
 A YAML file is data: it is read into these dataclasses, ``--set key.sub=value`` overrides a field
 with that field's own type, and an unknown key, a wrong type or a missing required field is a
-UserError naming the key and the file before any work starts. Each field's comment is its help.
+UserError naming the key and the file before any work starts. The ``method`` section is checked
+against the chosen method's own Config (``tuneforge.methods.configs``). Each field's comment is its
+help. Nothing here imports torch: a config is checked before any model code loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
 
+from tuneforge.config.parse import FromCli, Where, build, line_numbers
 from tuneforge.errors import UserError
-from tuneforge.io.atomic import write_text
+from tuneforge.methods.configs import CONFIGS, DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
 class MethodCfg:
-    name: str = "full"  # the fine-tuning method: a name in tuneforge.methods.REGISTRY
+    name: str = DEFAULT_METHOD  # the fine-tuning method: one of tuneforge.methods.configs.CONFIGS
     # The method's own keys (for LoRA PEFT's names: r, lora_alpha, target_modules, ...), checked
     # against that method's Config at parse time; in YAML they sit beside `name`.
     args: Mapping[str, Any] = field(default_factory=dict)
@@ -101,147 +101,16 @@ class RunCfg:
     compare: CompareCfg = field(default_factory=CompareCfg)  # only `tuneforge compare` reads this
 
 
-class _FromCli(str):
-    """A value typed on the command line: parsed by the type of the field it lands in."""
-
-
-def _line_numbers(text: str) -> dict[str, int]:
-    """Map each dotted key of a YAML mapping to its 1-based line, for error messages."""
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                dotted = f"{prefix}{key.value}"
-                lines[dotted] = key.start_mark.line + 1
-                walk(value, dotted + ".")
-
-    try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
-    return lines
-
-
-class _Where:
-    def __init__(self, source: str, lines: Mapping[str, int], from_cli: set[str]):
-        self.source, self.lines, self.from_cli = source, lines, from_cli
-
-    def __call__(self, key: str) -> str:
-        if key in self.from_cli:
-            return f"--set {key}"
-        line = self.lines.get(key)
-        return f"{self.source}:{line}: key '{key}'" if line else f"{self.source}: key '{key}'"
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, key: str, where: _Where) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    wrong = UserError(f"expected {_type_name(tp)}, got {value!r}", where(key), fix="correct the value")
-    if tp is Any:
-        return yaml.safe_load(value) if isinstance(value, _FromCli) else value
-    if origin in (typing.Union, types.UnionType):
-        if isinstance(value, _FromCli) and value.strip().lower() in ("null", "none", "~") and type(None) in args:
-            return None
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, where)
-            except UserError:
-                continue
-        raise wrong
-    if origin is Literal:
-        value = str(value) if isinstance(value, _FromCli) else value
-        if value not in args:
-            raise UserError(f"{value!r} is not allowed", where(key), fix=f"use {_type_name(tp)}")
-        return value
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise wrong
-    if isinstance(value, _FromCli):  # anything but a string is parsed as YAML first
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise wrong from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise wrong from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise wrong
-    if origin in (list, tuple):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # one item may be written without brackets
-        if not isinstance(value, list):
-            raise wrong
-        return [_coerce(v, args[0], key, where) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise wrong
-        return {str(k): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"expected a mapping of {tp.__name__} keys, got {value!r}", where(key))
-        return build(tp, value, where, prefix=key + ".")
-    raise TypeError(f"config type {tp!r} is not supported")  # a tuneforge bug, not a user error
-
-
-def build(cls, raw: Mapping[str, Any], where: _Where | None = None, prefix: str = ""):
-    """Build the frozen dataclass ``cls`` from a mapping, checking every key and type."""
-    where = where or _Where("config", {}, set())
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
-            raise UserError(f"unknown key '{prefix}{key}'", where(prefix + str(key)),
-                            fix=f"{hint}allowed keys: {', '.join(prefix + f for f in fields)}")
-        values[key] = _coerce(value, hints[key], prefix + str(key), where)
-    for name, f in fields.items():
-        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise UserError(f"missing required key '{prefix}{name}'", where.source, fix=f"add '{prefix}{name}'")
-    return cls(**values)
-
-
-def _method_cfg(raw: Any, where: _Where) -> MethodCfg:
-    from tuneforge.methods import REGISTRY
-
-    if isinstance(raw, (str, _FromCli)):
+def _method_cfg(raw: Any, where: Where) -> MethodCfg:
+    if isinstance(raw, (str, FromCli)):
         raw = {"name": str(raw)}
     if not isinstance(raw, dict):
         raise UserError(f"expected a mapping with 'name', got {raw!r}", where("method"))
     raw = dict(raw)
-    name = str(raw.pop("name", "full"))
-    if name not in REGISTRY:
-        raise UserError(f"unknown method {name!r}", where("method.name"), fix=f"use one of {', '.join(REGISTRY)}")
-    config = build(REGISTRY[name].Config, raw, where, prefix="method.")
+    name = str(raw.pop("name", DEFAULT_METHOD))
+    if name not in CONFIGS:
+        raise UserError(f"unknown method {name!r}", where("method.name"), fix=f"use one of {', '.join(CONFIGS)}")
+    config = build(CONFIGS[name], raw, where, prefix="method.")
     return MethodCfg(name=name, args=dataclasses.asdict(config))
 
 
@@ -260,15 +129,21 @@ def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
 
 def from_dict(raw: Mapping[str, Any], overrides: list[str] = (), source: str = "config",
               lines: Mapping[str, int] | None = None) -> RunCfg:
+    """A RunCfg from plain data, as a YAML file would hold it: the way to build a config in Python.
+
+        from_dict({"method": {"name": "lora", "r": 8}, "data": {"path": "train.jsonl"}})
+
+    ``overrides`` are ``key.sub=value`` strings, as ``--set`` takes them; ``source`` and ``lines``
+    name where the data came from in error messages."""
     raw = dict(raw)
     from_cli = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"cannot read override {item!r}", "--set", fix="write --set key.sub=value")
-        _set(raw, key.strip(), _FromCli(value), f"--set {item}")
+        _set(raw, key.strip(), FromCli(value), f"--set {item}")
         from_cli.add(key.strip())
-    where = _Where(source, lines or {}, from_cli)
+    where = Where(source, lines or {}, from_cli)
     method = _method_cfg(raw.pop("method", {}), where)
     cfg = build(RunCfg, raw, where)
     return dataclasses.replace(cfg, method=method)
@@ -292,7 +167,7 @@ def from_yaml(path: str | Path, overrides: list[str] = ()) -> RunCfg:
         raise UserError(f"invalid YAML: {problem}", where, fix="fix the YAML syntax") from None
     if not isinstance(raw, dict):
         raise UserError("the top level must be a mapping of sections (model, method, data, train, eval)", str(path))
-    return from_dict(raw, overrides, source=str(path), lines=_line_numbers(text))
+    return from_dict(raw, overrides, source=str(path), lines=line_numbers(text))
 
 
 def to_dict(cfg: RunCfg) -> dict[str, Any]:
@@ -305,13 +180,12 @@ def to_yaml(cfg: RunCfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save(cfg: RunCfg, path: str | Path) -> None:
-    write_text(path, to_yaml(cfg))
-
-
 def method_config(cfg: RunCfg | MethodCfg):
     """The method's own Config instance for a run."""
-    from tuneforge.methods import REGISTRY
-
     m = cfg.method if isinstance(cfg, RunCfg) else cfg
-    return REGISTRY[m.name].Config(**m.args)
+    return CONFIGS[m.name](**m.args)
+
+
+def with_method(cfg: RunCfg, name: str, method_cfg) -> RunCfg:
+    """``cfg`` with its method section replaced by ``method_cfg`` (an instance of that method's Config)."""
+    return dataclasses.replace(cfg, method=MethodCfg(name=name, args=dataclasses.asdict(method_cfg)))

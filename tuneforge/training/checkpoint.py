@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuneforge.atomic import atomic_dir
 from tuneforge.errors import UserError
-from tuneforge.io.atomic import atomic_dir
 
 PREFIX = "step-"
 

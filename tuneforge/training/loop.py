@@ -20,11 +20,13 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tuneforge.config import TrainCfg
+from tuneforge.eval.evaluator import Evaluator
 from tuneforge.eval.lm import label_loss
-from tuneforge.train import checkpoint
-from tuneforge.train.optim import lr_multiplier, make_optimizer
+from tuneforge.training import checkpoint
+from tuneforge.training.optim import lr_multiplier, make_optimizer
 
 BatchOrder = Callable[[int], list[list[int]]]  # epoch -> lists of example indices
 
@@ -45,18 +47,6 @@ class Summary:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Evaluator:
-    """What to measure on the held-out data, and which of its metrics decides "best"."""
-
-    run: Callable[[nn.Module], dict]
-    metric: str = "loss"
-    higher_is_better: bool = False
-
-    def better(self, new: float, old: float | None) -> bool:
-        return old is None or (new > old if self.higher_is_better else new < old)
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int) -> BatchOrder:
@@ -252,6 +242,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,30 @@
+"""Devices and dtypes by name: ``auto`` is CUDA when there is one, and float32 on a CPU (no fast
+half-precision units there) or bfloat16 on CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", fix=f"use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]

@@ -1,0 +1,235 @@
+"""What the methods share: the protocols they implement, the handle ``inject`` returns, and the
+plumbing that would otherwise be written once per method (refusing a second inject, wrapping the
+targeted layers, modules_to_save, PEFT-keyed state dicts, a dense layer rebuilt from a quantized one).
+
+A gradient method is a module that implements ``GradientMethod``; ``inject`` returns an ``Injected``
+(the method and its config), which the loop, saving, merging, export, evaluation and compare take
+as an argument. Nothing rides on the model as a hidden attribute, so a model wrapped by DDP or FSDP
+needs nothing special. Feature-based fine-tuning changes no weight: it implements ``ProbeMethod``,
+whose ``fit`` returns a ``Probe``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tuneforge import targets
+from tuneforge.errors import UserError
+from tuneforge.quant.nf4 import NF4Linear
+
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module path in adapter_model.safetensors
+
+
+class GradientMethod(Protocol):
+    """A method trained by the loop. Every hook is implemented by every such method; where the math
+    does not allow one (merging a soft prompt), it raises a UserError that says why."""
+
+    NAME: str
+    KIND: Literal["gradient"]
+    PEFT_TYPE: str | None  # "LORA", "PROMPT_TUNING", ... or None: tuneforge's own adapter format
+    WHOLE_MODEL: bool  # a run's result is the whole model (full fine-tuning), not an adapter folder
+    Config: type
+
+    def inject(self, model: nn.Module, cfg) -> Injected: ...  # freeze the base, add the method's tensors
+    def trainable(self, model: nn.Module, cfg) -> dict[str, nn.Parameter]: ...  # found by type, not name
+    def state_dict(self, model: nn.Module, cfg) -> dict[str, Tensor]: ...  # keys as written on disk
+    def load_state_dict(self, model: nn.Module, cfg, sd: dict[str, Tensor]) -> None: ...
+    def file_config(self, model: nn.Module, cfg) -> dict: ...  # adapter_config.json (PEFT's keys if PEFT has it)
+    def for_loading(self, cfg): ...  # the config to inject before saved weights replace the start
+    def merge(self, model: nn.Module, cfg) -> None: ...  # fold into the base weights, or a UserError
+
+
+class Probe(Protocol):
+    """A fitted classifier on a frozen model's features."""
+
+    cfg: Any  # the method's Config, with every choice made (the layer resolved to an index)
+    labels: list[str]  # label names by class index
+    base: dict | None  # fingerprint of the model the features came from
+
+    def scores(self, features: np.ndarray) -> np.ndarray: ...  # (n, hidden) -> (n, n_labels) logits
+    def parameter_count(self) -> int: ...
+    def report(self) -> dict: ...  # the choices the fit made, for the run's summary
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+
+class ProbeMethod(Protocol):
+    """A method that fits on features of the frozen model instead of training through it."""
+
+    NAME: str
+    KIND: Literal["probe"]
+    PEFT_TYPE: None
+    Config: type
+
+    def layers(self, model: nn.Module, cfg) -> list[int]: ...  # hidden states fit() needs
+    def token_ids(self, tokenizer, texts: list[str], cfg) -> list[list[int]]: ...
+    def extract(self, model: nn.Module, ids: list[list[int]], layers: list[int], cfg, pad_id: int
+                ) -> np.ndarray: ...  # (len(layers), n, hidden)
+    def fit(self, features: np.ndarray, layers: list[int], labels, cfg, label_names: list[str],
+            base: dict | None) -> Probe: ...
+    def from_state_dict(self, cfg, sd: dict[str, Tensor], labels: list[str], base: dict | None) -> Probe: ...
+
+
+@dataclass(frozen=True)
+class Injected:
+    """A gradient method in a model: which method, with which config. Its methods call the
+    method's hooks with this config."""
+
+    method: GradientMethod
+    cfg: Any
+
+    @property
+    def name(self) -> str:
+        return self.method.NAME
+
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return self.method.trainable(model, self.cfg)
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return self.method.state_dict(model, self.cfg)
+
+    def load_state_dict(self, model: nn.Module, sd: dict[str, Tensor]) -> None:
+        self.method.load_state_dict(model, self.cfg, sd)
+
+    def file_config(self, model: nn.Module) -> dict:
+        return self.method.file_config(model, self.cfg)
+
+    def merge(self, model: nn.Module) -> None:
+        self.method.merge(model, self.cfg)
+
+
+def injected(module_name: str, cfg) -> Injected:
+    """The handle a method's ``inject`` returns: ``injected(__name__, cfg)``."""
+    return Injected(sys.modules[module_name], cfg)
+
+
+class MethodModule:
+    """Marks a module a method puts into a model (mixed into its nn.Module), so that a second
+    inject finds the first by the model's structure."""
+
+
+def refuse_second_inject(model: nn.Module) -> None:
+    for path, module in model.named_modules():
+        if isinstance(module, (MethodModule, NF4Linear)):
+            raise RuntimeError(f"a method is already injected into this model ({type(module).__name__} at "
+                               f"{path}); load a fresh model to inject another")
+
+
+def modules_of(model: nn.Module, kind: type) -> dict[str, nn.Module]:
+    """Every module of type ``kind`` in ``model``, by path: how a method finds its own layers."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, kind)}
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(iter([*module.parameters(), *module.buffers()])).device
+
+
+def wrap(model: nn.Module, paths: list[str], make: Callable[[str, nn.Module], nn.Module]) -> None:
+    """Freeze the whole model, then put ``make(path, layer)`` where each targeted layer was."""
+    model.requires_grad_(False)
+    for path in paths:
+        targets.swap(model, path, lambda old: make(path, old))
+
+
+def saved_modules(model: nn.Module, names: list[str] | None, wrapped: list[str], what: str) -> list[str]:
+    """The paths of ``modules_to_save``: whole modules trained and saved beside ``wrapped``, none inside
+    or around a wrapped layer (``what`` names the method in the error)."""
+    saved = targets.find(model, names, types=(nn.Module,), key="modules_to_save") if names else []
+    for s in saved:
+        if clash := [w for w in wrapped if w == s or w.startswith(s + ".") or s.startswith(w + ".")]:
+            raise UserError(f"modules_to_save entry {s!r} overlaps the {what} targets {clash[:3]}", "modules_to_save",
+                            fix="save a module that no target lies in, or drop it from target_modules")
+    return saved
+
+
+def saved_parameters(model: nn.Module, paths: list[str]) -> dict[str, nn.Parameter]:
+    return {f"{path}.{key}": p for path in paths for key, p in model.get_submodule(path).named_parameters()}
+
+
+def leaf_names(model: nn.Module, paths: list[str]) -> list[str]:
+    """Leaf names when they select exactly ``paths``, else the full paths: what target_modules must say
+    in adapter_config.json so that PEFT wraps the same layers whatever pattern chose them."""
+    if not paths:
+        return []
+    leaves = sorted({path.rsplit(".", 1)[-1] for path in paths})
+    return leaves if set(targets.find(model, leaves, types=(nn.Module,))) == set(paths) else list(paths)
+
+
+def prefixed_hooks(trainable: Callable, fix: str) -> tuple[Callable, Callable]:
+    """(state_dict, load_state_dict) for a method whose file holds exactly its trainable tensors under
+    PEFT's keys; ``fix`` says which config keys to check when a file does not fit."""
+    def state_dict(model: nn.Module, cfg) -> dict[str, Tensor]:
+        return prefixed_state(trainable(model, cfg))
+
+    def load_state_dict(model: nn.Module, cfg, sd: dict[str, Tensor]) -> None:
+        load_prefixed(trainable(model, cfg), sd, fix)
+
+    return state_dict, load_state_dict
+
+
+def same_config(cfg):
+    """``for_loading`` of a method whose start reads nothing but its config: the config itself."""
+    return cfg
+
+
+def prefixed_state(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """A method's tensors under PEFT's keys: its state dict is its trainable tensors, prefixed."""
+    return {PEFT_PREFIX + key: p.detach() for key, p in params.items()}
+
+
+@torch.no_grad()
+def load_prefixed(params: dict[str, nn.Parameter], sd: dict[str, Tensor], fix: str) -> None:
+    """Copy ``sd`` (PEFT's keys) into ``params``; a missing, unexpected or misshapen tensor is a
+    UserError naming it, with ``fix`` saying which config setting to check."""
+    load_exact({PEFT_PREFIX + key: p for key, p in params.items()}, sd, fix)
+
+
+def check_state(shapes: dict[str, tuple], sd: dict[str, Tensor], fix: str) -> None:
+    """``sd`` must hold exactly the keys of ``shapes``, each of that shape, or a UserError names the first
+    that does not."""
+    missing, unexpected = sorted(shapes.keys() - sd.keys()), sorted(sd.keys() - shapes.keys())
+    if missing or unexpected:
+        what = f"tensor {missing[0]!r} is missing" if missing else f"unexpected tensor {unexpected[0]!r}"
+        raise UserError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected)", fix=fix)
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(sd[key].shape):
+            raise UserError(f"tensor {key!r} has shape {tuple(sd[key].shape)}, the model expects {tuple(shape)}",
+                            fix=fix)
+
+
+@torch.no_grad()
+def load_exact(params: dict[str, Tensor], sd: dict[str, Tensor], fix: str) -> None:
+    """Copy ``sd`` into ``params``, key for key: the same keys and shapes, or a UserError."""
+    check_state({key: p.shape for key, p in params.items()}, sd, fix)
+    for key, p in params.items():
+        p.copy_(sd[key])
+
+
+def base_weight(layer: nn.Module) -> Tensor:
+    """(out, in): a linear layer's weight, rebuilt from its codes when it is quantized."""
+    return layer.dequantize() if isinstance(layer, NF4Linear) else layer.weight
+
+
+@torch.no_grad()
+def dense_copy(layer: nn.Module, weight: Tensor) -> nn.Linear:
+    """A frozen nn.Linear with ``weight`` (out, in) and ``layer``'s bias: how a merge replaces a
+    quantized layer, which cannot hold merged weights."""
+    dtype = layer.weight_dtype if isinstance(layer, NF4Linear) else layer.weight.dtype
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
+                      dtype=dtype)
+    plain.weight.copy_(weight)
+    if layer.bias is not None:
+        plain.bias.copy_(layer.bias)
+    return plain.requires_grad_(False)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Weights in the model, counting a quantized layer's weight by its shape: a 4-bit weight is
+    still a weight (its packed codes are buffers, not parameters)."""
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    return sum(p.numel() for p in model.parameters()) + quantized

@@ -1,0 +1,193 @@
+"""Every method's configuration keys, as frozen dataclasses: one per method, named in ``CONFIGS``.
+
+They live apart from the methods' code so that a run configuration is checked (every key, type and
+range) without importing torch; each method module exposes its own as ``Config``. Keys follow PEFT's
+names where PEFT has the method, so an adapter_config.json reads straight into them. A field's
+comment is its documentation. A check names its key as ``method.<key>``, as a YAML file writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from tuneforge.errors import UserError
+
+REGEX_CHARS = set("*+?()[]{}|\\^$")
+
+
+def as_pattern(names):
+    """The config parser reads a lone string as a one-item list; a regex or "all-linear" is a string."""
+    if isinstance(names, list) and len(names) == 1 and (names[0] == "all-linear" or REGEX_CHARS & set(names[0])):
+        return names[0]
+    return names
+
+
+def _at_least(cfg, key: str, low: float, above: bool = False) -> None:
+    value = getattr(cfg, key)
+    if value is not None and (value <= low if above else value < low):
+        raise UserError(f"{key} must be {'above' if above else 'at least'} {low}, got {value}", f"method.{key}")
+
+
+def _fraction(cfg, key: str) -> None:
+    if not 0.0 <= getattr(cfg, key) < 1.0:
+        raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}", f"method.{key}")
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    freeze_embeddings: bool = False  # keep the input embeddings (and a head tied to them) frozen
+    freeze_layers: int = 0  # keep the first k transformer blocks frozen
+
+    def __post_init__(self):
+        _at_least(self, "freeze_layers", 0)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8  # rank of the update
+    lora_alpha: float = 16  # the update is scaled by lora_alpha / r (or / sqrt(r) with use_rslora)
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    # leaf names (["q_proj", "v_proj"]), a regular expression over module paths, or "all-linear"
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False  # scale by lora_alpha / sqrt(r): higher ranks keep learning
+    use_dora: bool = False  # learn a magnitude per output row as well (DoRA)
+    modules_to_save: list[str] | None = None  # whole modules trained and saved besides the adapter (e.g. lm_head)
+    bias: str = "none"  # PEFT's bias training; only "none" is supported
+    init_lora_weights: bool | str = True  # True: B = 0 (identity at start); "gaussian"; False: B random too
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", as_pattern(self.target_modules))
+        _at_least(self, "r", 1)
+        _fraction(self, "lora_dropout")
+        if self.bias != "none":
+            raise UserError(f"bias={self.bias!r} is not supported", "method.bias", fix='use bias: "none"')
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise UserError(f"init_lora_weights={self.init_lora_weights!r} is not supported",
+                            "method.init_lora_weights", fix='use true, false or "gaussian"')
+
+
+@dataclass(frozen=True)
+class QLoraConfig(LoraConfig):
+    """LoRA's keys with LoRA's defaults, then the quantization of the targeted layers."""
+
+    block_size: int = 64  # weights per absmax scale
+    double_quant: bool = True  # store the scales in 8 bits too: about 4.127 instead of 4.5 bits per weight
+    # the dtype the weights are rebuilt in for each matmul; auto: fp32 on CPU, bf16 on CUDA
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block_size < 2 or self.block_size % 2:
+            raise UserError(f"block_size must be a positive even number, got {self.block_size}", "method.block_size",
+                            fix="use 64, as QLoRA does")
+
+    def lora(self) -> LoraConfig:
+        """LoRA's share of the keys."""
+        return LoraConfig(**{f.name: getattr(self, f.name) for f in fields(LoraConfig)})
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"  # houlsby: after attention and MLP; pfeiffer: MLP only
+    bottleneck_size: int | None = None  # width of the bottleneck; None: hidden size // reduction_factor
+    reduction_factor: int = 16  # used when bottleneck_size is None
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # between the down- and up-projection
+    train_norms: bool = False  # also train every RMSNorm / LayerNorm weight (Houlsby trains them)
+    dropout: float = 0.0  # dropout on the bottleneck activations
+    attn_output_modules: list[str] = field(default_factory=lambda: ["o_proj"])  # leaf names: attention output
+    mlp_output_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # leaf names: MLP output
+
+    def __post_init__(self):
+        _at_least(self, "bottleneck_size", 1)
+        _at_least(self, "reduction_factor", 1)
+        _fraction(self, "dropout")
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    # leaf names, a regular expression over module paths, or "all-linear"
+    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    # those targets whose input, not output, is scaled (PEFT requires them to be among the targets)
+    feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
+    modules_to_save: list[str] | None = None  # whole modules trained and saved besides the vectors
+    init_ia3_weights: bool = True  # True: vectors of ones (identity at start); False: random normal, as PEFT
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", as_pattern(self.target_modules))
+        object.__setattr__(self, "feedforward_modules", as_pattern(self.feedforward_modules))
+
+
+@dataclass(frozen=True)
+class VirtualTokenShape:
+    """The model's shape as PEFT records it for prompt and prefix tuning; null: taken from the model,
+    else checked against it."""
+
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_transformer_submodules: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptConfig(VirtualTokenShape):
+    num_virtual_tokens: int = 20  # length of the soft prompt: trainable vectors of the model's hidden size
+    # RANDOM: normal, with the standard deviation of the model's embeddings; SAMPLE_VOCAB: the
+    # embeddings of random tokens; TEXT: of prompt_tuning_init_text's tokens, repeated or cut to length
+    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TEXT"] = "RANDOM"
+    prompt_tuning_init_text: str | None = None  # TEXT: e.g. "Classify the sentiment of this review:"
+    # TEXT: the tokenizer (a folder or hub name) that splits the text; default: the model's own folder
+    tokenizer_name_or_path: str | None = None
+
+    def __post_init__(self):
+        _at_least(self, "num_virtual_tokens", 1)
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise UserError("prompt_tuning_init TEXT needs the text", "method.prompt_tuning_init_text",
+                            fix="set prompt_tuning_init_text, or use RANDOM or SAMPLE_VOCAB")
+
+
+@dataclass(frozen=True)
+class PrefixConfig(VirtualTokenShape):
+    """For prefix tuning PEFT records token_dim = kv_heads * head_dim and num_attention_heads = kv_heads."""
+
+    num_virtual_tokens: int = 20  # prefix length: key/value vectors per layer
+    prefix_projection: bool = False  # train the prefix through an MLP over an embedding; saved folded
+    encoder_hidden_size: int | None = None  # width of that MLP; null: kv_heads * head_dim, as PEFT
+    # null: normal(0, 1) as PEFT; "zero": an all-zero prefix (not the identity: zero keys still draw attention)
+    init_weights: Literal["zero"] | None = None
+    # Start from the keys and values the model itself computes for this text (its tokens repeated or
+    # cut to num_virtual_tokens), as Li & Liang recommend: at step 0 the model behaves exactly as if
+    # the text came before every input, instead of attending to random vectors. Wins over init_weights.
+    init_text: str | None = None
+    tokenizer_name_or_path: str | None = None  # init_text's tokenizer; default: the model's own folder
+
+    def __post_init__(self):
+        _at_least(self, "num_virtual_tokens", 1)
+        _at_least(self, "encoder_hidden_size", 1)
+        if self.init_text is not None and self.prefix_projection:
+            raise UserError("init_text sets the prefix itself, which prefix_projection computes through an MLP",
+                            "method.init_text", fix="drop init_text, or set prefix_projection: false")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    # hidden state to read: 0 = the embeddings, i = block i's output, -1 = the last (after the final
+    # norm); "best": the one whose classifier scores best on a held-out fifth of the training texts
+    layer: int | Literal["best"] = -1
+    pooling: Literal["mean", "last"] = "mean"  # average the text's tokens, or take its last token
+    C: float = 1.0  # inverse strength of the L2 penalty of the logistic regression (scikit-learn's C)
+    max_iter: int = 1000  # solver iterations
+    batch_size: int = 16  # texts per forward pass
+    max_length: int = 256  # tokens per text; a longer text is cut at the end
+
+    def __post_init__(self):
+        _at_least(self, "C", 0, above=True)
+        for key in ("max_iter", "batch_size", "max_length"):
+            _at_least(self, key, 1)
+
+
+DEFAULT_METHOD = "full"
+CONFIGS: dict[str, type] = {
+    "full": FullConfig, "lora": LoraConfig, "qlora": QLoraConfig, "adapter": AdapterConfig, "ia3": IA3Config,
+    "prefix": PrefixConfig, "prompt": PromptConfig, "features": FeaturesConfig,
+}

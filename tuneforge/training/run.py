@@ -1,0 +1,174 @@
+"""A whole run, from a RunCfg to OUTPUT_DIR/final, by one driver for every method.
+
+It reads the data, writes OUTPUT_DIR/config.yaml and prints the estimate, then
+- a gradient method: injects it, trains with the loop, saves the adapter (or, for full fine-tuning,
+  the whole model), and plots the loss curve;
+- a probe method (features): extracts the frozen model's features, fits the classifier, saves it;
+and writes summary.json with the same keys for both ("after": the held-out figures of the result).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tuneforge import config as config_mod
+from tuneforge.atomic import atomic_path, write_text
+from tuneforge.config import RunCfg
+from tuneforge.data import Collator, Datasets, length_grouped_batches, load_datasets
+from tuneforge.errors import UserError
+from tuneforge.estimate import estimate
+from tuneforge.eval.evaluator import make_evaluator
+from tuneforge.io import feature_cache
+from tuneforge.io.export import save_model
+from tuneforge.io.fingerprint import fingerprint
+from tuneforge.io.load import load_model
+from tuneforge.io.peft_format import save_adapter, save_probe
+from tuneforge.methods._shared import Injected, parameter_count
+from tuneforge.methods.registry import get_method
+from tuneforge.training import checkpoint
+from tuneforge.training.loop import shuffled_batches, train
+
+
+def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None, tokenizer=None,
+        injected: Injected | None = None) -> dict:
+    """Train as ``cfg`` says; returns the summary also written to OUTPUT_DIR/summary.json.
+
+    ``model`` and ``tokenizer``, when given, are used instead of loading ``cfg.model``; ``injected``
+    (what ``inject`` returned for that model) is a method you injected yourself, and then replaces
+    ``cfg.method`` (config.yaml records it)."""
+    if injected is not None:
+        if model is None:
+            raise UserError("injected= needs the model it was injected into", fix="pass model= and tokenizer= too")
+        cfg = config_mod.with_method(cfg, injected.name, injected.cfg)
+    if (model is None) != (tokenizer is None):
+        raise UserError("model= and tokenizer= go together", fix="pass both, or neither to load cfg.model")
+    out = Path(cfg.train.output_dir)
+    done = checkpoint.complete(out / "checkpoints")
+    if resume and not done:
+        raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"), fix="run without --resume")
+    if not resume and (done or (out / "final").exists()):
+        raise UserError("this output folder already holds a run", str(out),
+                        fix="continue it with --resume, or set train.output_dir to a new folder")
+    method = get_method(cfg.method.name)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.train.device)
+    data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    write_text(out / "config.yaml", config_mod.to_yaml(cfg))
+    for split, report in data.report.items():
+        if report.truncated or report.dropped:
+            print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
+                  f"{report.dropped} dropped", file=sys.stderr)
+    if method.KIND == "probe":
+        result = _fit_probe(method, model, tokenizer, data, cfg, out, progress)
+    else:
+        _print_estimate(cfg, data)
+        result = _train(method, model, tokenizer, data, cfg, out, injected, resume, progress)
+    result["artifact_bytes"] = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
+    write_text(out / "summary.json", json.dumps(result, indent=1))
+    return result
+
+
+def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, injected: Injected | None,
+           resume: bool, progress: bool) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    if injected is None:
+        injected = method.inject(model, config_mod.method_config(cfg))
+    params = injected.trainable(model)
+    total, n_train = parameter_count(model), sum(p.numel() for p in params.values())
+    print(f"tuneforge: {injected.name}: {n_train:,} trainable parameters of {total:,} "
+          f"({100 * n_train / total:.3f}%); {len(data.train)} training examples, {len(data.eval)} held out",
+          file=sys.stderr)
+    if cfg.data.packing:  # batches of similar length waste little on padding
+        lengths = [len(e.input_ids) for e in data.train]
+        order = lambda epoch: length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)  # noqa: E731
+    else:
+        order = shuffled_batches(len(data.train), cfg.train.batch_size, cfg.train.seed)
+    summary = train(model, params, data.train, Collator(tokenizer.pad_token_id), cfg.train, out,
+                    batch_order=order, evaluator=make_evaluator(tokenizer, data, cfg), resume=resume,
+                    progress=progress)
+    if injected.method.WHOLE_MODEL:
+        save_model(model, tokenizer, out / "final")
+    else:
+        save_adapter(model, injected, out / "final", base_model_name=cfg.model)
+    result = {"method": injected.name, "trainable_parameters": n_train, "total_parameters": total,
+              "train_examples": len(data.train), "eval_examples": len(data.eval),
+              # "after" is the weights the run saved; "best" an earlier evaluation that scored higher, if any
+              "before": _numbers(summary.first_eval) or None,
+              "after": _numbers(summary.final_eval or summary.best_eval),  # best: a resumed run with no steps left
+              **summary.as_dict()}
+    if summary.final_eval and summary.best_eval.get("step") != summary.final_eval.get("step"):
+        result["best"] = _numbers(summary.best_eval)
+    for key in ("best_eval", "first_eval", "final_eval"):
+        result.pop(key)
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    return result
+
+
+def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, progress: bool) -> dict:
+    """Extract, fit, score and save a probe; its timings and layer choice go in the summary's "fit"."""
+    if data.train_items is None:
+        raise UserError(f"the {method.NAME} method fits a classifier and needs classification data, not "
+                        f"{cfg.data.format!r}", "data.format",
+                        fix="set data.format: classification (with text_column and label_column)")
+    method_cfg = config_mod.method_config(cfg)
+    if progress:
+        print(f"tuneforge: {method.NAME}: {len(data.train_items)} training texts, {len(data.eval_items)} held out",
+              file=sys.stderr)
+    started = time.perf_counter()
+    layers = method.layers(model, method_cfg)
+    stack, hit = feature_cache.extract(model, tokenizer, [it.text for it in data.train_items], method_cfg, layers)
+    extracted = time.perf_counter()
+    probe = method.fit(stack, layers, [it.label for it in data.train_items], method_cfg, data.label_words,
+                       base=fingerprint(model))
+    fitted = time.perf_counter()
+    evaluator = make_evaluator(tokenizer, data, cfg, probe)
+    after = {**evaluator.run(model), "seconds": time.perf_counter() - fitted} if evaluator else None
+    save_probe(method, probe, out / "final")
+    return {"method": method.NAME, "trainable_parameters": probe.parameter_count(),
+            "train_examples": len(data.train_items), "eval_examples": len(data.eval_items), "before": None,
+            "after": _numbers(after), "seconds": fitted - started,
+            "fit": {**probe.report(), "cache_hit": hit, "seconds_extract": extracted - started,
+                    "seconds_fit": fitted - extracted}}
+
+
+def _print_estimate(cfg: RunCfg, data) -> None:
+    report = data.report["train"]
+    est = estimate(cfg, tokens_per_example=report.tokens / max(report.examples, 1),
+                   loss_tokens_per_example=report.loss_tokens / max(report.examples, 1), n_examples=len(data.train))
+    print(f"tuneforge: {est.describe()}", file=sys.stderr)
+
+
+def _numbers(metrics: dict | None) -> dict | None:
+    """The figures of an evaluation for the summary: its numbers and the accuracy's interval."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or k == "accuracy_ci95"}
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Training and validation loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, label in ((train_pts, "train"), (eval_pts, "validation")):
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
