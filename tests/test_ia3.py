@@ -183,3 +183,19 @@ def test_peft_adapter_loads_in_tuneforge(vocab, ids, tmp_path):
     assert sum(layer.is_feedforward for layer in ia3.layers(ours).values()) == 2  # one down_proj per block
     torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(make_tiny_model(vocab)(ids).logits, expected)  # the adapter does something
+
+
+def test_on_layers_quantized_by_hand_it_merges_into_dense_ones(vocab, ids):
+    """quantize_linears_ then ia3: a composition the user may make (only another method, or
+    full fine-tuning of 4-bit codes, is refused)."""
+    from tuneforge import targets
+    from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
+
+    model = make_tiny_model(vocab)
+    quantize_linears_(model, targets.find(model, ["k_proj", "v_proj", "down_proj"]))
+    handle = ia3.inject(model, Config())
+    nudge(handle.trainable(model).items())
+    unmerged = model(ids).logits
+    handle.merge(model)
+    assert not any(isinstance(m, (NF4Linear, IA3Linear)) for m in model.modules())
+    assert rel_err(model(ids).logits, unmerged) <= 1e-5

@@ -44,8 +44,9 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
 def layer_of(module: str) -> int:
+    """The layer of the longest prefix that names ``module``; the bare package name matches only itself."""
     best = max(((len(prefix), i) for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
-                if module == prefix or module.startswith(prefix + ".")), default=None)
+                if module == prefix or (prefix != "tuneforge" and module.startswith(prefix + "."))), default=None)
     assert best is not None, f"{module} is in no layer: add it to LAYERS and docs/architecture.md"
     return best[1]
 
@@ -58,7 +59,8 @@ def imports(module: str) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{module}:{node.lineno}: a relative import; write the full module path"
             names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
         else:
             continue
@@ -113,6 +115,8 @@ def test_the_checks_see_a_violation():
     bad = {"tuneforge.methods.lora": {"tuneforge.io.load"}, "tuneforge.io.load": {"tuneforge.methods.lora"}}
     assert upward(bad) == ["tuneforge.methods.lora (methods) imports tuneforge.io.load (io)"]
     assert cycle(bad) == ["tuneforge.io.load", "tuneforge.methods.lora", "tuneforge.io.load"]
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer_of("tuneforge.newpackage.module")
 
 
 METHOD_NAMES = ("full", "lora", "qlora", "adapter", "ia3", "prefix", "prompt", "features")

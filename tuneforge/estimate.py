@@ -73,11 +73,12 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
 
 
 def estimate(cfg: RunCfg, tokens_per_example: float | None = None, loss_tokens_per_example: float | None = None,
-             n_examples: int | None = None, flops_per_s: float | None = None) -> Estimate:
+             n_examples: int | None = None, flops_per_s: float | None = None, model_config=None) -> Estimate:
     """Estimate the cost of ``cfg``. Without data statistics, every example is taken to fill
     ``data.max_length`` with loss on every token (an upper bound). A probe method (features) trains
-    nothing in the model: its cost is one forward pass per text, without gradients."""
-    model_config = AutoConfig.from_pretrained(resolve_spec(cfg.model))
+    nothing in the model: its cost is one forward pass per text, without gradients. ``model_config``
+    (a transformers config) describes the model instead of ``cfg.model``."""
+    model_config = model_config or AutoConfig.from_pretrained(resolve_spec(cfg.model))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     method = get_method(cfg.method.name)

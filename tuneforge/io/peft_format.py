@@ -28,7 +28,7 @@ from tuneforge.config import Where, build
 from tuneforge.errors import UserError
 from tuneforge.io.fingerprint import check, fingerprint
 from tuneforge.methods._shared import PEFT_PREFIX, GradientMethod, Injected, Probe, ProbeMethod
-from tuneforge.methods.registry import by_peft_type, get_method
+from tuneforge.methods.registry import REGISTRY, by_peft_type, get_method
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -123,10 +123,15 @@ def read_weights(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def method_of(config: dict, info: dict, path: Path) -> GradientMethod | ProbeMethod:
     """The method that made an adapter: tuneforge's record, else PEFT's peft_type."""
     name = info.get("method") or config.get("method")
-    try:
-        return get_method(name) if name is not None else by_peft_type(config.get("peft_type"))
-    except UserError as exc:
-        raise UserError(f"the adapter was made with {exc.what}", str(path), exc.fix) from None
+    if name is None:
+        try:
+            return by_peft_type(config.get("peft_type"))
+        except UserError as exc:
+            raise UserError(exc.what, str(path), exc.fix) from None
+    if name not in REGISTRY or REGISTRY[name].KIND == "gradient" and REGISTRY[name].WHOLE_MODEL:
+        raise UserError(f"the adapter was made with method {name!r}, which this tuneforge does not have",
+                        str(path), fix="load it with the tuneforge that made it")
+    return get_method(name)
 
 
 def method_config(method, config: dict, path: Path):

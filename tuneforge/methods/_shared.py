@@ -4,9 +4,8 @@ targeted layers, modules_to_save, PEFT-keyed state dicts, a dense layer rebuilt 
 
 A gradient method is a module that implements ``GradientMethod``; ``inject`` returns an ``Injected``
 (the method and its config), which the loop, saving, merging, export, evaluation and compare take
-as an argument. Nothing rides on the model as a hidden attribute, so a model wrapped by DDP or FSDP
-needs nothing special. Feature-based fine-tuning changes no weight: it implements ``ProbeMethod``,
-whose ``fit`` returns a ``Probe``.
+as an argument. Nothing rides on the model as a hidden attribute to be read back. Feature-based
+fine-tuning changes no weight: it implements ``ProbeMethod``, whose ``fit`` returns a ``Probe``.
 """
 
 from __future__ import annotations
@@ -113,11 +112,15 @@ class MethodModule:
     inject finds the first by the model's structure."""
 
 
-def refuse_second_inject(model: nn.Module) -> None:
+def refuse_second_inject(model: nn.Module, quantized_too: bool = False) -> None:
+    """A method is injected into a fresh model only; ``quantized_too``: a model holding quantized
+    layers is refused as well (their 4-bit codes cannot train, nor be quantized again)."""
+    kinds = (MethodModule, NF4Linear) if quantized_too else (MethodModule,)
     for path, module in model.named_modules():
-        if isinstance(module, (MethodModule, NF4Linear)):
-            raise RuntimeError(f"a method is already injected into this model ({type(module).__name__} at "
-                               f"{path}); load a fresh model to inject another")
+        if isinstance(module, kinds):
+            what = "quantized layers" if isinstance(module, NF4Linear) else "a method"
+            raise RuntimeError(f"{what} already injected into this model ({type(module).__name__} at "
+                               f"{path or 'the model'}); load a fresh model to inject another")
 
 
 def modules_of(model: nn.Module, kind: type) -> dict[str, nn.Module]:

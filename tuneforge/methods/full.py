@@ -9,16 +9,21 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods._shared import Injected, injected, load_exact, refuse_second_inject
+from tuneforge.methods._shared import Injected, MethodModule, injected, load_exact, refuse_second_inject
 from tuneforge.methods.configs import FullConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "full", "gradient", None, True
 
 
+class Trained(nn.Module, MethodModule):
+    """No tensors: it marks the model as one whose every weight full fine-tuning trains, so that a
+    second inject is refused like any other method's."""
+
+
 def inject(model: nn.Module, cfg: Config) -> Injected:
     """Unfreeze the model, then freeze what ``cfg`` keeps. Inject into a fresh model: one that
     holds another method (or a quantized layer, whose 4-bit codes cannot train) is refused."""
-    refuse_second_inject(model)
+    refuse_second_inject(model, quantized_too=True)
     stack = targets.blocks(model) if cfg.freeze_layers else []
     if cfg.freeze_layers > len(stack):
         raise UserError(f"freeze_layers={cfg.freeze_layers} but the model has {len(stack)} blocks",
@@ -28,6 +33,7 @@ def inject(model: nn.Module, cfg: Config) -> Injected:
         model.get_input_embeddings().requires_grad_(False)
     for block in stack[: cfg.freeze_layers]:
         block.requires_grad_(False)
+    model.add_module("tuneforge_full", Trained())
     return injected(__name__, cfg)
 
 

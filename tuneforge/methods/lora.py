@@ -62,6 +62,7 @@ class LoRALinear(nn.Module, MethodModule):
 
     def base_weight(self) -> Tensor:  # (out, in), dequantized when the base is quantized
         return base_weight(self.base_layer)
+
     def delta(self) -> Tensor:  # (out, in) = s * (out, r) @ (r, in)
         return self.scale * (self.lora_B.weight @ self.lora_A.weight)
 

@@ -31,7 +31,7 @@ PEFT_TYPE = "LORA"  # the adapter is LoRA's; how the base is held in memory is n
 def inject(model: nn.Module, cfg: Config) -> Injected:
     """Quantize the targeted linear layers to NF4, then put LoRA on them. The unquantized tensors
     (embeddings, head, norms) are cast to ``compute_dtype`` if they are in another dtype; LoRA's are float32."""
-    refuse_second_inject(model)
+    refuse_second_inject(model, quantized_too=True)
     names, saved = lora.find(model, cfg.lora())  # LoRA's checks, while nothing has changed
     compute_dtype = resolve_dtype(cfg.compute_dtype, next(model.parameters()).device)
     before = memory_report(model)["total_bytes"]
@@ -81,7 +81,7 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
     lora.merge(model)  # replaces each quantized base by an nn.Linear with the merged weight
     warnings.warn("qlora: the adapter was trained against the 4-bit weights, so the merged model holds the "
                   "dequantized NF4 base plus the adapter; adding it to the original full-precision base instead "
-                  "gives a different model", stacklevel=2)
+                  "gives a different model", stacklevel=3)
 
 
 def file_config(model: nn.Module, cfg: Config) -> dict:

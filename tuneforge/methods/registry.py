@@ -22,6 +22,7 @@ def by_peft_type(peft_type: str | None) -> GradientMethod:
     names = [n for n, m in REGISTRY.items() if peft_type and m.PEFT_TYPE == peft_type]
     if not names:
         known = sorted({m.PEFT_TYPE for m in REGISTRY.values() if m.PEFT_TYPE})
-        raise UserError(f"peft_type {peft_type!r} is not a method tuneforge has",
-                        fix=f"tuneforge reads {', '.join(known)}")
+        what = f"peft_type {peft_type!r} is not a method tuneforge has" if peft_type else \
+            "the adapter names neither a peft_type nor a tuneforge method"
+        raise UserError(what, fix=f"tuneforge reads {', '.join(known)} adapters and its own")
     return REGISTRY[peft_type.lower() if peft_type.lower() in names else names[0]]

@@ -38,9 +38,9 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
         injected: Injected | None = None) -> dict:
     """Train as ``cfg`` says; returns the summary also written to OUTPUT_DIR/summary.json.
 
-    ``model`` and ``tokenizer``, when given, are used instead of loading ``cfg.model``; ``injected``
-    (what ``inject`` returned for that model) is a method you injected yourself, and then replaces
-    ``cfg.method`` (config.yaml records it)."""
+    ``model`` and ``tokenizer``, when given, are used instead of loading ``cfg.model`` (which should
+    still name that model: config.yaml records it); ``injected`` (what ``inject`` returned for that
+    model) is a method you injected yourself, and then replaces ``cfg.method``."""
     if injected is not None:
         if model is None:
             raise UserError("injected= needs the model it was injected into", fix="pass model= and tokenizer= too")
@@ -55,6 +55,10 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
         raise UserError("this output folder already holds a run", str(out),
                         fix="continue it with --resume, or set train.output_dir to a new folder")
     method = get_method(cfg.method.name)
+    if method.KIND == "probe" and cfg.data.format != "classification":
+        raise UserError(f"the {method.NAME} method fits a classifier and needs classification data, not "
+                        f"{cfg.data.format!r}", "data.format",
+                        fix="set data.format: classification (with text_column and label_column)")
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.train.device)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
@@ -66,7 +70,7 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
     if method.KIND == "probe":
         result = _fit_probe(method, model, tokenizer, data, cfg, out, progress)
     else:
-        _print_estimate(cfg, data)
+        _print_estimate(cfg, data, model.config)
         result = _train(method, model, tokenizer, data, cfg, out, injected, resume, progress)
     result["artifact_bytes"] = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
     write_text(out / "summary.json", json.dumps(result, indent=1))
@@ -111,10 +115,6 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
 
 def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, progress: bool) -> dict:
     """Extract, fit, score and save a probe; its timings and layer choice go in the summary's "fit"."""
-    if data.train_items is None:
-        raise UserError(f"the {method.NAME} method fits a classifier and needs classification data, not "
-                        f"{cfg.data.format!r}", "data.format",
-                        fix="set data.format: classification (with text_column and label_column)")
     method_cfg = config_mod.method_config(cfg)
     if progress:
         print(f"tuneforge: {method.NAME}: {len(data.train_items)} training texts, {len(data.eval_items)} held out",
@@ -136,10 +136,11 @@ def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path,
                     "seconds_fit": fitted - extracted}}
 
 
-def _print_estimate(cfg: RunCfg, data) -> None:
+def _print_estimate(cfg: RunCfg, data, model_config) -> None:
     report = data.report["train"]
     est = estimate(cfg, tokens_per_example=report.tokens / max(report.examples, 1),
-                   loss_tokens_per_example=report.loss_tokens / max(report.examples, 1), n_examples=len(data.train))
+                   loss_tokens_per_example=report.loss_tokens / max(report.examples, 1), n_examples=len(data.train),
+                   model_config=model_config)
     print(f"tuneforge: {est.describe()}", file=sys.stderr)
 
 
