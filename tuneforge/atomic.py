@@ -1,7 +1,10 @@
 """Atomic writes: a reader sees the old file or the new one, never half of either.
 
 Each write goes to a temporary name in the destination's own folder (so the final rename never
-crosses a file system), is flushed and fsynced, then renamed over the destination.
+crosses a file system), is flushed and fsynced, then renamed over the destination. What a killed
+process leaves behind (``.<name>.<random>.tmp``, or ``.<name>.old`` between the two renames that
+replace a folder) is put right by ``recover`` when the next run starts. Files and folders get the
+user's umask, as any other program's would (the temporary names are created owner-only).
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from tuneforge.errors import UserError
+from tuneforge.errors import RunStopped, UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -26,9 +38,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _disk_error(exc: OSError, path: Path) -> UserError:
+def disk_error(exc: OSError, path: Path) -> UserError:
+    """The one line for a failed write: a full disk or a file-size limit stops a run (exit 3)."""
     if exc.errno == errno.ENOSPC:
-        return UserError("no space left on the device", str(path), "free some disk space or choose another output folder")
+        return RunStopped("no space left on the device", str(path),
+                          "free some disk space or choose another output folder; what was written before is whole")
+    if exc.errno == errno.EFBIG:
+        return RunStopped("the file grew past the size limit of this process or file system", str(path),
+                          "raise the limit (ulimit -f) or choose another output folder; what was written before is "
+                          "whole")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError("cannot write here", str(path), "choose a folder you can write to")
     return UserError(f"cannot write: {exc.strerror}", str(path))
@@ -59,17 +77,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise _disk_error(exc, path) from exc
+        raise disk_error(exc, path) from exc
     tmp = Path(tmp)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(exc, path) from exc
+        raise disk_error(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -87,13 +106,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
-        raise _disk_error(exc, path) from exc
+        raise disk_error(exc, path) from exc
     try:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~UMASK)
         if path.exists():
             # Two renames: the old directory moves aside, the new one takes its name.
             old = path.with_name(f".{path.name}.old")
@@ -106,7 +126,30 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_error(exc, path) from exc
+        raise disk_error(exc, path) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover(folder: str | os.PathLike) -> list[str]:
+    """Put right what a killed write left in ``folder``: a ``.<name>.old`` whose replacement never
+    arrived becomes ``<name>`` again, any other ``.old`` and every ``.<name>.<random>.tmp`` is removed.
+    Returns the names it touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    touched = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if name.startswith(".") and name.endswith(".old"):
+            original = folder / name[1:-len(".old")]
+            if original.exists():
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            else:
+                os.replace(entry, original)
+            touched.append(name)
+        elif name.startswith(".") and name.endswith(".tmp"):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            touched.append(name)
+    return touched

@@ -261,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"tuneforge: error: {exc.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tuneforge: interrupted", file=sys.stderr)
-        return 130
+        return exc.exit_code
+    except KeyboardInterrupt as exc:  # a run saved its checkpoint and said so; 130 for Ctrl-C, 143 for SIGTERM
+        if not hasattr(exc, "exit_code"):
+            print("tuneforge: interrupted", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from tuneforge.config.parse import FromCli, Where, build, line_numbers
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, at_least, fraction
 from tuneforge.methods.configs import CONFIGS, DEFAULT_METHOD
 
 
@@ -50,6 +50,12 @@ class DataCfg:
     chat_template: bool = True  # render prompts with the tokenizer's chat template when it has one
     train_on_prompt: bool = False  # also put loss on the prompt tokens
 
+    def __post_init__(self):
+        at_least(self, "max_length", 2, "data")
+        fraction(self, "val_fraction", "data")
+        at_least(self, "max_examples", 1, "data")
+        at_least(self, "max_eval_examples", 1, "data")
+
 
 @dataclass(frozen=True)
 class TrainCfg:
@@ -74,12 +80,28 @@ class TrainCfg:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     early_stopping_patience: int = 0  # stop after N evaluations without improvement (0: never)
     time_budget_s: float | None = None  # stop training after this many seconds
+    # A step whose loss or gradients are not finite stops the run (the last checkpoint kept); with N
+    # above 0, up to N such steps are skipped instead (their batch is logged) before it stops
+    skip_nonfinite_steps: int = 0
+
+    def __post_init__(self):
+        for key, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
+                         ("max_grad_norm", 0), ("save_steps", 0), ("keep_checkpoints", 1), ("eval_steps", 0),
+                         ("logging_steps", 1), ("early_stopping_patience", 0), ("weight_decay", 0),
+                         ("skip_nonfinite_steps", 0)):
+            at_least(self, key, low, "train")
+        for key in ("epochs", "learning_rate", "time_budget_s"):
+            at_least(self, key, 0, "train", above=True)
 
 
 @dataclass(frozen=True)
 class EvalCfg:
     batch_size: int = 8
     max_examples: int | None = None  # evaluate on at most this many examples
+
+    def __post_init__(self):
+        at_least(self, "batch_size", 1, "eval")
+        at_least(self, "max_examples", 1, "eval")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from tuneforge.errors import UserError
+from tuneforge.errors import UserError, at_least, fraction
 
 REGEX_CHARS = set("*+?()[]{}|\\^$")
 
@@ -24,14 +24,11 @@ def as_pattern(names):
 
 
 def _at_least(cfg, key: str, low: float, above: bool = False) -> None:
-    value = getattr(cfg, key)
-    if value is not None and (value <= low if above else value < low):
-        raise UserError(f"{key} must be {'above' if above else 'at least'} {low}, got {value}", f"method.{key}")
+    at_least(cfg, key, low, "method", above)
 
 
 def _fraction(cfg, key: str) -> None:
-    if not 0.0 <= getattr(cfg, key) < 1.0:
-        raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}", f"method.{key}")
+    fraction(cfg, key, "method")
 
 
 @dataclass(frozen=True)
@@ -175,6 +172,7 @@ class FeaturesConfig:
     # norm); "best": the one whose classifier scores best on a held-out fifth of the training texts
     layer: int | Literal["best"] = -1
     pooling: Literal["mean", "last"] = "mean"  # average the text's tokens, or take its last token
+    classifier: Literal["logreg"] = "logreg"  # scikit-learn's LogisticRegression (files of 0.1.0 name it)
     C: float = 1.0  # inverse strength of the L2 penalty of the logistic regression (scikit-learn's C)
     max_iter: int = 1000  # solver iterations
     batch_size: int = 16  # texts per forward pass

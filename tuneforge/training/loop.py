@@ -2,14 +2,19 @@
 
 Plain PyTorch: AdamW (decay on matrices only), warm-up then cosine/linear decay, gradient
 accumulation with an exact token-level mean, clipping, bf16 autocast on CUDA, periodic evaluation
-with optional early stopping, metrics.jsonl, atomic checkpoints with exact resume, and Ctrl-C
-saving a checkpoint before it exits.
+with optional early stopping, metrics.jsonl, atomic checkpoints and exact resume.
+
+What can go wrong mid-run is handled where it happens:
+- Ctrl-C or SIGTERM at any moment saves a checkpoint from which ``resume`` reaches exactly the weights
+  of an uninterrupted run (``interrupts.py``); an evaluation it cut short runs first on resume.
+- A non-finite loss or gradient stops the run at that step (or skips the step, ``skip_nonfinite_steps``
+  times at most), naming the batch's source rows; a checkpoint is never written with non-finite weights.
+- A full disk stops the run with one line; every checkpoint written before stays whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import resource
 import sys
@@ -23,9 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tuneforge.config import TrainCfg
+from tuneforge.errors import RunStopped
 from tuneforge.eval.evaluator import Evaluator
 from tuneforge.eval.lm import label_loss
-from tuneforge.training import checkpoint
+from tuneforge.training import checkpoint, metrics
+from tuneforge.training.interrupts import Guard, Interrupted
 from tuneforge.training.optim import lr_multiplier, make_optimizer
 
 BatchOrder = Callable[[int], list[list[int]]]  # epoch -> lists of example indices
@@ -43,7 +50,8 @@ class Summary:
     first_eval: dict = field(default_factory=dict)  # before the first step (train.eval_at_start)
     best_eval: dict = field(default_factory=dict)  # the best evaluation by the evaluator's metric
     final_eval: dict = field(default_factory=dict)  # the last one: of the weights the run ends with
-    stopped: str = "finished"  # finished | early_stop | time_budget | interrupted
+    stopped: str = "finished"  # finished | early_stop | time_budget
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite_steps)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,11 +86,13 @@ def _autocast(device: torch.device, precision: str):
 def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence, collate, cfg: TrainCfg,
           out_dir: str | Path, *, batch_order: BatchOrder | None = None, evaluator: Evaluator | None = None,
           resume: bool = False, on_step: Callable[[int], None] | None = None, progress: bool = True) -> Summary:
-    """Train ``params`` of ``model`` on ``examples`` (each with ``input_ids`` and ``labels``).
+    """Train ``params`` of ``model`` on ``examples`` (each with ``input_ids``, ``labels`` and, for
+    messages, ``source``: the file and line it came from).
 
     Writes ``metrics.jsonl`` and ``checkpoints/`` under ``out_dir``. With ``resume`` it continues
     from the latest complete checkpoint and reaches the same weights as an uninterrupted run.
-    ``on_step(step)`` is called after each optimizer step and any checkpoint it wrote.
+    ``on_step(step)`` is called after each optimizer step and any checkpoint it wrote; a
+    KeyboardInterrupt it raises stops the run as Ctrl-C does.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -103,109 +113,191 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
         enable_checkpointing(model)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "loss_tokens": 0, "best": None, "bad_evals": 0,
-             "seconds": 0.0}
+             "seconds": 0.0, "first": None, "final": None, "pending_eval": False, "skipped": 0,
+             "window_loss": 0.0, "window_tokens": 0}
     metrics_path = out_dir / "metrics.jsonl"
-    if resume and (done := checkpoint.complete(ckpt_dir)):
-        state.update(checkpoint.load(done[-1], params, optimizer, scheduler))
-        _truncate_metrics(metrics_path, state["step"])
-        print(f"tuneforge: resuming from {done[-1].name}", file=sys.stderr)
-    elif metrics_path.exists():
-        metrics_path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (done := checkpoint.complete(ckpt_dir)):
+        state.update(checkpoint.load(done[-1], params, optimizer, scheduler, scaler))
+        if dropped := metrics.truncate_after(metrics_path, state["step"]):
+            print(f"tuneforge: metrics.jsonl: dropped {dropped} torn or malformed line(s)", file=sys.stderr)
+        print(f"tuneforge: resuming from {done[-1].name}", file=sys.stderr)
+    else:
+        metrics_path.unlink(missing_ok=True)
 
-    def save_checkpoint():
+    def save_checkpoint(rng: dict | None = None) -> None:
+        if not all(torch.isfinite(p).all() for p in params.values()):
+            raise RunStopped(f"the weights are not finite after step {state['step']}, so no checkpoint is written",
+                             str(ckpt_dir), fix=f"lower train.learning_rate (now {cfg.learning_rate:g}); resume "
+                                                "from the last checkpoint kept")
         checkpoint.save(ckpt_dir, state["step"], params, optimizer, scheduler,
-                        {k: v for k, v in state.items() if k != "step"}, cfg.keep_checkpoints)
+                        {k: v for k, v in state.items() if k != "step"}, cfg.keep_checkpoints, rng, scaler)
 
-    def log(record: dict):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def log(record: dict) -> None:
+        metrics.append(metrics_path, record)
 
-    def next_batch():
+    def next_batch() -> tuple[dict, list[str]]:
         order = batch_order(state["epoch"])
         if state["batch"] >= len(order):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
             order = batch_order(state["epoch"])
         indices = order[state["batch"]]
         state["batch"] += 1
-        return collate([examples[i] for i in indices])
+        rows = [examples[i] for i in indices]
+        return collate(rows), [getattr(r, "source", "") or f"example {i}" for r, i in zip(rows, indices)]
+
+    def evaluate(guard: Guard, rng: dict) -> str | None:
+        """An evaluation of the current weights; a signal in it leaves it pending, for the resumed run."""
+        state["pending_eval"] = True
+        try:
+            with guard.abortable():
+                stop = _evaluate(model, evaluator, state, cfg, log)
+        except Interrupted:
+            model.train()
+            save_checkpoint(rng)
+            raise
+        state["pending_eval"] = False
+        return stop
 
     summary = Summary()
-    if evaluator and cfg.eval_at_start and state["step"] == 0:  # the "before" of before/after, at step 0
-        started = time.perf_counter()
-        summary.first_eval = {**evaluator.run(model), "seconds": time.perf_counter() - started}
-        log({"step": 0, **{f"eval_{k}": v for k, v in summary.first_eval.items() if isinstance(v, (int, float))}})
     bar = _progress_bar(total_steps, state["step"], progress)
     model.train()
     started, start_tokens, start_seconds = time.perf_counter(), state["tokens"], state["seconds"]
-    window_loss, window_tokens = 0.0, 0
-    try:
-        while state["step"] < total_steps:
-            position = (state["epoch"], state["batch"])  # where this step starts, for Ctrl-C
-            batches = [{k: v.to(device) for k, v in next_batch().items()} for _ in range(cfg.grad_accum)]
-            n_loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                with autocast:
-                    loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                loss = loss_sum / max(n_loss, 1)
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.item()
-                state["tokens"] += int(batch["attention_mask"].sum())
-            state["loss_tokens"] += n_loss
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-            scaler.step(optimizer) if scaler else optimizer.step()
-            if scaler:
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state["step"] += 1
-            state["seconds"] = start_seconds + time.perf_counter() - started
-            window_loss, window_tokens = window_loss + step_loss * n_loss, window_tokens + n_loss
-            summary.final_loss = step_loss
-            tok_s = (state["tokens"] - start_tokens) / max(time.perf_counter() - started, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:.0f}")
+    with Guard() as guard:
+        try:
+            if evaluator and cfg.eval_at_start and state["step"] == 0 and state["first"] is None:
+                try:  # the "before" of before/after, at step 0
+                    with guard.abortable():
+                        state["first"] = _timed(evaluator, model)
+                except Interrupted:
+                    save_checkpoint()  # step 0: the resumed run evaluates first
+                    raise
+                log({"step": 0, **_numbers(state["first"], "eval_")})
+                model.train()
+            if state["pending_eval"] and evaluator:  # the one a signal cut short
+                evaluate(guard, checkpoint.rng_state())
+            while state["step"] < total_steps:
+                before = checkpoint.rng_state()  # the step's start: an interrupted step is replayed from here
+                position = (state["epoch"], state["batch"], state["tokens"])
+                try:
+                    with guard.abortable():
+                        step_loss, n_loss, rows, bad = _forward_backward(model, next_batch, cfg, device, autocast,
+                                                                         scaler, state)
+                except Interrupted:
+                    optimizer.zero_grad(set_to_none=True)
+                    state["epoch"], state["batch"], state["tokens"] = position
+                    save_checkpoint(before)
+                    raise
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if bad is None and (cfg.max_grad_norm > 0 or scaler is None):
+                    norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm or math.inf)
+                    if scaler is None and not torch.isfinite(norm):  # with fp16 the scaler skips such steps itself
+                        bad = ("gradient norm", norm.item(), rows)
+                if bad is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    if state["skipped"] < cfg.skip_nonfinite_steps:
+                        state["skipped"] += 1
+                        log({"step": state["step"], "skipped": bad[0], "value": str(bad[1]), "rows": bad[2][:16]})
+                        print(f"tuneforge: step {state['step'] + 1}: {bad[0]} {bad[1]}, step skipped "
+                              f"({state['skipped']} of {cfg.skip_nonfinite_steps}); rows {', '.join(bad[2][:4])}",
+                              file=sys.stderr)
+                        continue
+                    state["epoch"], state["batch"], state["tokens"] = position
+                    save_checkpoint(before)
+                    raise _nonfinite(bad, state["step"], cfg, ckpt_dir)
+                scaler.step(optimizer) if scaler else optimizer.step()
+                if scaler:
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["step"] += 1
+                state["loss_tokens"] += n_loss
+                state["seconds"] = start_seconds + time.perf_counter() - started
+                state["window_loss"] += step_loss * n_loss
+                state["window_tokens"] += n_loss
+                summary.final_loss = step_loss
+                tok_s = (state["tokens"] - start_tokens) / max(time.perf_counter() - started, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:.0f}")
 
-            last = state["step"] == total_steps
-            if state["step"] % max(cfg.logging_steps, 1) == 0 or last:
-                log({"step": state["step"], "epoch": state["epoch"], "loss": window_loss / max(window_tokens, 1),
-                     "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"], "tokens_per_s": tok_s,
-                     "seconds": state["seconds"]})
-                window_loss, window_tokens = 0.0, 0
-            stop = None
-            over_budget = cfg.time_budget_s is not None and state["seconds"] >= cfg.time_budget_s
-            if evaluator and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last or over_budget):
-                stop = _evaluate(model, evaluator, state, cfg, log)
-            stop = stop or ("time_budget" if over_budget else None)
-            if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stop:
-                save_checkpoint()
-            if on_step:
-                on_step(state["step"])
-            if stop:
-                summary.stopped = stop
-                break
-    except KeyboardInterrupt:
-        # Keep what the finished steps achieved: rewind the data position to the interrupted step.
-        state["epoch"], state["batch"] = position
-        optimizer.zero_grad(set_to_none=True)
-        save_checkpoint()
-        bar.close()
-        print(f"\ntuneforge: interrupted; checkpoint saved at step {state['step']} (continue with --resume)",
-              file=sys.stderr)
-        raise
+                last = state["step"] == total_steps
+                if state["step"] % cfg.logging_steps == 0 or last:
+                    log({"step": state["step"], "epoch": state["epoch"],
+                         "loss": state["window_loss"] / max(state["window_tokens"], 1), "lr": scheduler.get_last_lr()[0],
+                         "tokens": state["tokens"], "tokens_per_s": tok_s, "seconds": state["seconds"]})
+                    state["window_loss"], state["window_tokens"] = 0.0, 0
+                stop = None
+                over_budget = cfg.time_budget_s is not None and state["seconds"] >= cfg.time_budget_s
+                if evaluator and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last or over_budget):
+                    stop = evaluate(guard, checkpoint.rng_state())
+                stop = stop or ("time_budget" if over_budget else None)
+                saved = (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last or stop
+                if saved:
+                    save_checkpoint()
+                try:
+                    if on_step:
+                        on_step(state["step"])
+                    guard.check()
+                except KeyboardInterrupt:
+                    if not saved:
+                        save_checkpoint()
+                    raise
+                if stop:
+                    summary.stopped = stop
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ntuneforge: interrupted; checkpoint saved at step {state['step']} (continue with --resume)",
+                  file=sys.stderr)
+            raise
     bar.close()
     model.eval()
     summary.steps, summary.tokens, summary.loss_tokens = state["step"], state["tokens"], state["loss_tokens"]
-    summary.seconds = state["seconds"]
+    summary.seconds, summary.skipped_steps = state["seconds"], state["skipped"]
     summary.tokens_per_s = (state["tokens"] - start_tokens) / max(time.perf_counter() - started, 1e-9)
     summary.peak_memory_mb = peak_memory_mb(device)
-    summary.best_eval = state["best"] or {}
-    summary.final_eval = state.get("final") or {}
+    summary.first_eval, summary.best_eval = state["first"] or {}, state["best"] or {}
+    summary.final_eval = state["final"] or {}
     return summary
+
+
+def _forward_backward(model, next_batch, cfg: TrainCfg, device, autocast, scaler, state: dict):
+    """One step's micro-batches, forward and backward: (the step's loss, its loss tokens, the source
+    rows of its examples, None or ("loss", value, rows) when a micro-batch's loss is not finite)."""
+    batches = [next_batch() for _ in range(cfg.grad_accum)]
+    n_loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
+    step_loss = 0.0
+    for batch, rows in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = loss_sum / max(n_loss, 1)
+        value = loss.item()
+        if not math.isfinite(value):
+            return step_loss, n_loss, rows, ("loss", value, rows)
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += value
+        state["tokens"] += int(batch["attention_mask"].sum())
+    return step_loss, n_loss, [row for _, rows in batches for row in rows], None
+
+
+def _nonfinite(bad: tuple, step: int, cfg: TrainCfg, ckpt_dir: Path) -> RunStopped:
+    what, value, rows = bad
+    shown = ", ".join(rows[:4]) + (f" and {len(rows) - 4} more" if len(rows) > 4 else "")
+    return RunStopped(f"the {what} is {value} at step {step + 1} (rows {shown}); training stopped there",
+                      str(ckpt_dir), fix=f"lower train.learning_rate (now {cfg.learning_rate:g}), train in fp32 "
+                                         f"(train.precision), or let train.skip_nonfinite_steps skip such steps; "
+                                         f"the checkpoint of step {step} is kept for --resume")
+
+
+def _timed(evaluator: Evaluator, model) -> dict:
+    started = time.perf_counter()
+    return {**evaluator.run(model), "seconds": time.perf_counter() - started}
+
+
+def _numbers(metrics: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -218,27 +310,19 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 def _evaluate(model, evaluator: Evaluator, state: dict, cfg: TrainCfg, log) -> str | None:
-    started = time.perf_counter()
-    metrics = {**evaluator.run(model), "seconds": time.perf_counter() - started}
+    result = _timed(evaluator, model)
     model.train()
-    log({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
-    state["final"] = {"step": state["step"], **metrics}
-    value = metrics[evaluator.metric]
+    log({"step": state["step"], **_numbers(result, "eval_")})
+    state["final"] = {"step": state["step"], **result}
+    value = result[evaluator.metric]
     best = state["best"]
     if evaluator.better(value, None if best is None else best[evaluator.metric]):
-        state["best"], state["bad_evals"] = {"step": state["step"], **metrics}, 0
+        state["best"], state["bad_evals"] = {"step": state["step"], **result}, 0
     else:
         state["bad_evals"] += 1
     if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
         return "early_stop"
     return None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
