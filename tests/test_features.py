@@ -140,7 +140,7 @@ def test_save_load_round_trip(tiny, tmp_path):
 
 
 def test_a_classifier_for_another_base_is_refused(tiny, tmp_path, tiny_dir):
-    from tuneforge.io.fingerprint import fingerprint
+    from tuneforge.fingerprint import fingerprint
 
     model, tok = tiny
     texts, labels = sentiment_task(20)
@@ -205,7 +205,7 @@ def test_train_fits_saves_and_eval_scores_the_classifier(tiny_dir, tmp_path, mon
                      "--json", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["n"] == 40
     assert cli.main(["train", str(tmp_path / "run.yaml")]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds an earlier run" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(tiny_dir), "--adapter", str(tmp_path / "run" / "final"),
                      "--prompt", "hi"]) == 2
     assert "does not generate" in capsys.readouterr().err

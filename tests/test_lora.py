@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import UserError
-from tuneforge.io.fingerprint import fingerprint
+from tuneforge.fingerprint import fingerprint
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods import lora
 from tuneforge.methods.lora import Config, LoRALinear

@@ -46,7 +46,7 @@ def test_train_writes_config_metrics_checkpoint_and_a_loadable_model(tmp_path, t
     assert cli.main(["generate", "--model", str(out / "final"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     # the same output folder again is refused (nothing is overwritten) ...
     assert cli.main(["train", str(tmp_path / "run.yaml")]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds an earlier run" in capsys.readouterr().err
     # ... and --resume finds the run complete and only rewrites its result
     assert cli.main(["train", str(tmp_path / "run.yaml"), "--resume"]) == 0
 

@@ -21,7 +21,7 @@ def _generate(args: argparse.Namespace) -> None:
     from tuneforge.io.load import load_model
     from tuneforge.methods._shared import Injected
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
     if args.adapter:
         from tuneforge.io.peft_format import load_adapter
 
@@ -41,7 +41,8 @@ def _config(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from tuneforge.io.export import merge_adapter
 
-    out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force)
+    out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force,
+                        allow_pickle=args.allow_pickle)
     print(f"merged model written to {out}")
 
 
@@ -55,7 +56,7 @@ def _train(args: argparse.Namespace) -> None:
     from tuneforge.training.run import run
 
     cfg = config.from_yaml(args.config, args.set)
-    result = run(cfg, resume=args.resume)
+    result = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print(format_summary(result, cfg.train.output_dir))
 
 
@@ -135,7 +136,8 @@ def _file_config(args: argparse.Namespace, defaults: dict):
     --set applied and --model winning over the config's model."""
     cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict(defaults, args.set,
                                                                                        source="--set")
-    return dataclasses.replace(cfg, model=args.model) if args.model else cfg
+    cfg = dataclasses.replace(cfg, model=args.model) if args.model else cfg
+    return dataclasses.replace(cfg, allow_pickle=True) if args.allow_pickle else cfg
 
 
 def _file_args(p: argparse.ArgumentParser, example: str) -> None:
@@ -144,6 +146,7 @@ def _file_args(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a field, e.g. --set {example}")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    _pickle_arg(p)
 
 
 def _write_json(args: argparse.Namespace, metrics: dict) -> None:
@@ -176,6 +179,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="a named model (smollm2-135m), a Hugging Face model directory, or a .gguf file")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    _pickle_arg(p)
+
+
+def _pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a model folder whose weights are only pickled (pytorch_model.bin) with torch's "
+                        "weights-only loader; without it such a folder is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a run configuration says")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output folder that holds files, moving them aside to "
+                        "OUTPUT_DIR.previous-<time> (nothing is deleted)")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("eval", help="loss and perplexity, or accuracy and macro-F1 for classification data")

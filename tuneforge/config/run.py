@@ -116,6 +116,9 @@ class CompareCfg:
 @dataclass(frozen=True)
 class RunCfg:
     model: str = "smollm2-135m"  # a named model, a Hugging Face model directory, or a .gguf file
+    # read a model folder whose weights are only pickled (pytorch_model.bin), with torch's weights-only
+    # loader; off, such a folder is refused, since unpickling a file can run code
+    allow_pickle: bool = False
     method: MethodCfg = field(default_factory=MethodCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)

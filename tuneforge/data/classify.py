@@ -13,6 +13,7 @@ Label order is the sorted label names (numeric names by value), so negative=0, p
 from __future__ import annotations
 
 import html
+from collections import Counter
 from dataclasses import dataclass
 
 from tuneforge.data.collate import Example
@@ -108,7 +109,17 @@ def label_names(rows: list[Row], cfg) -> list[str]:
         return ["negative", "positive"]
     if cfg.verbalizer:
         return sorted_labels(cfg.verbalizer)
-    return sorted_labels(label_text(field(row, cfg.label_column)) for row in rows)
+    counts = Counter(label_text(field(row, cfg.label_column)) for row in rows)
+    # A label seen once or twice beside labels seen many times is most likely a typo, which would
+    # silently become a class of its own.
+    stray = [name for name, n in counts.items() if n <= 2 and max(counts.values()) >= 20]
+    if stray:
+        where = next(row.where for row in rows if label_text(field(row, cfg.label_column)) == stray[0])
+        common = ", ".join(f"{name!r} ({n})" for name, n in counts.most_common(3) if name not in stray)
+        raise UserError(f"label {stray[0]!r} appears in only {counts[stray[0]]} of {len(rows)} rows, beside {common}",
+                        where, fix="correct the row, or list every label in data.verbalizer (label: word) to keep "
+                                   "a rare one")
+    return sorted_labels(counts)
 
 
 def label_words(names: list[str], verbalizer: dict[str, str] | None) -> list[str]:
@@ -174,7 +185,8 @@ def classify_examples(rows: list[Row], tokenizer, cfg, names: list[str]
             dropped += 1
             continue
         truncated += cut
-        example, _ = to_example([(prompt, False), (answers[label], True)], cfg.max_length, cfg.train_on_prompt)
+        example, _ = to_example([(prompt, False), (answers[label], True)], cfg.max_length, cfg.train_on_prompt,
+                                row.where)
         examples.append(example)
         items.append(ClassifyItem(prompt, label, text))
     return examples, items, dropped, truncated

@@ -16,6 +16,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]  # same length as input_ids; IGNORE where no loss
+    source: str = ""  # where it came from ("file:line"), for messages about it
 
     def __post_init__(self):
         if len(self.input_ids) != len(self.labels):

@@ -94,7 +94,7 @@ def conversation_pieces(tokenizer, messages: list[dict], chat_template: bool, wh
     return plain_pieces(tokenizer, messages)
 
 
-def to_example(pieces: Pieces, max_length: int, train_on_prompt: bool) -> tuple[Example | None, bool]:
+def to_example(pieces: Pieces, max_length: int, train_on_prompt: bool, source: str = "") -> tuple[Example | None, bool]:
     """(the example, whether it was truncated); None when it has no answer or its last answer
     does not fit in ``max_length``. A long prompt is cut from the left so the answer survives."""
     ids = [t for piece, _ in pieces for t in piece]
@@ -111,7 +111,7 @@ def to_example(pieces: Pieces, max_length: int, train_on_prompt: bool) -> tuple[
             return None, True
         ids, answer = ids[:end][-max_length:], answer[:end][-max_length:]
     labels = list(ids) if train_on_prompt else [t if a else IGNORE for t, a in zip(ids, answer)]
-    return Example(ids, labels), truncated
+    return Example(ids, labels, source), truncated
 
 
 def user_content(instruction: str, extra: str | None) -> str:
@@ -178,7 +178,7 @@ def supervised_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Example],
             all_pieces = [conversation_pieces(tokenizer, messages, cfg.chat_template, row.where)
                           for messages in conversations(row)]
         for pieces in all_pieces:
-            example, was_truncated = to_example(pieces, cfg.max_length, cfg.train_on_prompt)
+            example, was_truncated = to_example(pieces, cfg.max_length, cfg.train_on_prompt, row.where)
             truncated += was_truncated and example is not None
             if example is None:
                 dropped += 1

@@ -20,25 +20,33 @@ def eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def token_stream(docs: list[str], tokenizer) -> list[int]:
-    """The documents' tokens, each document followed by EOS."""
-    eos, stream = eos_id(tokenizer), []
-    for doc in docs:
-        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
-    return stream
+def token_stream(docs: list[tuple[str, str]], tokenizer) -> tuple[list[int], list[tuple[int, str]]]:
+    """The documents' tokens, each document followed by EOS, and where each document starts in the
+    stream: (offset, its "file:line")."""
+    eos, stream, starts = eos_id(tokenizer), [], []
+    for text, where in docs:
+        starts.append((len(stream), where))
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    return stream, starts
 
 
-def blocks(stream: list[int], max_length: int) -> tuple[list[Example], int]:
-    """(full blocks of ``max_length`` tokens, how many partial blocks were dropped: 0 or 1)."""
-    full = len(stream) // max_length
-    out = [stream[i * max_length:(i + 1) * max_length] for i in range(full)]
-    return [Example(ids, list(ids)) for ids in out], int(len(stream) % max_length > 0)
+def blocks(stream: tuple[list[int], list[tuple[int, str]]], max_length: int) -> tuple[list[Example], int]:
+    """(full blocks of ``max_length`` tokens, how many partial blocks were dropped: 0 or 1). A block's
+    source names the document its first token is in, and the block's place in the stream."""
+    tokens, starts = stream
+    full = len(tokens) // max_length
+    examples = []
+    for i in range(full):
+        where = next(w for offset, w in reversed(starts) if offset <= i * max_length)
+        ids = tokens[i * max_length:(i + 1) * max_length]
+        examples.append(Example(ids, list(ids), f"{where} (block {i} of {max_length} tokens)"))
+    return examples, int(len(tokens) % max_length > 0)
 
 
-def documents(rows: list[Row], text_column: str) -> tuple[list[str], int]:
-    """(the non-empty documents of the rows, how many empty ones were skipped)."""
-    docs = [str(field(row, text_column)) for row in rows]
-    kept = [d for d in docs if d.strip()]
+def documents(rows: list[Row], text_column: str) -> tuple[list[tuple[str, str]], int]:
+    """(the non-empty documents of the rows with where each came from, how many empty ones were skipped)."""
+    docs = [(str(field(row, text_column)), row.where) for row in rows]
+    kept = [d for d in docs if d[0].strip()]
     return kept, len(docs) - len(kept)
 
 

@@ -161,7 +161,7 @@ def evaluate_icl(cfg, k: int = 0, mode: Mode = "chat", strategy: Literal["random
     if cfg.data.format != "classification":
         raise UserError("in-context classification needs classification data", "data.format",
                         fix="set data.format: classification")
-    model, tokenizer = load_model(cfg.model, device=cfg.train.device)
+    model, tokenizer = load_model(cfg.model, device=cfg.train.device, allow_pickle=cfg.allow_pickle)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     split = lambda items: ([it.text for it in items], [it.label for it in items])  # noqa: E731
     return run_icl(model, tokenizer, split(data.eval_items), split(data.train_items), data.label_words, k, mode,

@@ -34,7 +34,8 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
         check_unseen(cfg)
     # fp32 for a run's own rows, as training loads and evaluates the model
     run_rows = held_out or unseen
-    model, tokenizer = load_model(cfg.model, dtype="float32" if run_rows else "auto", device=cfg.train.device)
+    model, tokenizer = load_model(cfg.model, dtype="float32" if run_rows else "auto", device=cfg.train.device,
+                                  allow_pickle=cfg.allow_pickle)
     loaded = load_adapter(model, adapter, force=force) if adapter else None
     probe = None if loaded is None or isinstance(loaded, Injected) else loaded
     if probe is not None and cfg.data.format != "classification":

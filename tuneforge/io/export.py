@@ -28,7 +28,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 
 
 def merge_adapter(model_spec: str, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto",
-                  force: bool = False) -> Path:
+                  force: bool = False, allow_pickle: bool = False) -> Path:
     """Load the base, apply the adapter, fold it in, and save a model directory that transformers
     loads without tuneforge. A method whose math cannot be folded (bottleneck adapters, virtual
     tokens, a feature classifier) raises a UserError that says so."""
@@ -36,7 +36,7 @@ def merge_adapter(model_spec: str, adapter_dir: str | Path, out_dir: str | Path,
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise UserError("the output folder exists and is not a model directory", str(out_dir),
                         fix="choose a new folder for --out")
-    model, tokenizer = load_model(model_spec, dtype="float32", device="cpu")
+    model, tokenizer = load_model(model_spec, dtype="float32", device="cpu", allow_pickle=allow_pickle)
     loaded = load_adapter(model, adapter_dir, force=force)
     if not isinstance(loaded, Injected):
         raise UserError("a feature classifier reads the model's hidden states; there are no weights to merge",

@@ -2,8 +2,8 @@
 reads them instead of running the model again.
 
 One .npy file per (model, texts, pooling, layer), named by the sha256 of what decides the features
-but the layer: the base (its fingerprint and dtype, and the tensors of any method or quantized
-layer in it), the pooling and the exact token ids (so the tokenizer and max_length). A layer search
+but the layer: the model (the fingerprint of its every parameter, an injected method's too, its
+dtype and any 4-bit codes), the pooling and the exact token ids (so the tokenizer and max_length). A layer search
 extracts every layer in one pass and fills the cache for a later run at one of them.
 """
 
@@ -14,14 +14,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from tuneforge.atomic import atomic_path
-from tuneforge.io.fingerprint import fingerprint
+from tuneforge.fingerprint import fingerprint, tensor_hash
 from tuneforge.io.load import cache_dir as default_cache_dir
 from tuneforge.methods import features
-from tuneforge.methods._shared import MethodModule
 from tuneforge.quant.nf4 import NF4Linear
 
 
@@ -29,11 +27,9 @@ def _key(model: nn.Module, ids: list[list[int]], cfg: features.Config) -> str:
     digest = hashlib.sha256()
     head = {"model": fingerprint(model), "dtype": str(next(model.parameters()).dtype), "pooling": cfg.pooling}
     digest.update(json.dumps(head, sort_keys=True).encode())
-    for path, module in model.named_modules():  # the fingerprint reads base tensors only
-        if isinstance(module, (MethodModule, NF4Linear)):
-            for name, t in module.state_dict().items():
-                digest.update(f"{path}.{name}".encode() + t.detach().cpu().reshape(-1).view(torch.uint8)
-                              .numpy().tobytes())
+    quantized = {f"{path}.{k}": t for path, m in model.named_modules() if isinstance(m, NF4Linear)
+                 for k, t in m.state_dict().items()}  # 4-bit codes are buffers, which the fingerprint skips
+    digest.update(tensor_hash(quantized).encode())
     for row in ids:
         digest.update(np.asarray(row, np.int64).tobytes() + b"|")
     return digest.hexdigest()

@@ -109,19 +109,44 @@ def resolve_spec(spec: str) -> Path:
     return cached
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _weights_format(path: Path, allow_pickle: bool) -> bool:
+    """Whether transformers must read safetensors only (True), or may read pickled weights with
+    torch's weights-only loader (``allow_pickle``, for a folder that has no safetensors)."""
+    if any(path.glob("*.safetensors")):
+        return True
+    pickled = sorted(f.name for pattern in PICKLED_WEIGHTS for f in path.glob(pattern))
+    if pickled and not allow_pickle:
+        raise UserError(f"this model folder holds its weights only as a pickle ({pickled[0]}), and unpickling a "
+                        "file can run code", str(path),
+                        fix="convert it to safetensors, or pass --allow-pickle (train: allow_pickle: true) to read it "
+                            "with torch's weights-only loader")
+    return not pickled
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+               allow_pickle: bool = False):
     """Load ``(model, tokenizer)`` for ``spec``: a named model (``smollm2-135m``), a Hugging Face
-    model directory, or a ``.gguf`` file. The model is in eval mode on ``device``."""
+    model directory, or a ``.gguf`` file. The model is in eval mode on ``device``.
+
+    Weights are read from safetensors (or GGUF); a folder with pickled weights only is refused unless
+    ``allow_pickle``, and then read with torch's weights-only loader. No code from the model folder
+    ever runs (``trust_remote_code`` stays off)."""
     _quiet_transformers()
     path = resolve_spec(spec)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    safetensors_only = _weights_format(path, allow_pickle)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot load the model ({exc})", str(path),
-                        fix="check that the directory holds a complete Hugging Face causal LM") from exc
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=safetensors_only or None,
+                                                     trust_remote_code=False, weights_only=True)
+    except Exception as exc:  # transformers', safetensors' and torch's own error types for a bad folder
+        raise UserError(f"cannot load the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", str(path),
+                        fix="check that the directory holds a complete Hugging Face causal LM (re-download or "
+                            "re-save a damaged file)") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

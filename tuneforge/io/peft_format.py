@@ -26,7 +26,7 @@ from torch import nn
 from tuneforge.atomic import atomic_dir
 from tuneforge.config import Where, build
 from tuneforge.errors import UserError
-from tuneforge.io.fingerprint import check, fingerprint
+from tuneforge.fingerprint import check, tensor_hash
 from tuneforge.methods._shared import PEFT_PREFIX, GradientMethod, Injected, Probe, ProbeMethod
 from tuneforge.methods.registry import REGISTRY, by_peft_type, get_method
 
@@ -54,6 +54,7 @@ def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Te
     tuneforge's record ``info`` in their metadata."""
     # Copies on the CPU: safetensors refuses tensors that share memory (a tied head and embedding).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    info = {**info, "tensors_sha256": tensor_hash(tensors)}  # a file damaged later is refused on load
     weights = safetensors_bytes(tensors, metadata={"format": "pt", "tuneforge": json.dumps(info)})
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -71,10 +72,8 @@ def save_adapter(model: nn.Module, injected: Injected, out_dir: str | Path, base
     if method.WHOLE_MODEL:
         method.file_config(model, injected.cfg)  # raises the method's own explanation
     sd = injected.state_dict(model)
-    exclude = [*injected.trainable(model).values(), *_base_params_in(model, sd).values()]
     # The method's whole config too: PEFT's keys cannot hold every setting (QLoRA's block size).
-    info = {"method": method.NAME, "fingerprint": fingerprint(model, exclude),
-            "config": dataclasses.asdict(injected.cfg)}
+    info = {"method": method.NAME, "fingerprint": injected.base, "config": dataclasses.asdict(injected.cfg)}
     return write_adapter(out_dir, {**injected.file_config(model), "base_model_name_or_path": base_model_name}, sd,
                          info)
 
@@ -117,7 +116,11 @@ def read_weights(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise UserError(f"cannot read the adapter weights ({exc})", str(path),
                         fix="restore the file or save the adapter again") from None
-    return sd, info if isinstance(info, dict) else {}
+    info = info if isinstance(info, dict) else {}
+    if info.get("tensors_sha256") not in (None, tensor_hash(sd)):
+        raise UserError("the adapter's tensors are not the ones that were saved (their hash differs): the file is "
+                        "damaged", str(path), fix="restore it from a copy, or save the adapter again")
+    return sd, info
 
 
 def method_of(config: dict, info: dict, path: Path) -> GradientMethod | ProbeMethod:
@@ -179,10 +182,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False)
                             fix="save the classifier again")
         return method.from_state_dict(cfg, sd, [str(x) for x in labels], base)
     if base is not None:
-        check(base, model, force, exclude=_base_params_in(model, sd).values(), where=str(adapter_dir))
+        check(base, model, force, where=str(adapter_dir))
     # The saved weights replace whatever the method would start from, so a method that starts from
     # something it must read (a tokenizer, for text initialization) skips it: the adapter loads anywhere.
-    method.inject(model, method.for_loading(cfg))
-    injected = Injected(method, cfg)  # how the adapter was made, for saving it again
+    started = method.inject(model, method.for_loading(cfg))
+    injected = Injected(method, cfg, started.base)  # how the adapter was made, for saving it again
     injected.load_state_dict(model, sd)
     return injected

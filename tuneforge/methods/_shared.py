@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
+from tuneforge.fingerprint import fingerprint
 from tuneforge.quant.nf4 import NF4Linear
 
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module path in adapter_model.safetensors
@@ -76,11 +77,13 @@ class ProbeMethod(Protocol):
 
 @dataclass(frozen=True)
 class Injected:
-    """A gradient method in a model: which method, with which config. Its methods call the
+    """A gradient method in a model: which method, with which config, put into which base (its
+    fingerprint before the method changed it; None for a weightless model). Its methods call the
     method's hooks with this config."""
 
     method: GradientMethod
     cfg: Any
+    base: dict | None = None
 
     @property
     def name(self) -> str:
@@ -102,9 +105,9 @@ class Injected:
         self.method.merge(model, self.cfg)
 
 
-def injected(module_name: str, cfg) -> Injected:
-    """The handle a method's ``inject`` returns: ``injected(__name__, cfg)``."""
-    return Injected(sys.modules[module_name], cfg)
+def injected(module_name: str, cfg, base: dict | None) -> Injected:
+    """The handle a method's ``inject`` returns: ``injected(__name__, cfg, base)``."""
+    return Injected(sys.modules[module_name], cfg, base)
 
 
 class MethodModule:
@@ -112,9 +115,15 @@ class MethodModule:
     inject finds the first by the model's structure."""
 
 
+def before_inject(model: nn.Module, quantized_too: bool = False) -> dict | None:
+    """What every inject does first: refuse a model that holds a method already (``quantized_too``:
+    or quantized layers, whose 4-bit codes cannot train, nor be quantized again), and take the base's
+    fingerprint while it is still the base (None on the meta device, where there are no weights)."""
+    refuse_second_inject(model, quantized_too)
+    return None if any(p.is_meta for p in model.parameters()) else fingerprint(model)
+
+
 def refuse_second_inject(model: nn.Module, quantized_too: bool = False) -> None:
-    """A method is injected into a fresh model only; ``quantized_too``: a model holding quantized
-    layers is refused as well (their 4-bit codes cannot train, nor be quantized again)."""
     kinds = (MethodModule, NF4Linear) if quantized_too else (MethodModule,)
     for path, module in model.named_modules():
         if isinstance(module, kinds):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tuneforge import targets
 from tuneforge.errors import UserError
 from tuneforge.methods._shared import (Injected, MethodModule, device_of, injected, modules_of, prefixed_hooks,
-                                       refuse_second_inject, same_config, wrap)
+                                       before_inject, same_config, wrap)
 from tuneforge.methods.configs import AdapterConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "adapter", "gradient", None, False
@@ -82,7 +82,7 @@ def _per_block(model: nn.Module, names: list[str], key: str) -> list[str]:
 
 
 def inject(model: nn.Module, cfg: Config) -> Injected:
-    refuse_second_inject(model)
+    base = before_inject(model)
     wrapped = _per_block(model, cfg.mlp_output_modules, "mlp_output_modules")
     if cfg.placement == "houlsby":
         wrapped = _per_block(model, cfg.attn_output_modules, "attn_output_modules") + wrapped
@@ -92,7 +92,7 @@ def inject(model: nn.Module, cfg: Config) -> Injected:
         for module in model.modules():
             if is_norm(module):
                 module.requires_grad_(True)
-    return injected(__name__, cfg)
+    return injected(__name__, cfg, base)
 
 
 def layers(model: nn.Module) -> dict[str, AdaptedOutput]:

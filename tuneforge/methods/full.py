@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods._shared import Injected, MethodModule, injected, load_exact, refuse_second_inject
+from tuneforge.methods._shared import Injected, MethodModule, injected, load_exact, before_inject
 from tuneforge.methods.configs import FullConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "full", "gradient", None, True
@@ -23,7 +23,7 @@ class Trained(nn.Module, MethodModule):
 def inject(model: nn.Module, cfg: Config) -> Injected:
     """Unfreeze the model, then freeze what ``cfg`` keeps. Inject into a fresh model: one that
     holds another method (or a quantized layer, whose 4-bit codes cannot train) is refused."""
-    refuse_second_inject(model, quantized_too=True)
+    base = before_inject(model, quantized_too=True)
     stack = targets.blocks(model) if cfg.freeze_layers else []
     if cfg.freeze_layers > len(stack):
         raise UserError(f"freeze_layers={cfg.freeze_layers} but the model has {len(stack)} blocks",
@@ -34,7 +34,7 @@ def inject(model: nn.Module, cfg: Config) -> Injected:
     for block in stack[: cfg.freeze_layers]:
         block.requires_grad_(False)
     model.add_module("tuneforge_full", Trained())
-    return injected(__name__, cfg)
+    return injected(__name__, cfg, base)
 
 
 def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tuneforge import targets
 from tuneforge.errors import UserError
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, dense_copy, device_of, injected, leaf_names,
-                                       modules_of, prefixed_hooks, refuse_second_inject, same_config, saved_modules,
+                                       modules_of, prefixed_hooks, before_inject, same_config, saved_modules,
                                        saved_parameters, wrap)
 from tuneforge.methods.configs import IA3Config as Config
 from tuneforge.quant.nf4 import NF4Linear
@@ -71,12 +71,12 @@ def find(model: nn.Module, cfg: Config) -> tuple[list[str], set[str], list[str]]
 
 
 def inject(model: nn.Module, cfg: Config) -> Injected:
-    refuse_second_inject(model)
+    base = before_inject(model)
     wrapped, feedforward, saved = find(model, cfg)
     wrap(model, wrapped, lambda path, base: IA3Linear(base, path in feedforward, cfg))
     for path in saved:
         model.get_submodule(path).requires_grad_(True)
-    return injected(__name__, cfg)
+    return injected(__name__, cfg, base)
 
 
 def layers(model: nn.Module) -> dict[str, IA3Linear]:

@@ -10,6 +10,7 @@ Keys and math follow PEFT, so the adapters it writes load there and back.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from tuneforge import targets
 from tuneforge.errors import UserError
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, dense_copy, device_of, injected, leaf_names,
-                                       modules_of, prefixed_hooks, refuse_second_inject, same_config, saved_modules,
+                                       modules_of, prefixed_hooks, before_inject, same_config, saved_modules,
                                        saved_parameters, wrap)
 from tuneforge.methods.configs import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
@@ -120,8 +121,15 @@ def row_norm(weight: Tensor) -> Tensor:  # (out, in) -> (out,)
 
 
 def find(model: nn.Module, cfg: Config) -> tuple[list[str], list[str]]:
-    """The layers to wrap and the whole modules to save; a UserError, with nothing changed, if either is wrong."""
+    """The layers to wrap and the whole modules to save; a UserError, with nothing changed, if either is wrong.
+    A rank above a layer's width warns: the update B A of such a layer can already be any matrix."""
     wrapped = targets.find(model, cfg.target_modules, types=WRAPPABLE)
+    widths = {path: min(model.get_submodule(path).in_features, model.get_submodule(path).out_features)
+              for path in wrapped}
+    if narrow := sorted((w, path) for path, w in widths.items() if w < cfg.r):
+        warnings.warn(f"r={cfg.r} is above the width of {len(narrow)} targeted layer(s) (the narrowest, "
+                      f"{narrow[0][1]}, has {narrow[0][0]}): their extra rank adds parameters and nothing else; "
+                      f"set method.r to at most {narrow[0][0]}", UserWarning, stacklevel=3)
     return wrapped, saved_modules(model, cfg.modules_to_save, wrapped, "LoRA")
 
 
@@ -134,9 +142,9 @@ def attach(model: nn.Module, cfg: Config, wrapped: list[str], saved: list[str]) 
 
 
 def inject(model: nn.Module, cfg: Config) -> Injected:
-    refuse_second_inject(model)
+    base = before_inject(model)
     attach(model, cfg, *find(model, cfg))
-    return injected(__name__, cfg)
+    return injected(__name__, cfg, base)
 
 
 def layers(model: nn.Module) -> dict[str, LoRALinear]:

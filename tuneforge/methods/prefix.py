@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 
 from tuneforge.errors import UserError
 from tuneforge.methods import _virtual
-from tuneforge.methods._shared import Injected, MethodModule, check_state, injected, refuse_second_inject
+from tuneforge.methods._shared import Injected, MethodModule, check_state, injected, before_inject
 from tuneforge.methods.configs import PrefixConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "prefix", "gradient", "PREFIX_TUNING", False
@@ -142,7 +142,7 @@ def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output):
 def inject(model: nn.Module, cfg: Config, tokenizer=None) -> Injected:
     """Freeze the model and give every attention layer a trainable prefix. ``tokenizer`` splits
     ``init_text``; without it, ``tokenizer_name_or_path`` or else the model's folder is read."""
-    refuse_second_inject(model)
+    base = before_inject(model)
     _virtual.check_model_keys(cfg, model_keys(model))
     init = None
     if cfg.init_text is not None:
@@ -156,7 +156,7 @@ def inject(model: nn.Module, cfg: Config, tokenizer=None) -> Injected:
         with torch.no_grad():
             prefix.embedding.copy_(init)
     _virtual.attach(model, "tuneforge_prefix", prefix, _before_forward, _after_forward)
-    return injected(__name__, cfg)
+    return injected(__name__, cfg, base)
 
 
 def for_loading(cfg: Config) -> Config:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuneforge.methods import _virtual
-from tuneforge.methods._shared import Injected, MethodModule, injected, load_exact, refuse_second_inject
+from tuneforge.methods._shared import Injected, MethodModule, injected, load_exact, before_inject
 from tuneforge.methods.configs import PromptConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "prompt", "gradient", "PROMPT_TUNING", False
@@ -88,14 +88,14 @@ def inject(model: nn.Module, cfg: Config, tokenizer=None) -> Injected:
     """Freeze the model and give it a soft prompt. ``tokenizer`` serves TEXT initialization; without
     it, ``tokenizer_name_or_path`` or else the folder the model was loaded from is read. The handle's
     config records the tokenizer TEXT used."""
-    refuse_second_inject(model)
+    base = before_inject(model)
     _virtual.check_model_keys(cfg, model_keys(model))
     init, cfg = initial_prompt(model, cfg, tokenizer)
     model.requires_grad_(False)
     arg_names = _virtual.forward_arg_names(model)
     _virtual.attach(model, "tuneforge_prompt", SoftPrompt(init, arg_names, trims_logits="logits_to_keep" in arg_names),
                     _before_forward)
-    return injected(__name__, cfg)
+    return injected(__name__, cfg, base)
 
 
 def for_loading(cfg: Config) -> Config:

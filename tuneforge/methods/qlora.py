@@ -20,7 +20,7 @@ from torch import nn
 
 from tuneforge.devices import resolve_dtype
 from tuneforge.methods import lora
-from tuneforge.methods._shared import Injected, injected, prefixed_hooks, refuse_second_inject, same_config
+from tuneforge.methods._shared import Injected, injected, prefixed_hooks, before_inject, same_config
 from tuneforge.methods.configs import QLoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
 
@@ -31,7 +31,7 @@ PEFT_TYPE = "LORA"  # the adapter is LoRA's; how the base is held in memory is n
 def inject(model: nn.Module, cfg: Config) -> Injected:
     """Quantize the targeted linear layers to NF4, then put LoRA on them. The unquantized tensors
     (embeddings, head, norms) are cast to ``compute_dtype`` if they are in another dtype; LoRA's are float32."""
-    refuse_second_inject(model, quantized_too=True)
+    base = before_inject(model, quantized_too=True)
     names, saved = lora.find(model, cfg.lora())  # LoRA's checks, while nothing has changed
     compute_dtype = resolve_dtype(cfg.compute_dtype, next(model.parameters()).device)
     before = memory_report(model)["total_bytes"]
@@ -46,7 +46,7 @@ def inject(model: nn.Module, cfg: Config) -> Injected:
               f"bits per weight), computing in {str(compute_dtype).removeprefix('torch.')}; model "
               f"{before / 2**20:.2f} MiB -> {after['total_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
     lora.attach(model, cfg.lora(), names, saved)
-    return injected(__name__, cfg)
+    return injected(__name__, cfg, base)
 
 
 @torch.no_grad()

@@ -223,8 +223,8 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
 
                 last = state["step"] == total_steps
                 if state["step"] % cfg.logging_steps == 0 or last:
-                    log({"step": state["step"], "epoch": state["epoch"],
-                         "loss": state["window_loss"] / max(state["window_tokens"], 1), "lr": scheduler.get_last_lr()[0],
+                    loss = state["window_loss"] / max(state["window_tokens"], 1)
+                    log({"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": scheduler.get_last_lr()[0],
                          "tokens": state["tokens"], "tokens_per_s": tok_s, "seconds": state["seconds"]})
                     state["window_loss"], state["window_tokens"] = 0.0, 0
                 stop = None

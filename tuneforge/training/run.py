@@ -25,17 +25,17 @@ from tuneforge.estimate import estimate
 from tuneforge.eval.evaluator import make_evaluator
 from tuneforge.io import feature_cache
 from tuneforge.io.export import save_model
-from tuneforge.io.fingerprint import fingerprint
+from tuneforge.fingerprint import fingerprint
 from tuneforge.io.load import load_model
 from tuneforge.io.peft_format import save_adapter, save_probe
 from tuneforge.methods._shared import Injected, parameter_count
 from tuneforge.methods.registry import get_method
-from tuneforge.training import checkpoint
+from tuneforge.training import checkpoint, output
 from tuneforge.training.loop import shuffled_batches, train
 
 
 def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None, tokenizer=None,
-        injected: Injected | None = None) -> dict:
+        injected: Injected | None = None, overwrite: bool = False) -> dict:
     """Train as ``cfg`` says; returns the summary also written to OUTPUT_DIR/summary.json.
 
     ``model`` and ``tokenizer``, when given, are used instead of loading ``cfg.model`` (which should
@@ -47,20 +47,31 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
         cfg = config_mod.with_method(cfg, injected.name, injected.cfg)
     if (model is None) != (tokenizer is None):
         raise UserError("model= and tokenizer= go together", fix="pass both, or neither to load cfg.model")
-    out = Path(cfg.train.output_dir)
-    done = checkpoint.complete(out / "checkpoints")
-    if resume and not done:
-        raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"), fix="run without --resume")
-    if not resume and (done or (out / "final").exists()):
-        raise UserError("this output folder already holds a run", str(out),
-                        fix="continue it with --resume, or set train.output_dir to a new folder")
     method = get_method(cfg.method.name)
     if method.KIND == "probe" and cfg.data.format != "classification":
         raise UserError(f"the {method.NAME} method fits a classifier and needs classification data, not "
                         f"{cfg.data.format!r}", "data.format",
                         fix="set data.format: classification (with text_column and label_column)")
+    if resume and method.KIND == "probe":
+        raise UserError(f"the {method.NAME} method fits in one go and keeps no checkpoints to resume from",
+                        "--resume", fix="run it again (its features are cached) in a new train.output_dir")
+    out = Path(cfg.train.output_dir)
+    lock = output.claim(out, resume, overwrite)
+    try:
+        if resume:
+            if not checkpoint.complete(out / "checkpoints"):
+                raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"),
+                                fix="start the run again without --resume (with --overwrite to move this one aside)")
+            output.check_resume(cfg, out)
+        return _run(cfg, method, resume, progress, model, tokenizer, injected, out)
+    finally:
+        lock.release()
+
+
+def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, injected, out: Path) -> dict:
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.train.device)
+        model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.train.device,
+                                      allow_pickle=cfg.allow_pickle)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     write_text(out / "config.yaml", config_mod.to_yaml(cfg))
     for split, report in data.report.items():
