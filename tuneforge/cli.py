@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from tuneforge import config
 from tuneforge.atomic import write_text
 from tuneforge.errors import UserError
+from tuneforge.training.interrupts import Interrupted
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -264,10 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends a command as Ctrl-C does
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args.run(args)
     except UserError as exc:
@@ -275,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tuneforge: error: {exc.line()}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt as exc:  # a run saved its checkpoint and said so; 130 for Ctrl-C, 143 for SIGTERM
-        if not hasattr(exc, "exit_code"):
+    except KeyboardInterrupt as exc:  # 130 for Ctrl-C, 143 for SIGTERM; a training run said where it saved
+        if not (isinstance(exc, Interrupted) and exc.reported):
             print("tuneforge: interrupted", file=sys.stderr)
-        return getattr(exc, "exit_code", 130)
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
     return 0
 
 

@@ -31,7 +31,8 @@ COMPARED = ("architecture", "model_type", "hidden_size", "num_layers", "vocab_si
 def _sample(t: torch.Tensor) -> bytes:
     flat = t.detach().reshape(-1)
     if flat.numel() > SAMPLES:
-        flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLES, device=flat.device).long()]
+        index = torch.arange(SAMPLES, device=flat.device) * (flat.numel() - 1) // (SAMPLES - 1)  # exact, in int64
+        flat = flat[index]
     return flat.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
 
 

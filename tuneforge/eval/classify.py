@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix
 from torch import Tensor, nn
 
 from tuneforge.eval.lm import IGNORE, label_logprobs
@@ -85,7 +84,8 @@ def classification_metrics(predicted, gold, n_labels: int) -> ClassifyMetrics:
     gold, predicted = np.asarray(gold), np.asarray(predicted)
     if len(gold) and (min(gold.min(), predicted.min()) < 0 or max(gold.max(), predicted.max()) >= n_labels):
         raise ValueError(f"labels must lie in 0..{n_labels - 1}")  # every row must count in n
-    return metrics_from_confusion(confusion_matrix(gold, predicted, labels=list(range(n_labels))).tolist())
+    confusion = np.bincount(gold.astype(np.int64) * n_labels + predicted.astype(np.int64), minlength=n_labels ** 2)
+    return metrics_from_confusion(confusion.reshape(n_labels, n_labels).tolist())  # [gold][predicted]
 
 
 def metrics_from_confusion(confusion: list[list[int]]) -> ClassifyMetrics:

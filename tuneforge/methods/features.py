@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
 from tuneforge import targets
@@ -137,6 +136,8 @@ def fit_head(features: np.ndarray, labels, cfg: Config) -> tuple[np.ndarray, ...
     if len(classes) < 2:
         raise UserError(f"the training texts have {len(classes)} label(s); a classifier needs two or more",
                         fix="give training data with every label")
+    from sklearn.linear_model import LogisticRegression  # a second's import, paid only when fitting
+
     std = x.std(0)
     mean, scale = x.mean(0), np.where(std > 0, std, 1.0).astype(np.float32)
     clf = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter).fit((x - mean) / scale, y)

@@ -25,6 +25,7 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.exit_code = 128 + signum
+        self.reported = False  # the loop has said where it saved
 
 
 class Guard:

@@ -206,7 +206,14 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                     state["epoch"], state["batch"], state["tokens"] = position
                     save_checkpoint(before)
                     raise _nonfinite(bad, state["step"], cfg, ckpt_dir)
-                scaler.step(optimizer) if scaler else optimizer.step()
+                try:
+                    scaler.step(optimizer) if scaler else optimizer.step()
+                except RuntimeError as exc:  # torch's own overflow check on the step size (a huge learning rate)
+                    if "overflow" not in str(exc):
+                        raise
+                    raise RunStopped(f"the optimizer's update overflows at step {state['step'] + 1} ({exc})",
+                                     str(ckpt_dir), fix=f"lower train.learning_rate (now {cfg.learning_rate:g}); "
+                                                        "the checkpoints written before are kept") from None
                 if scaler:
                     scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -246,10 +253,16 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                 if stop:
                     summary.stopped = stop
                     break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             bar.close()
             print(f"\ntuneforge: interrupted; checkpoint saved at step {state['step']} (continue with --resume)",
                   file=sys.stderr)
+            if isinstance(exc, Interrupted):
+                exc.reported = True
+            raise
+        except BaseException:
+            bar.close()
+            print(file=sys.stderr)  # the error's line starts on a line of its own, not after the bar
             raise
     bar.close()
     model.eval()

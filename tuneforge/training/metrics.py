@@ -8,6 +8,7 @@ resumed run or a plot never fails on one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -17,11 +18,12 @@ from tuneforge.atomic import disk_error, write_text
 
 def append(path: Path, record: dict) -> None:
     line = (json.dumps(record) + "\n").encode()
-    with open(path, "ab") as f:
+    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing is left to fail again on close
         start = f.tell()
         try:
-            f.write(line)
-            f.flush()
+            written = f.write(line)
+            if written != len(line):  # a write that stopped at a limit
+                raise OSError(errno.EFBIG, "the line was written only in part")
             os.fsync(f.fileno())
         except OSError as exc:
             try:
