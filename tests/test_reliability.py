@@ -475,3 +475,10 @@ def test_a_full_disk_stops_the_run_with_one_line_and_every_earlier_checkpoint_lo
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(disk)], check=True)  # lazily: loaded tensors may map its files
+
+
+def test_the_reliability_table_lists_exactly_these_tests():
+    table = (REPO / "docs" / "reliability.md").read_text()
+    listed = re.findall(r"\| `(test_\w+)` \|", table)
+    here = [n for n in globals() if n.startswith("test_") and n != "test_the_reliability_table_lists_exactly_these_tests"]
+    assert sorted(listed) == sorted(here) and len(listed) == len(set(listed))
