@@ -204,8 +204,8 @@ def test_nonfinite_steps_can_be_skipped_a_set_number_of_times(tmp_path, tiny_dir
     real = lm.label_logprobs
     poisoned = {"calls": 0}
 
-    def poison(model, input_ids, attention_mask, labels):
-        logprobs, rows = real(model, input_ids, attention_mask, labels)
+    def poison(model, input_ids, attention_mask, labels, *rest):
+        logprobs, rows = real(model, input_ids, attention_mask, labels, *rest)
         poisoned["calls"] += 1
         return (logprobs * float("nan"), rows) if poisoned["calls"] == 3 and model.training else (logprobs, rows)
 

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tuneforge.eval.lm import IGNORE, label_logprobs
-from tuneforge.targets import head_only_at
+from tuneforge.eval.lm import IGNORE, label_logprobs, token_logprobs
 
 
 def _pad_right(rows: list[list[int]], value: int) -> Tensor:
@@ -59,9 +58,8 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
 def _next_token_logprobs(model, ids, mask, labels, candidates: list[int]) -> Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # exactly one position per row: the prompt's last
-    with head_only_at(model, keep):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (rows, vocab)
-    return torch.log_softmax(logits.float(), dim=-1)[:, candidates].cpu()
+    targets = torch.tensor(candidates, device=ids.device).expand(int(keep.sum()), -1)  # (rows, labels)
+    return token_logprobs(model, ids, mask, keep, targets).cpu()
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,108 @@
-"""Language-model loss where labels are set, without full-vocabulary logits anywhere else: the
-output head is given only the positions that predict a label (``targets.head_only_at``), so the
-model's own forward (and any method attached to it) runs unchanged.
+"""Log-probabilities of the labelled tokens, computed as cheaply as the math allows:
+
+- The output head sees only the positions that predict a label, and turns them into the labels'
+  log-probabilities in chunks (``kernels.head_logprobs``): no (positions, vocabulary) logits anywhere.
+- When the rows of a batch begin with the same tokens (a classification batch shares its chat
+  template's system turn and the question: 29 of a mean 62 tokens on the sentiment task), that prefix
+  runs once, with batch size 1; its keys and values are expanded to the batch for the rest of the
+  sequence, and autograd sums the prefix's gradients over the rows. The loss and the gradients are
+  those of the plain computation (to rounding). Dropout then draws one mask for the shared prefix
+  instead of one per row. With gradient checkpointing (which drops caches) the plain path runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import DynamicCache
 
-from tuneforge.targets import head_only_at
+from tuneforge.kernels import head_logprobs
+from tuneforge.targets import output_head
 
 IGNORE = -100
+MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 
 
-def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+class _TargetHead(nn.Module):
+    """Stands in for the output head: gathers the kept positions and returns their targets'
+    log-probabilities (n_kept, k) under the real head, as the model's "logits"."""
+
+    def __init__(self, head: nn.Module, keep: Tensor, targets: Tensor):
+        super().__init__()
+        self.head, self.keep, self.targets = head, keep, targets
+
+    def forward(self, hidden: Tensor) -> Tensor:  # (batch, seq + n_virtual, hidden)
+        mask = self.keep
+        if hidden.shape[1] != mask.shape[1]:  # a method's virtual tokens come first, never kept
+            mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0), value=False)
+        return head_logprobs(hidden[mask], self.head, self.targets)
+
+
+@contextlib.contextmanager
+def _targets_at(model: nn.Module, keep: Tensor, targets: Tensor) -> Iterator[None]:
+    head = output_head(model)
+    model.set_output_embeddings(_TargetHead(head, keep, targets))
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
+def shared_prefix(input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> int:
+    """How many leading tokens every row shares, none of them predicting a target (0 when fewer than
+    MIN_SHARED, or one row)."""
+    if input_ids.shape[0] < 2:
+        return 0
+    shortest = int(attention_mask.sum(1).min())
+    same = (input_ids[:, :shortest] == input_ids[:1, :shortest]).all(0)  # (shortest,)
+    n = int(same.long().cumprod(0).sum())
+    kept = keep.any(0).nonzero()
+    if len(kept):
+        n = min(n, int(kept[0]))
+    n = min(n, shortest - 1)  # every row keeps a token of its own
+    return n if n >= MIN_SHARED else 0
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, targets: Tensor,
+                   share_prefix: bool = True, stats: dict | None = None) -> Tensor:
+    """(n_kept, k) log-probabilities of ``targets`` (n_kept, k) at the positions where ``keep``
+    (batch, seq) is True (row-major order). ``stats["shared_tokens"]`` counts the token positions a
+    shared prefix saved."""
+    n = shared_prefix(input_ids, attention_mask, keep) if share_prefix and not _checkpointing(model) else 0
+    if not n:
+        with _targets_at(model, keep, targets):
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    batch, keyword = input_ids.shape[0], _cache_keyword(model)
+    none = torch.zeros((1, n), dtype=torch.bool, device=keep.device)
+    with _targets_at(model, none, targets[:0]):  # the prefix predicts no target: no head work at all
+        out = model(input_ids=input_ids[:1, :n], attention_mask=attention_mask[:1, :n], use_cache=True)
+    prefix = next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(prefix.layers):  # (1, kv_heads, n, head_dim) -> (batch, kv_heads, n, head_dim)
+        cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
+    if stats is not None:
+        stats["shared_tokens"] = stats.get("shared_tokens", 0) + n * (batch - 1)
+    with _targets_at(model, keep[:, n:], targets):
+        return model(input_ids=input_ids[:, n:], attention_mask=attention_mask, use_cache=False,
+                     **{keyword: cache}).logits
+
+
+def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                   stats: dict | None = None, share_prefix: bool = True) -> tuple[Tensor, Tensor]:
     """Log-probability of each labelled token given what precedes it.
 
     Returns ``(logprobs, rows)``: both (n_labelled,), ``rows`` the batch row of each token.
@@ -24,18 +110,16 @@ def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     targets = labels[:, 1:]  # position t predicts token t + 1
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE
-    with head_only_at(model, keep):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (n, vocab)
     gold = targets[targets != IGNORE]
-    logprobs = -F.cross_entropy(logits.float(), gold, reduction="none")
-    rows = keep.nonzero()[:, 0]
-    return logprobs, rows
+    logprobs = token_logprobs(model, input_ids, attention_mask, keep, gold[:, None], share_prefix, stats)[:, 0]
+    return logprobs, keep.nonzero()[:, 0]
 
 
-def label_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+def label_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+               stats: dict | None = None, share_prefix: bool = True) -> tuple[Tensor, int]:
     """Summed cross-entropy over labelled tokens and their count (the caller normalizes, so that
     gradient accumulation gives the exact token-level mean)."""
-    logprobs, _ = label_logprobs(model, input_ids, attention_mask, labels)
+    logprobs, _ = label_logprobs(model, input_ids, attention_mask, labels, stats, share_prefix)
     return -logprobs.sum(), logprobs.numel()
 
 

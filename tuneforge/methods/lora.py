@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
+from tuneforge.kernels import lora_update
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, dense_copy, device_of, injected, leaf_names,
                                        modules_of, prefixed_hooks, before_inject, same_config, saved_modules,
                                        saved_parameters, wrap)
@@ -77,10 +78,11 @@ class LoRALinear(nn.Module, MethodModule):
         result = self.base_layer(x)
         if self.merged or not self.enabled:
             return result
+        if self.lora_magnitude_vector is None:  # y = W0 x + s B A drop(x), keeping little for backward
+            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            return lora_update(result, x, self.lora_A.weight, self.lora_B.weight, self.scale, p)
         xd = self.dropout(x).to(self.lora_A.weight.dtype)
         lora = self.lora_B(self.lora_A(xd)) * self.scale
-        if self.lora_magnitude_vector is None:
-            return (result + lora).to(result.dtype)
         weight = self.base_weight().to(xd.dtype)
         norm = row_norm(weight + self.delta().detach()).detach()  # DoRA 4.3: a constant in backward
         g = self.lora_magnitude_vector / norm  # (out,)
@@ -172,6 +174,16 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
             layer.merge()
             plain = layer.base_layer
         targets.swap(model, path, lambda _: plain)
+
+
+def lora_form(model: nn.Module, cfg: Config) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """Each wrapped layer's (A (r, in), B (out, r), s), its update exactly s * B @ A: what a LoRA file in
+    another runtime's format holds. DoRA and whole saved modules have no such form."""
+    if cfg.use_dora:
+        raise UserError("DoRA rescales each output row by a learned magnitude, so its update is no low-rank B A")
+    if saved := saved_modules(model, cfg.modules_to_save, [], "LoRA"):
+        raise UserError(f"the adapter holds whole modules beside its low-rank updates ({saved[0]})")
+    return {path: (layer.lora_A.weight, layer.lora_B.weight, layer.scale) for path, layer in layers(model).items()}
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:

@@ -52,6 +52,7 @@ class Summary:
     final_eval: dict = field(default_factory=dict)  # the last one: of the weights the run ends with
     stopped: str = "finished"  # finished | early_stop | time_budget
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.skip_nonfinite_steps)
+    shared_prefix_tokens: int = 0  # token positions not computed, because a batch's rows shared a prefix
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +115,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
 
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "loss_tokens": 0, "best": None, "bad_evals": 0,
              "seconds": 0.0, "first": None, "final": None, "pending_eval": False, "skipped": 0,
-             "window_loss": 0.0, "window_tokens": 0}
+             "window_loss": 0.0, "window_tokens": 0, "shared_tokens": 0}
     metrics_path = out_dir / "metrics.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume and (done := checkpoint.complete(ckpt_dir)):
@@ -178,14 +179,14 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                 evaluate(guard, checkpoint.rng_state())
             while state["step"] < total_steps:
                 before = checkpoint.rng_state()  # the step's start: an interrupted step is replayed from here
-                position = (state["epoch"], state["batch"], state["tokens"])
+                position = (state["epoch"], state["batch"], state["tokens"], state["shared_tokens"])
                 try:
                     with guard.abortable():
                         step_loss, n_loss, rows, bad = _forward_backward(model, next_batch, cfg, device, autocast,
                                                                          scaler, state)
                 except Interrupted:
                     optimizer.zero_grad(set_to_none=True)
-                    state["epoch"], state["batch"], state["tokens"] = position
+                    state["epoch"], state["batch"], state["tokens"], state["shared_tokens"] = position
                     save_checkpoint(before)
                     raise
                 if scaler:
@@ -203,7 +204,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                               f"({state['skipped']} of {cfg.skip_nonfinite_steps}); rows {', '.join(bad[2][:4])}",
                               file=sys.stderr)
                         continue
-                    state["epoch"], state["batch"], state["tokens"] = position
+                    state["epoch"], state["batch"], state["tokens"], state["shared_tokens"] = position
                     save_checkpoint(before)
                     raise _nonfinite(bad, state["step"], cfg, ckpt_dir)
                 try:
@@ -268,6 +269,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     model.eval()
     summary.steps, summary.tokens, summary.loss_tokens = state["step"], state["tokens"], state["loss_tokens"]
     summary.seconds, summary.skipped_steps = state["seconds"], state["skipped"]
+    summary.shared_prefix_tokens = state["shared_tokens"]
     summary.tokens_per_s = (state["tokens"] - start_tokens) / max(time.perf_counter() - started, 1e-9)
     summary.peak_memory_mb = peak_memory_mb(device)
     summary.first_eval, summary.best_eval = state["first"] or {}, state["best"] or {}
@@ -283,8 +285,9 @@ def _forward_backward(model, next_batch, cfg: TrainCfg, device, autocast, scaler
     step_loss = 0.0
     for batch, rows in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        stats = {}
         with autocast:
-            loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], stats)
         loss = loss_sum / max(n_loss, 1)
         value = loss.item()
         if not math.isfinite(value):
@@ -292,6 +295,7 @@ def _forward_backward(model, next_batch, cfg: TrainCfg, device, autocast, scaler
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += value
         state["tokens"] += int(batch["attention_mask"].sum())
+        state["shared_tokens"] += stats.get("shared_tokens", 0)
     return step_loss, n_loss, [row for _, rows in batches for row in rows], None
 
 

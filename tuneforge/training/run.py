@@ -28,6 +28,7 @@ from tuneforge.io.export import save_model
 from tuneforge.fingerprint import fingerprint
 from tuneforge.io.load import load_model
 from tuneforge.io.peft_format import save_adapter, save_probe
+from tuneforge.kernels import use_lean_mlps
 from tuneforge.methods._shared import Injected, parameter_count
 from tuneforge.methods.registry import get_method
 from tuneforge.training import checkpoint, output
@@ -94,6 +95,7 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
     if injected is None:
         injected = method.inject(model, config_mod.method_config(cfg))
     params = injected.trainable(model)
+    use_lean_mlps(model)  # the same math, with less kept for backward (tuneforge/kernels.py)
     total, n_train = parameter_count(model), sum(p.numel() for p in params.values())
     print(f"tuneforge: {injected.name}: {n_train:,} trainable parameters of {total:,} "
           f"({100 * n_train / total:.3f}%); {len(data.train)} training examples, {len(data.eval)} held out",

@@ -1,0 +1,117 @@
+"""The lean computations against the plain ones they replace, on the tiny model: the LoRA update, the
+gated MLP, the chunked output head, and shared-prefix batches for every gradient method. Equal
+outputs and gradients, to rounding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import make_tiny_model
+from tuneforge.eval.lm import label_loss, shared_prefix
+from tuneforge.kernels import GatedMLP, head_logprobs, lora_update, swiglu, use_lean_mlps
+from tuneforge.methods.registry import get_method
+
+VOCAB = 259
+
+
+def test_lora_update_is_the_formula_with_and_without_dropout():
+    torch.manual_seed(0)
+    result, x = torch.randn(2, 5, 12), torch.randn(2, 5, 16, requires_grad=True)
+    A, B = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    for p in (0.0, 0.3):
+        torch.manual_seed(1)
+        out = lora_update(result, x, A, B, 2.0, p)
+        torch.manual_seed(1)
+        keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p) if p else torch.ones_like(x, dtype=torch.bool)
+        ref = result + 2.0 * ((x * keep / (1 - p)) @ A.T) @ B.T
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad((out * g).sum(), (x, A, B)), torch.autograd.grad((ref * g).sum(), (x, A, B))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_and_the_gated_mlp_equal_the_model_s_own():
+    torch.manual_seed(0)
+    gate, up = torch.randn(3, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True)
+    ours, ref = swiglu(gate, up), F.silu(gate) * up
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours.square().sum(), (gate, up)), torch.autograd.grad(ref.square().sum(), (gate, up))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    model = make_tiny_model(VOCAB)
+    lean = copy.deepcopy(model)
+    assert use_lean_mlps(lean) == 2 and all(isinstance(layer.mlp, GatedMLP) for layer in lean.model.layers)
+    assert lean.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(lean(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logprobs_in_chunks_equal_log_softmax(bias):
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (11, 3))
+    ours = head_logprobs(hidden, head, targets, chunk=4)  # three chunks, the last short
+    ref = torch.log_softmax(head(hidden), -1).gather(1, targets)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(ours)
+    inputs = (hidden, head.weight) + ((head.bias,) if bias else ())
+    for a, b in zip(torch.autograd.grad((ours * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prefix_length():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 9, 9, 0], [1, 2, 3, 4, 5, 6, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 7 + [0], [1] * 6 + [0] * 2])
+    none = torch.zeros_like(ids, dtype=torch.bool)
+    assert shared_prefix(ids, mask, none) == 5
+    keep = none.clone()
+    keep[1, 4] = True  # position 4 predicts a label: it must be computed per row
+    assert shared_prefix(ids, mask, keep) == 4
+    keep[0, 2] = True
+    assert shared_prefix(ids, mask, keep) == 0  # 2 shared tokens are not worth a second call
+    assert shared_prefix(ids[:1], mask[:1], none) == 0
+
+
+CASES = {"lora": {"r": 4, "target_modules": "all-linear"}, "full": {}, "ia3": {},
+         "prompt": {"num_virtual_tokens": 3}, "prefix": {"num_virtual_tokens": 3}, "adapter": {}}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_shared_prefix_gives_the_plain_loss_and_gradients(name):
+    """Rows that share 10 tokens (a system turn), then differ, right-padded, labels on their ends."""
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(3, VOCAB, (10,), generator=gen)
+    rows = [torch.cat([shared, torch.randint(3, VOCAB, (n,), generator=gen)]) for n in (6, 3, 8)]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([F.pad(r, (0, width - len(r)), value=2) for r in rows])
+    mask = torch.stack([F.pad(torch.ones(len(r), dtype=torch.long), (0, width - len(r))) for r in rows])
+    labels = torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        labels[i, len(r) - 2:len(r)] = r[-2:]
+    results = []
+    for share in (False, True):
+        model = make_tiny_model(VOCAB, seed=1)
+        method = get_method(name)
+        handle = method.inject(model, method.Config(**CASES[name]))
+        use_lean_mlps(model)
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in handle.trainable(model).values():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))  # away from the identity
+        model.train()
+        stats = {}
+        loss, n = label_loss(model, ids, mask, labels, stats, share_prefix=share)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in handle.trainable(model).values()])
+        results.append((loss.detach(), n, grads, stats.get("shared_tokens", 0)))
+    (plain, n0, g0, s0), (shared_loss, n1, g1, s1) = results
+    assert n0 == n1 == 6 and s0 == 0 and s1 == 10 * 2
+    torch.testing.assert_close(shared_loss, plain, rtol=1e-5, atol=1e-5)
+    assert g0.abs().sum() > 0
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,152 @@
+"""Autograd functions that keep for backward only what it needs, and the module swap that puts the
+gated MLP's into a loaded model. Each computes what the code it replaces computes: the same forward,
+the same gradients (up to rounding).
+
+What a training step of the default model kept, measured by the tensors autograd saves
+(``bench/memory.py``): two thirds of it were LoRA's dropout (a float32 mask and the dropped input
+for every adapted layer) and the gated MLP's three intermediate tensors. Here:
+
+- ``lora_update``: y = result + s * B A drop(x), saving x (which the base layer reads anyway), a
+  one-byte keep-mask and the rank-r product A drop(x); the dropped input is rebuilt in backward.
+- ``swiglu``: silu(gate) * up, saving gate and up only; silu is recomputed in backward.
+- ``head_logprobs``: the log-probabilities of chosen tokens under the output head, computed in
+  chunks of positions and recomputed in backward, so that (positions, vocabulary) logits, their
+  softmax and their gradient never exist whole (packed text puts a label on every position).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEAD_CHUNK = 1024  # positions per chunk of logits: 1024 x 49,152 floats is 200 MB
+
+
+class _LoRAUpdate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
+        # result (..., out), x (..., in), A (r, in), B (out, r)
+        xs = x.to(A.dtype)
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p) if p > 0 else None
+        xd = xs * keep / (1 - p) if keep is not None else xs
+        a = xd.reshape(-1, xd.shape[-1]) @ A.t()  # (n, r)
+        update = (a @ B.t()).mul_(scale)  # (n, out)
+        ctx.save_for_backward(x, keep, A, B, a)
+        ctx.scale, ctx.p = scale, p
+        return (result.reshape(-1, result.shape[-1]) + update.to(result.dtype)).view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, keep, A, B, a = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(B.dtype)  # (n, out); under autocast a came out in its dtype
+        a = a.to(B.dtype)
+        grad_B = (g.t() @ a).mul_(ctx.scale) if ctx.needs_input_grad[3] else None  # (out, r)
+        ga = (g @ B).mul_(ctx.scale)  # (n, r)
+        grad_A = grad_x = None
+        if ctx.needs_input_grad[2]:
+            xd = x.reshape(-1, x.shape[-1]).to(A.dtype)
+            if keep is not None:
+                xd = xd * keep.reshape(xd.shape) / (1 - ctx.p)
+            grad_A = ga.t() @ xd  # (r, in)
+        if ctx.needs_input_grad[1]:
+            gx = (ga @ A).view(x.shape)
+            if keep is not None:
+                gx = gx * keep / (1 - ctx.p)
+            grad_x = gx.to(x.dtype)
+        return grad, grad_x, grad_A, grad_B, None, None
+
+
+def lora_update(result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
+    """``result + scale * drop_p(x) @ A^T @ B^T``: LoRA's output; ``p`` is the dropout rate (0 in eval)."""
+    return _LoRAUpdate.apply(result, x, A, B, scale, p)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        grad_up = grad * silu
+        grad_gate = grad * up * (s + silu * (1 - s))  # d silu / d gate = s (1 + gate (1 - s))
+        return grad_gate, grad_up
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return _SwiGLU.apply(gate, up)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with the same three children as the module it replaces, so the
+    state dict, the adapters inside and their keys are unchanged."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    return (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(act).__name__ in ("SiLU", "SiLUActivation") and type(module).__name__.endswith("MLP"))
+
+
+def use_lean_mlps(model: nn.Module) -> int:
+    """Put a GatedMLP where each gated SiLU MLP was (llama's and its kin's); returns how many."""
+    paths = [path for path, m in model.named_modules() if is_swiglu_mlp(m)]
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, GatedMLP(getattr(owner, child)))
+    return len(paths)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        # hidden (n, h), weight (vocab, h), targets (n, k) token ids -> (n, k) log-probabilities
+        out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start:start + chunk], weight, bias).float()  # (c, vocab)
+            lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
+            out[start:start + chunk] = logits.gather(1, targets[start:start + chunk]) - lse[start:start + chunk, None]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[start:start + ctx.chunk]
+            g = grad[start:start + ctx.chunk].float()  # (c, k)
+            # d logp(t) / d logits = onehot(t) - softmax: summed over the k targets, each weighted by its grad
+            glogits = torch.exp(F.linear(h, weight, bias).float() - lse[start:start + ctx.chunk, None])
+            glogits.mul_(-g.sum(1, keepdim=True)).scatter_add_(1, targets[start:start + ctx.chunk], g)
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.chunk] = (glogits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += glogits.t() @ h.float()
+            if grad_bias is not None:
+                grad_bias += glogits.sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk: int = HEAD_CHUNK) -> Tensor:
+    """(n, k) log-probabilities of ``targets`` (n, k) under ``head`` (an nn.Linear over the vocabulary)
+    for ``hidden`` (n, h), without (n, vocab) logits alive at once."""
+    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk)
