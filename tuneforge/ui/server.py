@@ -1,0 +1,425 @@
+"""The web server of `tuneforge ui`: a small Starlette app serving one HTML page, its script and a
+JSON API, run by uvicorn.
+
+Safe by default: it binds 127.0.0.1 and answers only requests addressed to a local name (a page
+elsewhere cannot reach it through DNS rebinding); bound to another host, every request needs the
+access token printed at start (the printed address carries it once, then a cookie does). A POST
+must be JSON, which a form on another site cannot send. Every file a request names resolves
+inside the runs folder or a data folder given on the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import traceback
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from tuneforge import config
+from tuneforge.config import RunCfg
+from tuneforge.errors import UserError
+from tuneforge.ui import form
+from tuneforge.ui.runs import SIDE, Runs, inside
+
+STATIC = Path(__file__).with_name("static")
+LOCAL_NAMES = {"127.0.0.1", "localhost", "::1"}
+COOKIE = "tuneforge_token"
+DATA_SUFFIXES = {".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt"}
+SCAN_DEPTH, SCAN_LIMIT = 4, 500  # how deep and how many entries the lists of models and data files look
+
+
+class NotFound(UserError):
+    """A run or file that is not there: said on the page with status 404."""
+
+
+class Gate:
+    """ASGI middleware in front of every route, static files included (see the module's docstring)."""
+
+    def __init__(self, app, token: str | None, local: bool):
+        self.app, self.token, self.local = app, token, local
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        response = self.refusal(request)
+        if response is None and self.token and request.method == "GET" and request.query_params.get("token"):
+            # The printed address: the token moves into a cookie and out of the address bar.
+            rest = request.url.remove_query_params("token")
+            response = RedirectResponse(rest.path + (f"?{rest.query}" if rest.query else ""), status_code=303)
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+        if response is not None:
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, request: Request):
+        if self.local and urlsplit("//" + request.headers.get("host", "")).hostname not in LOCAL_NAMES:
+            return PlainTextResponse("this page answers only at 127.0.0.1 or localhost\n", status_code=403)
+        if self.token:
+            given = (request.query_params.get("token") or request.headers.get("x-tuneforge-token")
+                     or request.cookies.get(COOKIE) or "")
+            if not secrets.compare_digest(given.encode(), self.token.encode()):
+                return PlainTextResponse("this server needs its access token: open the address `tuneforge ui` "
+                                         "printed when it started (it ends in ?token=...)\n", status_code=401)
+        if request.method == "POST" and request.headers.get("content-type", "").split(";")[0] != "application/json":
+            return PlainTextResponse("send JSON (Content-Type: application/json)\n", status_code=415)
+        return None
+
+
+class Estimator:
+    """``tuneforge.estimate`` for the New run page: the device's matmul rate is measured once (the
+    server starts that in the background, so the page's first estimate need not wait for torch to
+    load), and estimates are kept by config, since the form asks again for every change."""
+
+    def __init__(self):
+        self._rates: dict[str, float] = {}
+        self._cache: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        threading.Thread(target=self._rate, args=("auto",), daemon=True).start()
+
+    def _rate(self, device: str) -> float:
+        with self._lock:
+            if device not in self._rates:
+                from tuneforge.devices import resolve_device
+                from tuneforge.estimate import matmul_flops_per_s
+
+                self._rates[device] = matmul_flops_per_s(resolve_device(device))
+            return self._rates[device]
+
+    def __call__(self, cfg: RunCfg, n_examples: int | None) -> dict:
+        from tuneforge.estimate import estimate
+
+        key = config.to_yaml(cfg) + f"\n#{n_examples}"
+        if key not in self._cache:
+            if len(self._cache) >= 256:
+                self._cache.clear()
+            est = estimate(cfg, n_examples=n_examples, flops_per_s=self._rate(cfg.train.device))
+            gib = 2**30
+            self._cache[key] = {
+                "total_params": est.total_params, "trainable_params": est.trainable_params,
+                "peak_gib": est.peak_bytes / gib, "weights_gib": est.weight_bytes / gib,
+                "train_state_gib": est.train_state_bytes / gib, "activations_gib": est.activation_bytes / gib,
+                "seconds_per_step": est.seconds_per_step, "tokens_per_step": est.tokens_per_step, "steps": est.steps,
+                "run_seconds": est.steps * est.seconds_per_step if est.steps else None,
+                "n_examples": n_examples, "describe": est.describe()}
+        return self._cache[key]
+
+
+class App:
+    """What the routes share: the folders, the runs, the estimator and the Try page's model."""
+
+    def __init__(self, runs_dir: str | Path, data_dirs: list[str | Path], cwd: str | Path | None = None):
+        self.runs = Runs(runs_dir, cwd)
+        self.data_dirs = []
+        for d in data_dirs:
+            path = Path(self.runs.cwd, d).resolve()
+            if not path.is_dir():
+                raise UserError("no such folder", f"--data {d}", fix="name a folder that holds data files or models")
+            self.data_dirs.append(path)
+        self.roots = [self.runs.root, *self.data_dirs]
+        self.estimator = Estimator()
+        self._playground = None
+        self._rows: dict[tuple, int] = {}
+
+    @property
+    def playground(self):
+        if self._playground is None:
+            from tuneforge.ui.tryout import Playground
+
+            self._playground = Playground(self.runs)
+        return self._playground
+
+    # --- the New run page --------------------------------------------------------------------
+    def scan(self) -> tuple[list[str], list[str]]:
+        """(model folders and .gguf files, data files) under the data folders and in runs' results."""
+        models, files, seen = [], [], 0
+        for root in self.data_dirs:
+            for folder, dirs, names in os.walk(root):
+                depth = len(Path(folder).relative_to(root).parts)
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < SCAN_DEPTH else []
+                seen += len(dirs) + len(names)
+                if seen > SCAN_LIMIT:
+                    break
+                if "config.json" in names:  # a Hugging Face model folder
+                    models.append(self.runs.display(folder))
+                    dirs[:] = []
+                    continue
+                for n in sorted(names):
+                    suffix = Path(n).suffix.lower()
+                    if suffix == ".gguf":
+                        models.append(self.runs.display(Path(folder, n)))
+                    elif suffix in DATA_SUFFIXES and not n.startswith("."):
+                        files.append(self.runs.display(Path(folder, n)))
+        for name in self.runs.names():  # a full fine-tuning run's result is a model folder
+            if (self.runs.folder(name) / "final" / "config.json").is_file():
+                models.append(self.runs.display(self.runs.folder(name) / "final"))
+        return models, files
+
+    def options(self) -> dict:
+        from tuneforge.io.load import NAMED_MODELS
+
+        models, files = self.scan()
+        return {"models": [*NAMED_MODELS, *models], "data_files": files, "schema": form.schema(),
+                "runs_dir": self.runs.display(self.runs.root), "data_dirs": [self.runs.display(d) for d in self.data_dirs]}
+
+    def resolve(self, body: dict) -> tuple[str, RunCfg]:
+        """(run name, config) from the form, every path in it checked; UserError otherwise."""
+        name = str(body.get("name") or "")
+        folder = self.runs.folder(name)
+        values = body.get("form")
+        if not isinstance(values, dict):
+            raise UserError("the request holds no form", "the form", fix="send {\"form\": {key: value}}")
+        cfg = form.resolve(values, self.runs.display(folder))
+        from tuneforge.io.load import NAMED_MODELS
+
+        for key, value in form.path_values(cfg).items():
+            if key == "model" and value in NAMED_MODELS:
+                continue
+            if inside(Path(self.runs.cwd, value), self.roots) is None:
+                raise UserError(f"{value!r} is outside the folders this page may read", f"{form.SOURCE}: key '{key}'",
+                                fix="choose a file under " + ", ".join(self.runs.display(r) for r in self.roots)
+                                    + ", or start tuneforge ui with --data FOLDER")
+        return name, cfg
+
+    def examples(self, cfg: RunCfg) -> int | None:
+        """About how many training examples the run will have (rows after the split and the cap), so
+        the estimate can give the time per run; None for raw text, which is cut into blocks."""
+        if cfg.data.format == "text" or not cfg.data.path:
+            return None
+        from tuneforge.data.readers import read_rows, split_rows
+
+        path = Path(self.runs.cwd, cfg.data.path)
+        try:
+            key = (str(path), path.stat().st_mtime_ns, cfg.data.val_fraction, bool(cfg.data.eval_path))
+        except OSError:
+            raise UserError("no such data file", f"{form.SOURCE}: key 'data.path'", fix="choose a file from the list")
+        if key not in self._rows:
+            rows = read_rows(path, cfg.data)
+            self._rows[key] = len(rows if cfg.data.eval_path else split_rows(rows, cfg.data.val_fraction, cfg.train.seed)[0])
+        n = self._rows[key]
+        return min(n, cfg.data.max_examples) if cfg.data.max_examples else n
+
+    # --- the Compare page --------------------------------------------------------------------
+    def compare(self, names: list[str]) -> dict:
+        """The table and chart `tuneforge compare` writes, from the chosen runs' summary.json files."""
+        from tuneforge.compare import COLUMNS, plot, write_tables
+
+        rows, skipped = [], []
+        for name in names:
+            summary = self.runs.summary(name)
+            if summary is None:
+                skipped.append(name)
+                continue
+            after = summary.get("after") or {}
+            rows.append({"label": name, "method": summary.get("method"), "accuracy": after.get("accuracy"),
+                         "macro_f1": after.get("macro_f1"), "trainable_params": summary.get("trainable_parameters"),
+                         "peak_memory_mb": summary.get("peak_memory_mb"), "train_seconds": summary.get("seconds"),
+                         "infer_ms_per_example": 1000 * after["seconds"] / after["n"] if after.get("n") and
+                         "seconds" in after else None,
+                         "artifact_mb": summary["artifact_bytes"] / 2**20 if "artifact_bytes" in summary else None})
+        if not rows:
+            raise UserError("none of the chosen runs has finished", "Compare", fix="choose runs with a summary.json")
+        key = hashlib.sha1(json.dumps(names).encode()).hexdigest()[:12]
+        out = self.compare_dir(key)
+        write_tables(rows, out)
+        plot(rows, out / "compare.png")
+        lines = (out / "compare.md").read_text(encoding="utf-8").splitlines()
+        cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+        return {"columns": COLUMNS, "rows": cells, "key": key, "skipped": skipped,
+                "chart": f"/api/compare/{key}/compare.png?v={(out / 'compare.png').stat().st_mtime_ns}"}
+
+    def compare_dir(self, key: str) -> Path:
+        return self.runs.root / SIDE / ".compare" / key
+
+
+async def _body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UserError("the request is not valid JSON", "request") from None
+    if not isinstance(body, dict):
+        raise UserError("the request must be a JSON object", "request")
+    return body
+
+
+def _error(exc: UserError) -> JSONResponse:
+    return JSONResponse({"error": exc.line(), "key": form.error_key(exc.where)},
+                        status_code=404 if isinstance(exc, NotFound) else 400)
+
+
+def create_app(runs_dir: str | Path, data_dirs: list[str | Path], *, token: str | None = None, local: bool = True,
+               cwd: str | Path | None = None) -> Gate:
+    """The whole app as an ASGI callable; ``token`` (for a non-local host) is required by every request."""
+    return build(App(runs_dir, data_dirs, cwd), token, local)
+
+
+def build(app: App, token: str | None, local: bool) -> Gate:
+    runs = app.runs
+
+    def page(_request):
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    def known(name: str) -> str:
+        if not (runs.folder(name).is_dir() or runs.side(name).is_dir()):
+            raise NotFound(f"there is no run named {name!r} (its folder may have been deleted)",
+                           runs.display(runs.folder(name)), fix="see the Runs page for the runs there are")
+        return name
+
+    async def options(_request):
+        return JSONResponse(app.options())
+
+    async def resolve(request):
+        name, cfg = app.resolve(await _body(request))
+        return JSONResponse({"name": name, "yaml": config.to_yaml(cfg)})
+
+    def estimate_sync(body: dict) -> dict:
+        _name, cfg = app.resolve(body)
+        return app.estimator(cfg, app.examples(cfg))
+
+    async def estimate(request):
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(estimate_sync, await _body(request)))
+
+    async def start(request):
+        name, cfg = app.resolve(await _body(request))
+        runs.start(name, config.to_yaml(cfg))
+        return JSONResponse({"name": name, "url": f"/runs/{name}"})
+
+    def runs_list(_request):
+        out = []
+        for name in runs.names():
+            try:
+                out.append(runs.row(name))
+            except OSError as exc:  # a folder deleted while it was read
+                out.append({"name": name, "status": "failed", "detail": f"could not read it: {exc.strerror}"})
+        return JSONResponse({"runs": out, "runs_dir": runs.display(runs.root)})
+
+    def run_detail(request):
+        name = known(request.path_params["name"])
+        row = runs.row(name)
+        records, dropped = runs.metrics(name)
+        path = runs.config_path(name)
+        return JSONResponse({**row, "config": path.read_text(encoding="utf-8") if path else None,
+                             "summary": runs.summary(name), "log": runs.log(name),
+                             "launched_here": runs.side(name).is_dir(), "folder": runs.display(runs.folder(name)),
+                             "dropped": dropped})
+
+    def run_metrics(request):
+        name = known(request.path_params["name"])
+        records, dropped = runs.metrics(name)
+        keep = ("step", "loss", "eval_loss", "eval_accuracy")
+        return JSONResponse({"records": [{k: r[k] for k in keep if k in r} for r in records], "dropped": dropped})
+
+    def stop(request):
+        pid = runs.stop(known(request.path_params["name"]))
+        return JSONResponse({"stopped": pid})
+
+    def resume(request):
+        name = known(request.path_params["name"])
+        runs.resume(name)
+        return JSONResponse({"resumed": name})
+
+    async def compare(request):
+        from starlette.concurrency import run_in_threadpool
+
+        names = (await _body(request)).get("runs")
+        if not isinstance(names, list) or not names:
+            raise UserError("no runs chosen", "Compare", fix="tick the runs to compare")
+        for name in names:
+            known(name)
+        return JSONResponse(await run_in_threadpool(app.compare, names))
+
+    def compare_png(request):
+        key = request.path_params["key"]
+        path = app.compare_dir(key) / "compare.png" if key.isalnum() and len(key) == 12 else None
+        if path is None or not path.is_file():
+            raise NotFound("no such chart", "Compare", fix="compare the runs again")
+        return FileResponse(path)
+
+    def try_info(request):
+        return JSONResponse(app.playground.get(known(request.path_params["name"])).info())
+
+    async def try_classify(request):
+        from starlette.concurrency import run_in_threadpool
+
+        name, body = known(request.path_params["name"]), await _body(request)
+        return JSONResponse({"labels": await run_in_threadpool(app.playground.classify, name,
+                                                                str(body.get("text") or ""))})
+
+    async def try_generate(request):
+        from starlette.concurrency import run_in_threadpool
+
+        name, body = known(request.path_params["name"]), await _body(request)
+        try:
+            max_new = int(body.get("max_new_tokens") or 64)
+        except (TypeError, ValueError):
+            raise UserError("max new tokens must be a whole number", "Try", fix="write a number such as 64") from None
+        pieces = await run_in_threadpool(app.playground.generate, name, str(body.get("text") or ""),
+                                         max(1, min(max_new, 2048)), body.get("system"))
+        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8")
+
+    async def user_error(_request, exc):
+        return _error(exc)
+
+    async def crash(_request, exc):  # anything else: said on the page; the server goes on
+        traceback.print_exception(exc, file=sys.stderr)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    routes = [
+        *(Route(p, page) for p in ("/", "/runs", "/runs/{name}", "/compare", "/try")),
+        Mount("/static", StaticFiles(directory=STATIC)),
+        Route("/api/options", options),
+        Route("/api/resolve", resolve, methods=["POST"]),
+        Route("/api/estimate", estimate, methods=["POST"]),
+        Route("/api/start", start, methods=["POST"]),
+        Route("/api/runs", runs_list),
+        Route("/api/runs/{name}", run_detail),
+        Route("/api/runs/{name}/metrics", run_metrics),
+        Route("/api/runs/{name}/stop", stop, methods=["POST"]),
+        Route("/api/runs/{name}/resume", resume, methods=["POST"]),
+        Route("/api/compare", compare, methods=["POST"]),
+        Route("/api/compare/{key}/compare.png", compare_png),
+        Route("/api/try/{name}", try_info),
+        Route("/api/try/{name}/classify", try_classify, methods=["POST"]),
+        Route("/api/try/{name}/generate", try_generate, methods=["POST"]),
+    ]
+    return Gate(Starlette(routes=routes, exception_handlers={UserError: user_error, Exception: crash}), token, local)
+
+
+def serve(runs_dir: str, data_dirs: list[str], host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serve the page until Ctrl-C; runs it launched go on after it stops."""
+    local = host in LOCAL_NAMES
+    token = None if local else secrets.token_urlsafe(24)
+    app = App(runs_dir, data_dirs)
+    app.estimator.warm()
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}", "--port",
+                        fix="choose another port with --port (0 takes any free one), or stop what uses it") from None
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
+    print(f"tuneforge ui: {url}", flush=True)
+    print(f"tuneforge ui: runs in {app.runs.display(app.runs.root)}, data from "
+          f"{', '.join(app.runs.display(d) for d in app.data_dirs) or '(none)'}; Ctrl-C stops the page "
+          "(runs it started go on)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(build(app, token, local), log_level="warning", access_log=False))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
