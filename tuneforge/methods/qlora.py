@@ -84,6 +84,14 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
                   "gives a different model", stacklevel=3)
 
 
+def lora_form(model: nn.Module, cfg: Config) -> dict:
+    """LoRA's (A, B, s) per layer, which apply to any copy of the base (with a warning: not the NF4 one)."""
+    form = lora.lora_form(model, cfg.lora())
+    warnings.warn("qlora: the adapter was trained against the 4-bit NF4 weights; on another copy of the base "
+                  "(a GGUF's) it gives a slightly different model", stacklevel=3)
+    return form
+
+
 def file_config(model: nn.Module, cfg: Config) -> dict:
     """LoRA's keys only: block_size and the like would make PEFT warn about a config it cannot read
     (tuneforge keeps them in the weights file's metadata)."""

@@ -1,0 +1,280 @@
+"""GGUF files for llama.cpp (and Ollama, LM Studio), written with the `gguf` package: no compiled tool.
+
+    write_model  a whole model: the architecture's hyperparameters under ``llama.*``, every weight
+                 under llama.cpp's tensor names (``blk.N.attn_q.weight``, ...), the tokenizer under
+                 ``tokenizer.ggml.*`` and the chat template
+    write_lora   a LoRA adapter: ``general.type = adapter``, ``adapter.type = lora``,
+                 ``adapter.lora.alpha``, and ``<tensor>.lora_a`` (r, in) / ``<tensor>.lora_b`` (out, r)
+
+Two facts about llama.cpp shape what is written. Its llama graph applies RoPE to adjacent pairs of
+each head's dimensions, where Hugging Face's rotates the first half against the second, so the rows
+of q_proj and k_proj (and of B in a LoRA on them) are reordered head by head. And it scales a LoRA
+by alpha / r with r read from B's shape, so alpha is written as s * r, where s is the scale the
+adapter trained with (alpha / r, or alpha / sqrt(r) with rsLoRA).
+
+When the base came as a GGUF file, its tokenizer and descriptive keys (``general.name``, the
+license, ...) are copied from it rather than rebuilt from the Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tuneforge.atomic import atomic_path
+from tuneforge.errors import UserError
+
+SUPPORTED = ("llama",)  # model_type values: the architectures written here
+QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+          "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+# Keys a copied file describes itself with, which the new file states for itself.
+OWN_KEYS = ("general.architecture", "general.type", "general.file_type", "general.quantization_version",
+            "general.alignment")
+ADAPTER_TYPE = "lora"  # GGUF's adapter.type for a low-rank adapter (llama.cpp reads no other)
+# The pre-tokenizers of tokenizer.json that llama.cpp knows by name (its tokenizer.ggml.pre).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in QTYPES:
+        raise UserError(f"llama.cpp cannot read tensors of dtype {dtype!r} from tuneforge", "--dtype",
+                        fix=f"use one of {', '.join(QTYPES)} (for 4-bit, run llama.cpp's llama-quantize on the f16 file)")
+
+
+def architecture(config) -> str:
+    """The model's architecture as GGUF names it, or a UserError that lists the supported ones."""
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        raise UserError(f"tuneforge writes GGUF for the {', '.join(SUPPORTED)} architecture, not {kind!r}",
+                        "--model", fix="export it with --format hf and convert that with llama.cpp's own converter")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default" or getattr(config, "hidden_act", "silu") != "silu":
+        raise UserError(f"this llama uses {rope.get('rope_type')!r} RoPE scaling or a {config.hidden_act!r} "
+                        "activation, which tuneforge does not write to GGUF", "--model",
+                        fix="export it with --format hf and convert that with llama.cpp's own converter")
+    return kind
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
+    """The ``llama.*`` keys llama.cpp builds the graph from."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(head_dim(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if head_dim(config) != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim(config))
+        writer.add_value_length(head_dim(config))
+
+
+def rope_rows(rows: Tensor, heads: int) -> Tensor:
+    """(heads * d, ...) rows of a q or k projection, each head's halves [x0..x(d/2-1) | y0..] reordered to
+    llama.cpp's adjacent pairs [x0 y0 x1 y1 ...]."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def permuted(path: str, rows: Tensor, config) -> Tensor:
+    """``rows`` (a weight, a bias or a LoRA's B of the layer at ``path``) as llama.cpp's RoPE reads them."""
+    if path.endswith("self_attn.q_proj"):
+        return rope_rows(rows, config.num_attention_heads)
+    if path.endswith("self_attn.k_proj"):
+        return rope_rows(rows, config.num_key_value_heads or config.num_attention_heads)
+    return rows
+
+
+def encode(array: np.ndarray, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A float32 array in ``dtype``: vectors (norms, biases) stay f32, as llama.cpp keeps them; a matrix
+    whose rows do not split into Q8_0's blocks of 32 is written f16 instead, as llama.cpp's converter does."""
+    qtype = QTYPES[dtype]
+    if array.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(array, dtype=np.float32), gguf.GGMLQuantizationType.F32
+    if qtype == gguf.GGMLQuantizationType.F16 or array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return array.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), qtype
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def model_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for every weight; a tied head is the embedding, so it is not written."""
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"the model holds a tensor llama.cpp has no name for ({key})", "--model",
+                            fix="export a plain llama (a method that cannot be merged stays outside: use --format hf)")
+        yield name, _numpy(permuted(key.rsplit(".", 1)[0], tensor, config))
+
+
+def write(out: Path, arch: str, fill) -> Path:
+    """One GGUF file, atomically: ``fill(writer)`` adds the keys and tensors."""
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
+
+
+def write_model(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32", source: Path | None = None
+                ) -> Path:
+    """``model`` (a plain llama: merged, or full fine-tuning's) as one GGUF file for llama.cpp. ``source``:
+    the GGUF file the base came from, whose tokenizer and descriptive keys are carried over."""
+    check_dtype(dtype)
+    arch = architecture(model.config)
+    carried = carried_fields(source, model.config.vocab_size) if source is not None else None
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
+        hyperparameters(writer, model.config)
+        writer.add_file_type(FILE_TYPES[dtype])
+        if dtype == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if carried is None:
+            writer.add_name(Path(out).stem)
+            tokenizer_fields(writer, tokenizer, model.config.vocab_size)
+        if getattr(tokenizer, "chat_template", None):
+            writer.add_chat_template(tokenizer.chat_template)
+        for key, (value, vtype, sub) in (carried or {}).items():
+            if key not in writer.kv_data[0]:  # what this file states itself (its hyperparameters) wins
+                writer.add_key_value(key, value, vtype, sub)
+        for name, array in model_tensors(model):
+            data, qtype = encode(array, dtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+
+    return write(Path(out), arch, fill)
+
+
+def carried_fields(source: Path, vocab_size: int) -> dict | None:
+    """The keys of ``source`` to copy, {key: (value, type, array element type)}; None (with a note) when
+    its vocabulary is not the model's, so the tokenizer is rebuilt instead."""
+    reader = gguf.GGUFReader(source)
+    fields = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in OWN_KEYS:
+            continue
+        vtype = field.types[0]
+        fields[key] = (field.contents(), vtype, field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    tokens = fields.get("tokenizer.ggml.tokens", ([],))[0]
+    if len(tokens) != vocab_size:
+        print(f"tuneforge: {source.name} has {len(tokens)} tokens and the model {vocab_size}; the tokenizer is "
+              "rebuilt from the model's", file=sys.stderr)
+        return None
+    return fields
+
+
+def pre_tokenizer(backend: dict) -> str | None:
+    """llama.cpp's name (tokenizer.ggml.pre) for a tokenizer.json pre-tokenizer it implements, else None."""
+    def byte_level(part: dict, regex: bool) -> bool:
+        return (part.get("type") == "ByteLevel" and part.get("use_regex", True) == regex
+                and not part.get("add_prefix_space", False))
+
+    pre = backend.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if len(parts) == 1 and byte_level(parts[0], True):
+        return "gpt-2"
+    if len(parts) == 2 and byte_level(parts[1], True) and parts[0] == {"type": "Digits", "individual_digits": True}:
+        return "smollm"
+    if len(parts) == 2 and byte_level(parts[1], False) and parts[0].get("type") == "Split" \
+            and parts[0].get("pattern") == {"Regex": LLAMA3_SPLIT} and parts[0].get("behavior") == "Isolated":
+        return "llama-bpe"
+    return None
+
+
+def tokenizer_fields(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` model: tokens (padded to the model's vocabulary
+    size), their types, the merges, the pre-tokenizer's name, the special ids and the add-BOS flag."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = pre_tokenizer(backend)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend.get("model", {}).get("merges") or []]
+    if backend.get("model", {}).get("type") != "BPE" or pre is None or not merges:
+        raise UserError("the tokenizer is not a byte-level BPE with merges and a pre-tokenizer llama.cpp names "
+                        "(gpt-2, smollm, llama-bpe)", "--model",
+                        fix="export from the model's GGUF file, whose tokenizer is carried over, or use --format hf")
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise UserError(f"the tokenizer has token ids up to {max(by_id)}, past the model's {vocab_size} embeddings",
+                        "--model", fix="resize the model's embeddings to the tokenizer")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for set_id, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                             (writer.add_eos_token_id, tokenizer.eos_token_id),
+                             (writer.add_unk_token_id, tokenizer.unk_token_id),
+                             (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            set_id(token_id)
+    ids, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    writer.add_add_bos_token(len(ids) > len(plain) and ids[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(ids) > len(plain) and ids[-1] == tokenizer.eos_token_id)
+
+
+def write_lora(model: nn.Module, form: dict[str, tuple[Tensor, Tensor, float]], out: str | Path,
+               dtype: str = "f32") -> Path:
+    """A LoRA adapter (``form``: each layer's A, B and scale, from the method's ``lora_form``) as a GGUF
+    adapter file, for ``llama-cli --lora`` and Ollama's ``ADAPTER``."""
+    check_dtype(dtype)
+    config = model.config
+    arch = architecture(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    if not form:
+        raise UserError("the adapter wraps no layer", "--adapter")
+    first_a, _, first_scale = next(iter(form.values()))
+    alpha = first_scale * first_a.shape[0]  # llama.cpp scales by alpha / r
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, ADAPTER_TYPE)
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_file_type(FILE_TYPES[dtype])
+        for path, (a, b, scale) in form.items():
+            name = names.get_name(path + ".weight", try_suffixes=(".weight",))
+            if name is None or (path == "lm_head" and config.tie_word_embeddings):
+                raise UserError(f"the adapter changes {path}, which llama.cpp's model file has no separate tensor "
+                                "for", "--adapter", fix="export the merged model: --format gguf")
+            # A layer whose scale alpha / r does not give (another rank) has the difference folded into B.
+            b = b.float() * (scale / (alpha / a.shape[0]))
+            for suffix, array in ((".lora_a", a), (".lora_b", permuted(path, b, config))):
+                data, qtype = encode(_numpy(array), dtype)
+                writer.add_tensor(name + suffix, data, raw_dtype=qtype)
+
+    return write(Path(out), arch, fill)
