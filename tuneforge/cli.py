@@ -49,6 +49,15 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from tuneforge.io.export import export
+
+    for path in export(args.model, args.out, args.format, adapter_dir=args.adapter, dtype=args.dtype,
+                       ollama_file=args.ollama, overwrite=args.overwrite, force=args.force,
+                       allow_pickle=args.allow_pickle):
+        print(f"written: {path}")
+
+
 def _estimate(args: argparse.Namespace) -> None:
     from tuneforge.estimate import estimate
 
@@ -216,12 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_args(p)
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("merge", help="fold an adapter into its base and write a standalone model directory")
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a standalone model directory "
+                                     "(export --format hf)")
     _model_args(p)
     p.add_argument("--adapter", required=True, help="the adapter directory")
     p.add_argument("--out", required=True, help="the model directory to write")
     p.add_argument("--force", action="store_true", help="merge even if the adapter was trained on another base")
     p.set_defaults(run=_merge)
+
+    p = sub.add_parser("export", help="write a model (its adapter merged) or a LoRA adapter for llama.cpp, "
+                                      "Ollama or transformers")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the base: a named model (smollm2-135m), a Hugging Face model directory, or a .gguf file")
+    p.add_argument("--adapter", default=None, help="an adapter directory to apply (merged, or as a LoRA file)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "gguf-lora", "hf"],
+                   help="gguf: one file for llama.cpp, the adapter merged; gguf-lora: the LoRA adapter alone as a "
+                        "GGUF adapter file; hf: a Hugging Face model directory (what `merge` writes)")
+    p.add_argument("--out", required=True, help="the file (gguf, gguf-lora) or folder (hf) to write")
+    p.add_argument("--dtype", default="f32", help="f32 (default), f16, bf16, or q8_0 (GGUF only)")
+    p.add_argument("--ollama", action="store_true",
+                   help="also write an Ollama Modelfile beside the GGUF (ollama create NAME -f Modelfile)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output that exists")
+    p.add_argument("--force", action="store_true", help="apply the adapter even if it was trained on another base")
+    _pickle_arg(p)
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("estimate", help="what a run will cost: parameters, memory, time per step")
     _config_args(p)

@@ -1,0 +1,380 @@
+"""Export: GGUF for llama.cpp (merged, and a LoRA adapter file), the Hugging Face directory, and the Ollama
+Modelfile. Files are read back with transformers (gguf_file=) and, where the binding is installed, run
+in llama.cpp itself through llama-cpp-python."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import CHAT_TEMPLATE, make_tiny_model
+from tuneforge import cli, config
+from tuneforge.errors import UserError
+from tuneforge.eval.generate import encode_prompt, generate
+from tuneforge.io import gguf_export, ollama
+from tuneforge.io.export import export, source_gguf
+from tuneforge.io.load import load_model
+from tuneforge.io.peft_format import load_adapter, save_adapter
+from tuneforge.methods.registry import get_method
+
+try:
+    import llama_cpp
+except ImportError:  # the binding is a test dependency (make test installs it); without it those tests skip
+    llama_cpp = None
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed")
+
+TEXT = "hello the world, the end of the theme"
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def bpe_tokenizer(template: str = CHAT_TEMPLATE):
+    """conftest's byte-level tokenizer with three merges: GGUF cannot hold an empty merge list."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt", "he",
+                                                                                                       "Ġthe"])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("h", "e"), ("Ġt", "he")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=template)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-bpe")
+    tokenizer = bpe_tokenizer()
+    make_tiny_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_adapter(base_dir: Path, out: Path, method: str, **settings) -> Path:
+    """An adapter of ``method`` on the tiny base with every trained tensor moved off its start."""
+    model, _ = load_model(str(base_dir))
+    mod = get_method(method)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handle = mod.inject(model, mod.Config(**settings))
+    with torch.no_grad():
+        for p in handle.trainable(model).values():
+            p.add_(0.2 * torch.randn_like(p))
+    return save_adapter(model, handle, out)
+
+
+def logits_with(base_dir: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:
+    model, _ = load_model(str(base_dir))
+    if adapter is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_adapter(model, adapter)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def gguf_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(base_dir, tmp_path_factory) -> Path:
+    return make_adapter(base_dir, tmp_path_factory.mktemp("lora") / "final", "lora", r=4, lora_alpha=8,
+                        target_modules="all-linear")
+
+
+def ids_of(base_dir: Path) -> list[int]:
+    return bpe_tokenizer()(TEXT)["input_ids"]
+
+
+def test_merged_lora_f32_reads_back_in_transformers_with_the_adapter_logits(base_dir, lora_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "model.gguf"
+    assert export(str(base_dir), out, "gguf", adapter_dir=lora_dir) == [out]
+    ids = ids_of(base_dir)
+    assert (gguf_logits(out, ids) - logits_with(base_dir, lora_dir, ids)).abs().max() < 1e-4
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    assert tokenizer(TEXT)["input_ids"] == ids and tokenizer.chat_template == CHAT_TEMPLATE
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2" and fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["tokenizer.ggml.token_type"].contents()[:3] == [gguf.TokenType.CONTROL] * 3
+
+
+# Measured on the tiny model (logits up to about 0.6): f16 3.6e-4, bf16 4.3e-3, q8_0 1.6e-2.
+@pytest.mark.parametrize("dtype,tolerance", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
+def test_smaller_dtypes_stay_within_their_tolerance(base_dir, lora_dir, tmp_path, dtype, tolerance):
+    out = tmp_path / f"model-{dtype}.gguf"
+    export(str(base_dir), out, "gguf", adapter_dir=lora_dir, dtype=dtype)
+    ids = ids_of(base_dir)
+    diff = (gguf_logits(out, ids) - logits_with(base_dir, lora_dir, ids)).abs().max()
+    assert 1e-7 < diff < tolerance  # not exact (the weights were rounded), but close
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32" and kinds["blk.0.attn_q.weight"] == dtype.upper()
+
+
+@pytest.mark.parametrize("method,settings", [
+    ("lora", {"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj", "k_proj"]}),
+    ("lora", {"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
+    ("ia3", {}),
+    ("qlora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"], "block_size": 32}),
+], ids=["rslora", "dora", "ia3", "qlora"])
+def test_each_mergeable_method_exports_merged(base_dir, tmp_path, method, settings):
+    adapter = make_adapter(base_dir, tmp_path / "adapter", method, **settings)
+    out = tmp_path / "model.gguf"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(str(base_dir), out, "gguf", adapter_dir=adapter)
+    assert ("4-bit" in " ".join(str(w.message) for w in caught)) == (method == "qlora")
+    ids = ids_of(base_dir)
+    assert (gguf_logits(out, ids) - logits_with(base_dir, adapter, ids)).abs().max() < 1e-4
+
+
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    """Each tensor of a float32 GGUF file in torch's shape."""
+    return {t.name: np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_lora_file_applies_to_the_base_file_as_the_merge(base_dir, tmp_path, rslora):
+    """llama.cpp's arithmetic on the files: W + alpha / r * B A, with r read from B, is the merged weight."""
+    adapter = make_adapter(base_dir, tmp_path / "adapter", "lora", r=4, lora_alpha=8, use_rslora=rslora,
+                           target_modules="all-linear")
+    export(str(base_dir), tmp_path / "base.gguf", "gguf")
+    export(str(base_dir), tmp_path / "merged.gguf", "gguf", adapter_dir=adapter)
+    export(str(base_dir), tmp_path / "lora.gguf", "gguf-lora", adapter_dir=adapter)
+    fields = gguf.GGUFReader(tmp_path / "lora.gguf").fields
+    assert [fields[k].contents() for k in ("general.type", "adapter.type")] == ["adapter", "lora"]
+    alpha = fields["adapter.lora.alpha"].contents()
+    assert alpha == pytest.approx(8 * math.sqrt(4) if rslora else 8)  # alpha / r is the scale trained with
+    base, merged, lora = (tensors(tmp_path / f"{n}.gguf") for n in ("base", "merged", "lora"))
+    pairs = [name[:-len(".lora_a")] for name in lora if name.endswith(".lora_a")]
+    assert len(pairs) == 2 * 7 and "blk.0.attn_q.weight" in pairs
+    for name in pairs:
+        a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+        np.testing.assert_allclose(base[name] + alpha / b.shape[1] * b @ a, merged[name], atol=1e-5)
+
+
+def test_rope_rows_pairs_each_heads_halves():
+    rows = torch.arange(2 * 8).float()[:, None]  # two heads of dimension 8
+    assert gguf_export.rope_rows(rows, 2)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+@pytest.mark.parametrize("method,settings,words", [
+    ("lora", {"use_dora": True, "target_modules": ["q_proj"]}, "DoRA"),
+    ("lora", {"target_modules": ["q_proj"], "modules_to_save": ["model.norm"]}, "whole modules"),
+    ("ia3", {}, "not a LoRA"),
+    ("prompt", {"num_virtual_tokens": 2}, "not a LoRA"),
+], ids=["dora", "modules-to-save", "ia3", "prompt"])
+def test_an_adapter_with_no_lora_form_is_refused_naming_the_formats_that_work(base_dir, tmp_path, method, settings,
+                                                                            words):
+    adapter = make_adapter(base_dir, tmp_path / "adapter", method, **settings)
+    with pytest.raises(UserError, match=words) as exc:
+        export(str(base_dir), tmp_path / "lora.gguf", "gguf-lora", adapter_dir=adapter)
+    assert "--format gguf" in exc.value.line() and "--format hf" in exc.value.line()
+    assert not (tmp_path / "lora.gguf").exists()
+
+
+def test_an_unmergeable_method_is_refused_for_a_merged_gguf(base_dir, tmp_path):
+    adapter = make_adapter(base_dir, tmp_path / "adapter", "prompt", num_virtual_tokens=2)
+    with pytest.raises(UserError, match="soft prompt"):
+        export(str(base_dir), tmp_path / "m.gguf", "gguf", adapter_dir=adapter)
+    assert list(tmp_path.glob("*.gguf")) == [] and not list(tmp_path.glob(".*.tmp"))
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_bad_requests_get_one_line_and_exit_2(base_dir, lora_dir, tmp_path, capsys):
+    taken = tmp_path / "taken.gguf"
+    taken.write_bytes(b"mine")
+    model, adapter, out = ["--model", str(base_dir)], ["--adapter", str(lora_dir)], ["--out", str(tmp_path / "x")]
+    cases = [(model + adapter + out + ["--dtype", "q4_0"], "dtype 'q4_0'"),
+             (model + adapter + ["--out", str(taken)], "the output exists"),
+             (model + adapter + out + ["--format", "hf", "--dtype", "q8_0"], "f32, f16 or bf16"),
+             (model + adapter + out + ["--format", "hf", "--ollama"], "points at a GGUF"),
+             (model + out + ["--format", "gguf-lora"], "made from an adapter")]
+    for argv, words in cases:
+        code, err = run_cli(["export", *argv], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert taken.read_bytes() == b"mine" and not (tmp_path / "x").exists()
+    code, err = run_cli(["export", *model, "--out", str(taken), "--overwrite"], capsys)
+    assert code == 0 and taken.read_bytes()[:4] == b"GGUF"
+
+
+def test_another_architecture_is_refused_naming_the_supported_one(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(bpe_tokenizer()))).save_pretrained(
+        tmp_path / "gpt2")
+    bpe_tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="for the llama architecture, not 'gpt2'"):
+        export(str(tmp_path / "gpt2"), tmp_path / "m.gguf", "gguf")
+
+
+def test_a_failed_write_leaves_nothing(base_dir, tmp_path, monkeypatch):
+    def broken(model):
+        yield "token_embd.weight", np.zeros((4, 4), np.float32)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf_export, "model_tensors", broken)
+    with pytest.raises(UserError, match="no space"):
+        export(str(base_dir), tmp_path / "m.gguf", "gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_format_is_the_merge_directory(base_dir, lora_dir, tmp_path):
+    out = tmp_path / "merged"
+    export(str(base_dir), out, "hf", adapter_dir=lora_dir)
+    ids = ids_of(base_dir)
+    assert (logits_with(out, None, ids) - logits_with(base_dir, lora_dir, ids)).abs().max() < 1e-5
+
+
+def test_a_gguf_base_carries_its_tokenizer_and_keys_over(base_dir, tmp_path):
+    first = tmp_path / "first.gguf"
+    export(str(base_dir), first, "gguf")
+    again = tmp_path / "again.gguf"
+    export(str(first), again, "gguf", dtype="f16")
+    old, new = gguf.GGUFReader(first).fields, gguf.GGUFReader(again).fields
+    for key in ("general.name", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre"):
+        assert new[key].contents() == old[key].contents()
+    assert new["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    # A run's model folder (full fine-tuning's final/) finds the GGUF its run started from.
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: {first}\n")
+    assert source_gguf(str(run / "final")) == first and source_gguf(str(base_dir)) is None
+
+
+def go_render(template: str, values: dict[str, str]) -> str:
+    """The Go template forms the Modelfile uses ({{ if .X }}...{{ end }} and {{ .X }}), rendered as Ollama
+    renders the turn being answered: cut after {{ .Response }}."""
+    template = template[:template.index("{{ .Response }}")]
+    template = re.sub(r"\{\{ if \.(\w+) \}\}(.*?)\{\{ end \}\}", lambda m: m[2] if values.get(m[1]) else "",
+                      template, flags=re.S)
+    return re.sub(r"\{\{ \.(\w+) \}\}", lambda m: values[m[1]], template)
+
+
+def modelfile_template(text: str) -> str:
+    return re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)[1]
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, SMOL_TEMPLATE], ids=["chatml", "default-system"])
+def test_modelfile_template_renders_the_chat_template(template):
+    tokenizer = bpe_tokenizer(template)
+    text = ollama.modelfile(tokenizer, "./m.gguf")
+    system, prompt = "Is it positive?", "Text: a fine film."
+    jinja = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                                          tokenize=False, add_generation_prompt=True)
+    assert go_render(modelfile_template(text), {"System": system, "Prompt": prompt}) == jinja
+    assert 'PARAMETER stop "<|im_end|>"' in text.splitlines()
+    default = re.search(r'^SYSTEM """(.*)"""$', text, re.M)
+    assert (default[1] if default else None) == ("You are a helpful assistant." if template == SMOL_TEMPLATE else None)
+
+
+def test_modelfile_refuses_a_template_it_cannot_say():
+    folded = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set s = m['content'] %}{% else %}"
+              "[INST] {{ s }} {{ m['content'] }} [/INST]{% endif %}{% endfor %}")
+    with pytest.raises(UserError, match="Ollama TEMPLATE"):
+        ollama.modelfile(bpe_tokenizer(folded), "./m.gguf")
+
+
+def test_ollama_modelfile_beside_the_gguf_carries_the_runs_question(base_dir, tmp_path):
+    run = tmp_path / "run"
+    adapter = make_adapter(base_dir, run / "final", "lora", r=4, target_modules=["q_proj"])
+    question = "Is this review positive or negative?"
+    cfg = config.from_dict({"model": str(base_dir), "data": {"format": "classification", "path": "x.tsv",
+                                                             "instruction": question}})
+    (run / "config.yaml").write_text(config.to_yaml(cfg))
+    out = tmp_path / "deploy" / "model.gguf"
+    assert export(str(base_dir), out, "gguf", adapter_dir=adapter, ollama_file=True) == [out, out.parent / "Modelfile"]
+    text = (out.parent / "Modelfile").read_text()
+    assert text.splitlines()[1] == "FROM ./model.gguf" and f'SYSTEM """{question}"""' in text
+    with pytest.raises(UserError, match="Hugging Face folder"):  # ADAPTER needs a GGUF base to name in FROM
+        export(str(base_dir), tmp_path / "lora.gguf", "gguf-lora", adapter_dir=adapter, ollama_file=True)
+
+
+def llama(path: Path, lora: Path | None = None):
+    """llama.cpp on one thread with a float32 cache, so that its sums are comparable to torch's."""
+    return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, n_threads=1,
+                           logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)
+
+
+@needs_llama_cpp
+def test_llama_cpp_gives_the_adapter_logits_merged_and_as_a_lora_file(base_dir, lora_dir, tmp_path):
+    export(str(base_dir), tmp_path / "merged.gguf", "gguf", adapter_dir=lora_dir)
+    export(str(base_dir), tmp_path / "base.gguf", "gguf")
+    export(str(base_dir), tmp_path / "lora.gguf", "gguf-lora", adapter_dir=lora_dir)
+    ids = ids_of(base_dir)
+    ref = logits_with(base_dir, lora_dir, ids).numpy()
+    for llm in (llama(tmp_path / "merged.gguf"), llama(tmp_path / "base.gguf", tmp_path / "lora.gguf")):
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
+        llm.eval(ids)
+        assert np.abs(np.array(llm.scores[:len(ids)]) - ref).max() < 1e-4
+
+
+def greedy(llm, ids: list[int], eos: int, n: int) -> list[int]:
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if token == eos or len(out) == n:
+            return out
+        out.append(token)
+    return out
+
+
+@needs_llama_cpp
+@pytest.mark.real
+def test_default_model_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(real_model, tmp_path, capsys):
+    """A LoRA on the default model (its B random and small, so the answers change), exported merged as
+    f32, and as a GGUF LoRA applied to the base exported as f32 (the shipped base is Q4_1), answers each
+    prompt with the tokens `tuneforge generate --adapter` gives."""
+    model, tokenizer = load_model("smollm2-135m")
+    lora = get_method("lora")
+    torch.manual_seed(0)
+    handle = lora.inject(model, lora.Config(r=16, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():
+        for layer in lora.layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.02)
+    adapter = save_adapter(model, handle, tmp_path / "adapter")
+    for argv in (["--adapter", str(adapter), "--out", str(tmp_path / "merged.gguf")],
+                 ["--out", str(tmp_path / "base.gguf")],
+                 ["--adapter", str(adapter), "--format", "gguf-lora", "--out", str(tmp_path / "lora.gguf")]):
+        assert cli.main(["export", *argv]) == 0
+    fields = gguf.GGUFReader(tmp_path / "base.gguf").fields
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # carried from the shipped GGUF
+    assert fields["general.organization"].contents() == "HuggingFaceTB"
+    base = real_model[0]
+    question = "Is the sentiment of this text positive or negative? Answer with one word: positive or negative."
+    prompts = [(question, "Text: A gorgeous, funny and deeply moving film."),
+               (question, "Text: A joyless, plodding mess that I regret seeing."),
+               (None, "What is the capital of France?")]
+    runtimes = [llama(tmp_path / "merged.gguf"), llama(tmp_path / "base.gguf", tmp_path / "lora.gguf")]
+    changed = 0
+    for system, prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, system=system)["input_ids"][0].tolist()
+        expected = generate(model, tokenizer, prompt, system=system, max_new_tokens=12)
+        changed += expected != generate(base, tokenizer, prompt, system=system, max_new_tokens=12)
+        for llm in runtimes:
+            assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+            got = greedy(llm, ids, tokenizer.eos_token_id, 12)
+            assert tokenizer.decode(got, skip_special_tokens=True) == expected, (prompt, expected)
+    assert changed  # the adapter matters, so the comparison can fail
