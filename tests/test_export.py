@@ -55,10 +55,10 @@ def bpe_tokenizer(template: str = CHAT_TEMPLATE):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-bpe")
-    tokenizer = bpe_tokenizer()
-    make_tiny_model(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    """The tiny llama saved with bpe_tokenizer (conftest's tiny_dir has no merges for a GGUF to hold)."""
+    tokenizer, path = bpe_tokenizer(), tmp_path_factory.mktemp("tiny-bpe")
+    for part in (make_tiny_model(len(tokenizer)), tokenizer):
+        part.save_pretrained(path)
     return path
 
 
@@ -100,7 +100,7 @@ def lora_dir(base_dir, tmp_path_factory) -> Path:
                         target_modules="all-linear")
 
 
-def ids_of(base_dir: Path) -> list[int]:
+def ids_of() -> list[int]:
     return bpe_tokenizer()(TEXT)["input_ids"]
 
 
@@ -109,7 +109,7 @@ def test_merged_lora_f32_reads_back_in_transformers_with_the_adapter_logits(base
 
     out = tmp_path / "model.gguf"
     assert export(str(base_dir), out, "gguf", adapter_dir=lora_dir) == [out]
-    ids = ids_of(base_dir)
+    ids = ids_of()
     assert (gguf_logits(out, ids) - logits_with(base_dir, lora_dir, ids)).abs().max() < 1e-4
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     assert tokenizer(TEXT)["input_ids"] == ids and tokenizer.chat_template == CHAT_TEMPLATE
@@ -123,7 +123,7 @@ def test_merged_lora_f32_reads_back_in_transformers_with_the_adapter_logits(base
 def test_smaller_dtypes_stay_within_their_tolerance(base_dir, lora_dir, tmp_path, dtype, tolerance):
     out = tmp_path / f"model-{dtype}.gguf"
     export(str(base_dir), out, "gguf", adapter_dir=lora_dir, dtype=dtype)
-    ids = ids_of(base_dir)
+    ids = ids_of()
     diff = (gguf_logits(out, ids) - logits_with(base_dir, lora_dir, ids)).abs().max()
     assert 1e-7 < diff < tolerance  # not exact (the weights were rounded), but close
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
@@ -143,7 +143,7 @@ def test_each_mergeable_method_exports_merged(base_dir, tmp_path, method, settin
         warnings.simplefilter("always")
         export(str(base_dir), out, "gguf", adapter_dir=adapter)
     assert ("4-bit" in " ".join(str(w.message) for w in caught)) == (method == "qlora")
-    ids = ids_of(base_dir)
+    ids = ids_of()
     assert (gguf_logits(out, ids) - logits_with(base_dir, adapter, ids)).abs().max() < 1e-4
 
 
@@ -245,7 +245,7 @@ def test_a_failed_write_leaves_nothing(base_dir, tmp_path, monkeypatch):
 def test_hf_format_is_the_merge_directory(base_dir, lora_dir, tmp_path):
     out = tmp_path / "merged"
     export(str(base_dir), out, "hf", adapter_dir=lora_dir)
-    ids = ids_of(base_dir)
+    ids = ids_of()
     assert (logits_with(out, None, ids) - logits_with(base_dir, lora_dir, ids)).abs().max() < 1e-5
 
 
@@ -324,7 +324,7 @@ def test_llama_cpp_gives_the_adapter_logits_merged_and_as_a_lora_file(base_dir, 
     export(str(base_dir), tmp_path / "merged.gguf", "gguf", adapter_dir=lora_dir)
     export(str(base_dir), tmp_path / "base.gguf", "gguf")
     export(str(base_dir), tmp_path / "lora.gguf", "gguf-lora", adapter_dir=lora_dir)
-    ids = ids_of(base_dir)
+    ids = ids_of()
     ref = logits_with(base_dir, lora_dir, ids).numpy()
     for llm in (llama(tmp_path / "merged.gguf"), llama(tmp_path / "base.gguf", tmp_path / "lora.gguf")):
         assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_merge)
 
     p = sub.add_parser("export", help="write a model (its adapter merged) or a LoRA adapter for llama.cpp, "
-                                      "Ollama or transformers")
+                                      "Ollama or Hugging Face")
     p.add_argument("--model", default="smollm2-135m",
                    help="the base: a named model (smollm2-135m), a Hugging Face model directory, or a .gguf file")
     p.add_argument("--adapter", default=None, help="an adapter directory to apply (merged, or as a LoRA file)")

@@ -211,6 +211,9 @@ def pre_tokenizer(backend: dict) -> str | None:
 def tokenizer_fields(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` model: tokens (padded to the model's vocabulary
     size), their types, the merges, the pre-tokenizer's name, the special ids and the add-BOS flag."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise UserError("the tokenizer is a slow (Python) one, whose vocabulary tuneforge does not read for GGUF",
+                        "--model", fix="save the model with a fast tokenizer (tokenizer.json), or use --format hf")
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     pre = pre_tokenizer(backend)
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend.get("model", {}).get("merges") or []]

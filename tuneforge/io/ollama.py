@@ -49,7 +49,7 @@ def _cut(text: str, *marks: str) -> list[str]:
     pieces = []
     for mark in marks:
         if text.count(mark) != 1:
-            raise _refuse(f"a message's content does not appear exactly once where the template renders it")
+            raise _refuse("a message's content does not appear exactly once where the template renders it")
         head, text = text.split(mark)
         pieces.append(head)
     return pieces + [text]
