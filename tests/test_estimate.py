@@ -1,19 +1,30 @@
+"""The estimate on the tiny model: parameter counts, memory parts against hand counts and against
+what autograd really keeps, the longest batch taken from the data, and refusals before loading."""
 
-from tuneforge import config
-from tuneforge.estimate import estimate
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from test_run import sentiment_rows, write_jsonl
+from tuneforge import cli, config
+from tuneforge.data import Collator
+from tuneforge.estimate import Shape, batch_shapes, estimate, saved_bytes
+from tuneforge.eval.lm import label_loss
+from tuneforge.kernels import use_lean_mlps
+from tuneforge.methods import lora
 
 
-def test_estimate_counts_parameters_and_memory_without_loading_weights(tiny_dir):
+def test_estimate_counts_parameters_and_state_without_loading_weights(tiny_dir):
     cfg = config.from_dict({"model": str(tiny_dir), "data": {"max_length": 32}, "train": {"batch_size": 2}})
     est = estimate(cfg, n_examples=10, flops_per_s=1e9)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
     assert est.total_params == est.trainable_params == n
-    assert 4 * n <= est.weight_bytes < 4 * n + 1024  # parameters, plus small buffers (rotary frequencies)
-    assert est.train_state_bytes == 12 * n  # gradient + two AdamW moments
-    assert est.steps == 5 and est.tokens_per_step == 64 and est.seconds_per_step > 0
+    assert 4 * n <= est.parts["weights"] < 4 * n + 1024  # parameters, plus small buffers (rotary frequencies)
+    assert est.parts["train_state"] == 12 * n  # gradient + two AdamW moments
+    assert est.steps == 5 and est.tokens_per_step == 64 and est.step_seconds > 0
+    assert est.longest == Shape(2, 32, 0, 64) and est.peak_bytes == sum(est.parts.values())
     assert "trainable" in est.describe()
 
 
@@ -22,5 +33,71 @@ def test_freezing_layers_lowers_the_estimate(tiny_dir):
     all_layers = estimate(config.from_dict(base), flops_per_s=1e9)
     frozen = estimate(config.from_dict({**base, "method": {"name": "full", "freeze_layers": 1}}), flops_per_s=1e9)
     assert frozen.trainable_params < all_layers.trainable_params
-    assert frozen.seconds_per_step < all_layers.seconds_per_step
+    assert frozen.step_seconds < all_layers.step_seconds
     assert frozen.peak_bytes < all_layers.peak_bytes
+
+
+@pytest.mark.parametrize("shared", [0, 6])
+def test_saved_bytes_on_the_meta_device_are_what_the_real_step_keeps(tiny, shared):
+    """The estimate counts activations by running the step's forward on the meta device; the real step
+    on real tensors, with a shared prefix or without, keeps about as much (the padding mask aside)."""
+    model, _ = tiny
+    cfg = lora.Config(r=4, lora_dropout=0.1, target_modules="all-linear")
+    lora.inject(model, cfg)
+    use_lean_mlps(model)
+    from tuneforge.estimate import _meta_model
+
+    meta, _, _ = _meta_model(config.from_dict({"method": {"name": "lora", "r": 4, "lora_dropout": 0.1,
+                                                           "target_modules": "all-linear"}}), model.config)
+    rows, width = 4, 20
+    ids = torch.randint(3, 259, (rows, width), generator=torch.Generator().manual_seed(0))
+    ids[:, :shared] = ids[0, :shared]
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    counted = {}
+    params = {id(p) for p in model.parameters()}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            counted[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        label_loss(model, ids, torch.ones_like(ids), labels)
+    real = sum(counted.values())
+    predicted = saved_bytes(meta, Shape(rows, width, shared, 2 * rows))
+    head = 4 * (2 * rows) * (64 + 2 + 1)  # the head's own: the kept hidden states, targets and log-sum-exps
+    assert 0.9 * real <= predicted + head <= 1.1 * real, (predicted + head, real)
+
+
+def test_the_longest_batch_and_its_shared_prefix_come_from_the_data(tiny_tokenizer):
+    from tuneforge.data import Example
+
+    prefix = [5, 6, 7, 8, 9]
+    examples = [Example(prefix + [10 + i] * (i + 1), [-100] * (5 + i) + [10 + i]) for i in range(6)]
+    shapes = batch_shapes(examples, [[0, 1], [4, 5], [3]], pad_id=0)
+    assert shapes == [Shape(2, 7, 4, 2), Shape(2, 11, 5, 2), Shape(1, 9, 0, 1)]  # position 4 predicts a label
+    assert Collator(0)([examples[5]])["input_ids"].shape == (1, 11)
+
+
+def test_cli_estimate_writes_json_and_train_refuses_what_cannot_fit(tmp_path, tiny_dir, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(12))
+    raw = {"model": str(tiny_dir), "method": {"name": "lora", "r": 4},
+           "data": {"path": str(data), "format": "classification", "packing": True},
+           "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 4, "device": "cpu"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(raw))
+    assert cli.main(["estimate", str(path), "--json", str(tmp_path / "e.json")]) == 0
+    est = json.loads((tmp_path / "e.json").read_text())
+    assert {"peak_memory_bytes", "step_seconds", "run_seconds", "parts"} <= est.keys()
+    assert est["longest"]["rows"] == 4 and est["longest"]["shared"] > 10  # the chat template's system turn
+    assert est["peak_memory_bytes"] == sum(est["parts"].values())
+    import tuneforge.training.run as run_module
+
+    monkeypatch.setattr(run_module, "available_memory", lambda device: 2**20)  # a machine with 1 MiB
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "--force" in err and not (tmp_path / "out" / "checkpoints").exists()
+    assert cli.main(["train", str(path), "--force", "--overwrite"]) == 0

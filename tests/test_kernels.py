@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_tiny_model
-from tuneforge.eval.lm import label_loss, shared_prefix
-from tuneforge.kernels import GatedMLP, head_logprobs, lora_update, swiglu, use_lean_mlps
+from tuneforge.eval.lm import label_loss
+from tuneforge.kernels import GatedMLP, head_logprobs, lora_update, shared_prefix, swiglu, use_lean_mlps
 from tuneforge.methods.registry import get_method
 
 VOCAB = 259

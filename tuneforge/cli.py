@@ -59,16 +59,19 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from tuneforge.estimate import estimate
+    from tuneforge.training.run import estimate_run
 
-    print(estimate(config.from_yaml(args.config, args.set)).describe())
+    est = estimate_run(config.from_yaml(args.config, args.set))
+    print(est.describe())
+    if args.json:
+        write_text(args.json, json.dumps(est.as_dict(), indent=1))
 
 
 def _train(args: argparse.Namespace) -> None:
     from tuneforge.training.run import run
 
     cfg = config.from_yaml(args.config, args.set)
-    result = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = run(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
     print(format_summary(result, cfg.train.output_dir))
 
 
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="what a run will cost: parameters, memory, time per step")
     _config_args(p)
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the estimate as JSON: peak_memory_bytes, step_seconds, run_seconds, parts")
     p.set_defaults(run=_estimate)
 
     p = sub.add_parser("train", help="fine-tune as a run configuration says")
@@ -260,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an output folder that holds files, moving them aside to "
                         "OUTPUT_DIR.previous-<time> (nothing is deleted)")
+    p.add_argument("--force", action="store_true",
+                   help="train even if the estimated peak memory exceeds what the machine has available")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("eval", help="loss and perplexity, or accuracy and macro-F1 for classification data")

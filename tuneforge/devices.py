@@ -28,3 +28,24 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", fix=f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a run on ``device`` may still take: on a GPU its free memory; on the CPU what the kernel
+    calls available, within this process's cgroup limit if it has one, plus what the process holds
+    already (its estimate counts that too). None when it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+        own = int(open("/proc/self/statm").read().split()[1]) * 4096
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit, used = (open(f"/sys/fs/cgroup/memory.{k}").read().strip() for k in ("max", "current"))
+        if limit != "max":
+            available = min(available, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return available + own

@@ -1,56 +1,95 @@
-"""What a run will cost before it starts: parameters, memory and time per step.
+"""What a run will cost before it starts: parameters, peak memory, time per step and per run.
 
-The model is built on the meta device from its config (no weights are read), the method is
-injected into it, and the counts follow. Memory is weights + gradients + AdamW's two moments +
-activations; time is the step's floating-point work over the device's measured matmul rate,
-scaled by an efficiency measured on real runs (a step also does attention, norms and the
-optimizer, which run below peak matmul speed).
+The model is built on the meta device from its config (no weights are read), the method is injected
+into it, and the parts follow:
+
+- weights: the model's tensors as the method leaves them (4-bit codes for QLoRA);
+- train state: a gradient and AdamW's two moments per trainable value (12 bytes in fp32);
+- activations: what autograd keeps for backward, counted by running the step's forward on the meta
+  device under ``saved_tensors_hooks`` for the longest batch the data will produce (its rows and
+  width, and the prefix its rows share), so every method and every saving in ``kernels.py`` is
+  counted as the real step keeps it; a probe method keeps nothing;
+- the head: the hidden states of the positions that carry loss, and one chunk of logits;
+- overhead: the process and its libraries, and what the allocator holds beyond the live tensors,
+  both measured on real runs (``bench/estimate.py`` compares prediction and measurement).
+
+Time is the step's floating-point work (the mean batch, the shared prefix counted once) over the
+device's measured matmul rate, scaled by the share of it a step reaches.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from torch import nn
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from tuneforge import config as config_mod
 from tuneforge.config import RunCfg
 from tuneforge.devices import resolve_device
 from tuneforge.io.load import resolve_spec
+from tuneforge.data import Collator
+from tuneforge.kernels import HEAD_CHUNK, shared_prefix, use_lean_mlps
 from tuneforge.methods._shared import parameter_count
 from tuneforge.methods.registry import get_method
 
-# Fraction of peak matmul throughput a training step achieves, measured on the default model
-# (fp32, 2-core CPU); see docs/estimate.md.
+# Measured on this project's reference machine (2-core CPU, fp32) with bench/estimate.py: the share
+# of the matmul rate a training step reaches, the process's own memory (python, torch, transformers,
+# tokenizer and data), and what glibc's allocator keeps beyond the live tensors during a step, as a
+# fraction of the saved activations. On CUDA the figures are the caching allocator's.
 STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}
+PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
+ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A micro-batch: its rows, its width (the longest row), and the leading tokens all rows share."""
+
+    rows: int
+    width: int
+    shared: int = 0
+    loss_tokens: int = 0  # positions that carry loss
 
 
 @dataclass(frozen=True)
 class Estimate:
     total_params: int
     trainable_params: int
-    weight_bytes: int
-    train_state_bytes: int  # gradients and optimizer moments of the trainable parameters
-    activation_bytes: int
-    tokens_per_step: int
-    flops_per_step: float
-    seconds_per_step: float
-    steps: int | None
+    parts: dict[str, int] = field(default_factory=dict)  # bytes at the peak, by kind
+    longest: Shape | None = None
+    tokens_per_step: int = 0
+    flops_per_step: float = 0.0
+    step_seconds: float = 0.0
+    steps: int | None = None
+    device: str = "cpu"
 
     @property
     def peak_bytes(self) -> int:
-        return self.weight_bytes + self.train_state_bytes + self.activation_bytes
+        return sum(self.parts.values())
+
+    @property
+    def run_seconds(self) -> float | None:
+        return self.steps * self.step_seconds if self.steps else None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "peak_memory_bytes": self.peak_bytes, "run_seconds": self.run_seconds}
 
     def describe(self) -> str:
         gib = 2**30
-        total = f", about {self.steps * self.seconds_per_step / 60:.1f} min for {self.steps} steps" if self.steps else ""
+        total = f", about {self.run_seconds / 60:.1f} min for {self.steps} steps" if self.steps else ""
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / gib:.2f}" for k, v in self.parts.items())
+        shape = (f" (the longest batch: {self.longest.rows} x {self.longest.width} tokens"
+                 f"{f', {self.longest.shared} shared' if self.longest.shared else ''})") if self.longest else ""
         return (f"estimate: {self.trainable_params:,} trainable of {self.total_params:,} parameters "
-                f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%); memory about "
-                f"{self.peak_bytes / gib:.2f} GiB (weights {self.weight_bytes / gib:.2f}, gradients and optimizer "
-                f"{self.train_state_bytes / gib:.2f}, activations {self.activation_bytes / gib:.2f}); "
-                f"{self.seconds_per_step:.1f} s per step of {self.tokens_per_step:,} tokens{total}")
+                f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%); peak memory about "
+                f"{self.peak_bytes / gib:.2f} GiB{shape}: {parts}; {self.step_seconds:.1f} s per step of "
+                f"{self.tokens_per_step:,} tokens{total}")
 
 
 def matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 4) -> float:
@@ -68,53 +107,148 @@ def matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 4)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def _tensor_bytes(model: torch.nn.Module) -> int:
+def _tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def estimate(cfg: RunCfg, tokens_per_example: float | None = None, loss_tokens_per_example: float | None = None,
-             n_examples: int | None = None, flops_per_s: float | None = None, model_config=None) -> Estimate:
-    """Estimate the cost of ``cfg``. Without data statistics, every example is taken to fill
-    ``data.max_length`` with loss on every token (an upper bound). A probe method (features) trains
-    nothing in the model: its cost is one forward pass per text, without gradients. ``model_config``
-    (a transformers config) describes the model instead of ``cfg.model``."""
-    model_config = model_config or AutoConfig.from_pretrained(resolve_spec(cfg.model))
+class _AttentionSaves(torch.autograd.Function):
+    """On the meta device, what a fused attention kernel (flash attention on CPU and CUDA) keeps for
+    backward: the query, key and value (at their own head counts), the output and a log-sum-exp per
+    query. The meta device would otherwise run the unfused math and count the probabilities."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out, lse = query.new_empty(query.shape), query.new_empty(query.shape[:3])
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the probe only counts what is kept
+        raise NotImplementedError
+
+
+def _probe_attention(module, query, key, value, attention_mask, **_):
+    return _AttentionSaves.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+PROBE_ATTENTION = "tuneforge_estimate_probe"
+AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
+
+
+class _NoHead(nn.Module):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[:, :0]
+
+
+def saved_bytes(model: nn.Module, shape: Shape) -> int:
+    """Bytes autograd keeps for backward in one training forward of ``shape`` on ``model`` (on the meta
+    device: no weights, no data, only shapes), the head left out. The rows' shared prefix runs once at
+    batch 1, as ``eval.lm.token_logprobs`` runs it; a causal (4-D) mask stands in for the padding mask."""
+    head = model.get_output_embeddings()
+    saved: dict[int, int] = {}
+    params = {id(p) for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) not in params:  # a weight's view is the weight, counted already
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    def ids(rows: int, width: int) -> torch.Tensor:
+        return torch.zeros(rows, width, dtype=torch.long, device="meta")
+
+    model.set_output_embeddings(_NoHead())
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            width, kwargs = shape.width, {}
+            if shape.shared:
+                out = model(input_ids=ids(1, shape.shared), use_cache=True,
+                            attention_mask=torch.zeros(1, 1, shape.shared, shape.shared, device="meta"))
+                prefix = next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
+                cache = DynamicCache(config=model.config)
+                for i, layer in enumerate(prefix.layers):
+                    cache.update(layer.keys.expand(shape.rows, -1, -1, -1), layer.values.expand(shape.rows, -1, -1, -1), i)
+                kwargs = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+                width = shape.width - shape.shared
+            mask = torch.zeros(shape.rows, 1, width, shape.width, device="meta")
+            model(input_ids=ids(shape.rows, width), attention_mask=mask, use_cache=False, **kwargs)
+    finally:
+        model.set_output_embeddings(head)
+        model.train(was_training)
+    return sum(saved.values())
+
+
+def _meta_model(cfg: RunCfg, model_config):
+    model_config = copy.deepcopy(model_config)  # its attention is the probe's, not the real model's
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model.config._attn_implementation = PROBE_ATTENTION
     method = get_method(cfg.method.name)
-    probe = method.KIND == "probe"
-    if not probe:
-        trainable = method.inject(model, config_mod.method_config(cfg)).trainable(model)
-    n_trainable = 0 if probe else sum(p.numel() for p in trainable.values())
-    n_total = parameter_count(model)  # a tied head once, a 4-bit weight by its shape
+    if method.KIND == "probe":
+        return model, method, {}
+    trainable = method.inject(model, config_mod.method_config(cfg)).trainable(model)
+    use_lean_mlps(model)
+    return model, method, trainable
 
+
+def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | None = None,
+             flops_per_s: float | None = None, model_config=None) -> Estimate:
+    """The cost of ``cfg``. ``shapes`` are the micro-batches of one epoch (``batch_shapes`` gives them
+    from the data); without them every batch is taken to be full rows of ``data.max_length`` tokens
+    with loss on every token, no prefix shared (an upper bound). ``model_config`` (a transformers
+    config) describes the model instead of ``cfg.model``."""
+    model_config = model_config or AutoConfig.from_pretrained(resolve_spec(cfg.model))
+    model, method, trainable = _meta_model(cfg, model_config)
+    probe = method.KIND == "probe"
+    n_trainable = sum(p.numel() for p in trainable.values())
+    n_total = parameter_count(model)  # a tied head once, a 4-bit weight by its shape
     device = resolve_device(cfg.train.device)
-    tokens = tokens_per_example or cfg.data.max_length
-    loss_tokens = loss_tokens_per_example or tokens
-    batch = cfg.train.batch_size * cfg.train.grad_accum
-    hidden, layers = model_config.hidden_size, model_config.num_hidden_layers
-    vocab = model_config.vocab_size
-    head = vocab * hidden
-    body = n_total - head  # the tied input embedding is a lookup: no matmul work
+    kind = device.type if device.type in STEP_EFFICIENCY else "cpu"
+    b, length = cfg.train.batch_size, cfg.data.max_length
+    shapes = shapes or [Shape(b, length, 0, b * length)]
+    longest = max(shapes, key=lambda s: (s.rows * (s.width - s.shared) + s.shared, s.loss_tokens))
+    hidden, vocab = model_config.hidden_size, model_config.vocab_size
+
+    activations = 0 if probe else saved_bytes(model, longest)
+    if probe:  # no backward: about one block's activations at a time, and the hidden states read out
+        activations = 4 * longest.rows * longest.width * hidden * (model_config.num_hidden_layers + 8)
+    head = 4 * longest.loss_tokens * hidden + 3 * 4 * min(longest.loss_tokens, HEAD_CHUNK) * vocab
+    parts = {"process": PROCESS_BYTES[kind], "weights": _tensor_bytes(model), "train_state": 12 * n_trainable,
+             "activations": activations, "head": 0 if probe else head,
+             "allocator": int(ALLOCATOR_SHARE[kind] * activations)}
+
     # Forward 2 flops per weight per token; backward 2 more for the input gradient, plus 2 per
     # trainable weight for its own gradient. The head runs only where a label is set.
-    attention = 4 * layers * tokens * hidden  # scores and weighted values, per token
+    head_weights = vocab * hidden
+    body = n_total - head_weights  # the tied input embedding is a lookup: no matmul work
+    mean = Shape(b, sum(s.width for s in shapes) / len(shapes), sum(s.shared for s in shapes) / len(shapes),
+                 sum(s.loss_tokens for s in shapes) / len(shapes))
+    computed = mean.rows * (mean.width - mean.shared) + mean.shared  # token positions run per micro-batch
+    attention = 4 * model_config.num_hidden_layers * mean.width * hidden  # scores and weighted values, per token
     per_token = 4 * body + 2 * min(n_trainable, body) + 2 * attention
-    per_loss_token = 4 * head + (2 * head if n_trainable >= n_total else 0)
-    if probe:  # forward only, and no head: hidden states are the output
+    per_loss_token = 4 * head_weights + (2 * head_weights if n_trainable >= n_total else 0)
+    if probe:
         per_token, per_loss_token = 2 * body + attention, 0
-    flops = batch * (tokens * per_token + loss_tokens * per_loss_token)
-    rate = (flops_per_s or matmul_flops_per_s(device)) * STEP_EFFICIENCY.get(device.type, 0.5)
+    flops = cfg.train.grad_accum * (computed * per_token + mean.loss_tokens * per_loss_token)
+    rate = (flops_per_s or matmul_flops_per_s(device)) * STEP_EFFICIENCY[kind]
 
-    # Activations kept for backward, per layer: s·b·h·(34 + 5·a·s/h) bytes in 16-bit precision
-    # (Korthikanti et al., 2022), twice that in fp32; plus the selected logits and their gradient.
-    heads, b = model_config.num_attention_heads, cfg.train.batch_size
-    per_layer = tokens * b * hidden * (34 + 5 * heads * tokens / hidden)
-    activations = 2 * layers * per_layer + 8 * b * loss_tokens * vocab
-    if probe:  # nothing kept for a backward pass: about one layer's worth at a time, and every hidden state
-        activations = 2 * per_layer + 4 * b * tokens * hidden * (layers + 1)
     steps = cfg.train.max_steps
     if steps is None and n_examples:
-        steps = max(1, round(cfg.train.epochs * n_examples / batch))
-    return Estimate(n_total, n_trainable, _tensor_bytes(model), 12 * n_trainable, int(activations),
-                    int(batch * tokens), float(flops), flops / rate, steps)
+        steps = max(1, math.ceil(cfg.train.epochs * math.ceil(n_examples / b) / cfg.train.grad_accum))
+    return Estimate(n_total, n_trainable, parts, longest, int(cfg.train.grad_accum * mean.rows * mean.width),
+                    float(flops), flops / rate, steps, device.type)
+
+
+def batch_shapes(examples, batches: list[list[int]], pad_id: int = 0) -> list[Shape]:
+    """The shape of each micro-batch ``batches`` (lists of indices) makes of ``examples``: rows, width,
+    the prefix its rows share (as ``eval.lm.token_logprobs`` finds it) and its loss tokens."""
+    collate, shapes = Collator(pad_id), []
+    for indices in batches:
+        batch = collate([examples[i] for i in indices])
+        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        keep[:, :-1] = batch["labels"][:, 1:] != -100
+        shapes.append(Shape(len(indices), batch["input_ids"].shape[1],
+                            shared_prefix(batch["input_ids"], batch["attention_mask"], keep), int(keep.sum())))
+    return shapes

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 HEAD_CHUNK = 1024  # positions per chunk of logits: 1024 x 49,152 floats is 200 MB
+MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 
 
 class _LoRAUpdate(torch.autograd.Function):
@@ -150,3 +151,18 @@ def head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk: int =
     """(n, k) log-probabilities of ``targets`` (n, k) under ``head`` (an nn.Linear over the vocabulary)
     for ``hidden`` (n, h), without (n, vocab) logits alive at once."""
     return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk)
+
+
+def shared_prefix(input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> int:
+    """How many leading tokens every row shares, none of them predicting a target (0 when fewer than
+    MIN_SHARED, or one row)."""
+    if input_ids.shape[0] < 2:
+        return 0
+    shortest = int(attention_mask.sum(1).min())
+    same = (input_ids[:, :shortest] == input_ids[:1, :shortest]).all(0)  # (shortest,)
+    n = int(same.long().cumprod(0).sum())
+    kept = keep.any(0).nonzero()
+    if len(kept):
+        n = min(n, int(kept[0]))
+    n = min(n, shortest - 1)  # every row keeps a token of its own
+    return n if n >= MIN_SHARED else 0

@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from tuneforge.kernels import head_logprobs
+from tuneforge.kernels import head_logprobs, shared_prefix
 from tuneforge.targets import output_head
 
 IGNORE = -100
-MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 
 
 class _TargetHead(nn.Module):
@@ -52,21 +51,6 @@ def _targets_at(model: nn.Module, keep: Tensor, targets: Tensor) -> Iterator[Non
         yield
     finally:
         model.set_output_embeddings(head)
-
-
-def shared_prefix(input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> int:
-    """How many leading tokens every row shares, none of them predicting a target (0 when fewer than
-    MIN_SHARED, or one row)."""
-    if input_ids.shape[0] < 2:
-        return 0
-    shortest = int(attention_mask.sum(1).min())
-    same = (input_ids[:, :shortest] == input_ids[:1, :shortest]).all(0)  # (shortest,)
-    n = int(same.long().cumprod(0).sum())
-    kept = keep.any(0).nonzero()
-    if len(kept):
-        n = min(n, int(kept[0]))
-    n = min(n, shortest - 1)  # every row keeps a token of its own
-    return n if n >= MIN_SHARED else 0
 
 
 def _cache_keyword(model: nn.Module) -> str:

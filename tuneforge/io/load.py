@@ -139,14 +139,25 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     safetensors_only = _weights_format(path, allow_pickle)
+    tokenizer = load_tokenizer(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=safetensors_only or None,
                                                      trust_remote_code=False, weights_only=True)
     except Exception as exc:  # transformers', safetensors' and torch's own error types for a bad folder
         raise UserError(f"cannot load the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", str(path),
                         fix="check that the directory holds a complete Hugging Face causal LM (re-download or "
                             "re-save a damaged file)") from exc
+    return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(spec: str | Path = DEFAULT_MODEL):
+    """The tokenizer of ``spec`` alone (no weights read), its pad token set (to EOS if it has none)."""
+    path = Path(spec) if isinstance(spec, Path) else resolve_spec(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # transformers' own error types for a folder without a usable tokenizer
+        raise UserError(f"cannot load the tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                        str(path), fix="check that the directory holds the model's tokenizer files") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return tokenizer

@@ -21,12 +21,13 @@ from tuneforge.atomic import atomic_path, write_text
 from tuneforge.config import RunCfg
 from tuneforge.data import Collator, Datasets, length_grouped_batches, load_datasets
 from tuneforge.errors import UserError
-from tuneforge.estimate import estimate
+from tuneforge.devices import available_memory, resolve_device
+from tuneforge.estimate import Estimate, batch_shapes, estimate
 from tuneforge.eval.evaluator import make_evaluator
 from tuneforge.io import feature_cache
 from tuneforge.io.export import save_model
 from tuneforge.fingerprint import fingerprint
-from tuneforge.io.load import load_model
+from tuneforge.io.load import load_model, load_tokenizer
 from tuneforge.io.peft_format import save_adapter, save_probe
 from tuneforge.kernels import use_lean_mlps
 from tuneforge.methods._shared import Injected, parameter_count
@@ -36,12 +37,13 @@ from tuneforge.training.loop import shuffled_batches, train
 
 
 def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None, tokenizer=None,
-        injected: Injected | None = None, overwrite: bool = False) -> dict:
+        injected: Injected | None = None, overwrite: bool = False, force: bool = False) -> dict:
     """Train as ``cfg`` says; returns the summary also written to OUTPUT_DIR/summary.json.
 
     ``model`` and ``tokenizer``, when given, are used instead of loading ``cfg.model`` (which should
     still name that model: config.yaml records it); ``injected`` (what ``inject`` returned for that
-    model) is a method you injected yourself, and then replaces ``cfg.method``."""
+    model) is a method you injected yourself, and then replaces ``cfg.method``. A run whose estimated
+    peak memory exceeds what the device has is refused before the model loads, unless ``force``."""
     if injected is not None:
         if model is None:
             raise UserError("injected= needs the model it was injected into", fix="pass model= and tokenizer= too")
@@ -64,25 +66,27 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
                 raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"),
                                 fix="start the run again without --resume (with --overwrite to move this one aside)")
             output.check_resume(cfg, out)
-        return _run(cfg, method, resume, progress, model, tokenizer, injected, out)
+        return _run(cfg, method, resume, progress, model, tokenizer, injected, out, force)
     finally:
         lock.release()
 
 
-def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, injected, out: Path) -> dict:
-    if model is None:
-        model, tokenizer = load_model(cfg.model, dtype="float32", device=cfg.train.device,
-                                      allow_pickle=cfg.allow_pickle)
+def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, injected, out: Path,
+         force: bool) -> dict:
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     write_text(out / "config.yaml", config_mod.to_yaml(cfg))
     for split, report in data.report.items():
         if report.truncated or report.dropped:
             print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
                   f"{report.dropped} dropped", file=sys.stderr)
+    if method.KIND == "gradient":  # the cost first, before the model loads
+        check_fits(run_estimate(cfg, data, tokenizer, model.config if model is not None else None), force)
+    if model is None:
+        model, _ = load_model(cfg.model, dtype="float32", device=cfg.train.device, allow_pickle=cfg.allow_pickle)
     if method.KIND == "probe":
         result = _fit_probe(method, model, tokenizer, data, cfg, out, progress)
     else:
-        _print_estimate(cfg, data, model.config)
         result = _train(method, model, tokenizer, data, cfg, out, injected, resume, progress)
     result["artifact_bytes"] = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
     write_text(out / "summary.json", json.dumps(result, indent=1))
@@ -100,11 +104,7 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
     print(f"tuneforge: {injected.name}: {n_train:,} trainable parameters of {total:,} "
           f"({100 * n_train / total:.3f}%); {len(data.train)} training examples, {len(data.eval)} held out",
           file=sys.stderr)
-    if cfg.data.packing:  # batches of similar length waste little on padding
-        lengths = [len(e.input_ids) for e in data.train]
-        order = lambda epoch: length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)  # noqa: E731
-    else:
-        order = shuffled_batches(len(data.train), cfg.train.batch_size, cfg.train.seed)
+    order = batch_order(cfg, data)
     summary = train(model, params, data.train, Collator(tokenizer.pad_token_id), cfg.train, out,
                     batch_order=order, evaluator=make_evaluator(tokenizer, data, cfg), resume=resume,
                     progress=progress)
@@ -149,12 +149,38 @@ def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path,
                     "seconds_fit": fitted - extracted}}
 
 
-def _print_estimate(cfg: RunCfg, data, model_config) -> None:
-    report = data.report["train"]
-    est = estimate(cfg, tokens_per_example=report.tokens / max(report.examples, 1),
-                   loss_tokens_per_example=report.loss_tokens / max(report.examples, 1), n_examples=len(data.train),
-                   model_config=model_config)
+def batch_order(cfg: RunCfg, data: Datasets):
+    """epoch -> the lists of example indices the loop takes as micro-batches."""
+    if cfg.data.packing:  # batches of similar length waste little on padding
+        lengths = [len(e.input_ids) for e in data.train]
+        return lambda epoch: length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)
+    return shuffled_batches(len(data.train), cfg.train.batch_size, cfg.train.seed)
+
+
+def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None) -> Estimate:
+    """The estimate of this run, from the batches its data will make (the longest for memory)."""
+    shapes = batch_shapes(data.train, batch_order(cfg, data)(0), tokenizer.pad_token_id)
+    return estimate(cfg, shapes, n_examples=len(data.train), model_config=model_config)
+
+
+def estimate_run(cfg: RunCfg) -> Estimate:
+    """`tuneforge estimate`: from the data's batches when ``data.path`` is set (its tokenizer and data are
+    read, not the model's weights), else the upper bound of full batches of ``data.max_length``."""
+    if get_method(cfg.method.name).KIND == "gradient" and cfg.data.path:
+        tokenizer = load_tokenizer(cfg.model)
+        return run_estimate(cfg, load_datasets(cfg.data, tokenizer, seed=cfg.train.seed), tokenizer)
+    return estimate(cfg)
+
+
+def check_fits(est: Estimate, force: bool) -> None:
+    """Print the estimate; refuse a run whose peak exceeds the memory the device has, unless ``force``."""
     print(f"tuneforge: {est.describe()}", file=sys.stderr)
+    available = available_memory(resolve_device(est.device))
+    if available is not None and est.peak_bytes > available and not force:
+        raise UserError(f"the run needs about {est.peak_bytes / 2**30:.2f} GiB at its peak, and this machine has "
+                        f"{available / 2**30:.2f} GiB available", "train",
+                        fix="lower train.batch_size (raise train.grad_accum to keep the step), data.max_length, or "
+                            "set train.gradient_checkpointing: true; or pass --force to try anyway")
 
 
 def _numbers(metrics: dict | None) -> dict | None:
