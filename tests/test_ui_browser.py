@@ -53,7 +53,7 @@ def served(tmp_path):
 def shot(page, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
 
 
 def set_up(page, method: str, name: str, fields: dict[str, str]) -> None:
@@ -102,8 +102,9 @@ def test_set_up_start_watch_compare_and_try_in_a_browser(served, monkeypatch):
         cfg = config.from_dict(yaml.safe_load(page.locator("#yaml").inner_text()))
         expected = estimate(cfg, flops_per_s=1e9)
         expect(page.locator('[data-figure="parameters"]')).to_contain_text(
-            f"{expected.trainable_params:,} trainable of {expected.total_params:,}")
+            f"{expected.trainable_params:,} trainable of {expected.total_params:,}", timeout=60_000)  # torch loads first
         expect(page.locator('[data-figure="memory"]')).to_contain_text("about")
+        page.evaluate("window.scrollTo(0, 0)")
         shot(page, "new-run")
 
         # Start: the run's page shows it running, and its loss curve gains points as it trains

@@ -155,15 +155,18 @@ function estimateFigures(e, values) {
   const pct = 100 * e.trainable_params / Math.max(e.total_params, 1);
   const rows = [
     ["parameters", `${int(e.trainable_params)} trainable of ${int(e.total_params)} (${pct.toFixed(3)}%)`],
-    ["memory", `about ${gib(e.peak_gib)} (weights ${gib(e.weights_gib)}, gradients and optimizer ` +
-               `${gib(e.train_state_gib)}, activations ${gib(e.activations_gib)})`],
+    ["memory", `about ${gib(e.peak_gib)} (` +
+               Object.entries(e.parts_gib).map(([k, v]) => `${k} ${gib(v)}`).join(", ") + ")"],
     ["time per step", `${duration(e.seconds_per_step)} for ${int(e.tokens_per_step)} tokens`],
     ["time per run", e.steps ? `${duration(e.run_seconds)} for ${int(e.steps)} steps` +
                      (e.n_examples ? ` (about ${int(e.n_examples)} training examples)` : "")
                      : noSteps],
   ];
-  return el("dl", { class: "figures", id: "estimate" },
-            rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { "data-figure": k, text: v })]));
+  return el("div", {}, el("dl", { class: "figures", id: "estimate" },
+            rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { "data-figure": k, text: v })])),
+            el("small", { class: "muted", text: "tuneforge estimate's figures before the data is read: every example " +
+              "is taken to fill data.max_length, so memory and time are upper bounds; the run prints its own " +
+              "estimate from the real lengths." }));
 }
 
 async function newRunPage() {
@@ -216,6 +219,7 @@ async function newRunPage() {
       if (mine !== seq) return;
       resolvedOk = true;
       showError(errorBox, null);
+      yaml.classList.remove("stale");
       yaml.textContent = resolved.yaml;
       download.href = URL.createObjectURL(new Blob([resolved.yaml], { type: "text/yaml" }));
       download.download = `${resolved.name}.yaml`;
@@ -230,6 +234,7 @@ async function newRunPage() {
       const input = err.key && form.querySelector(`[name="${CSS.escape(err.key)}"]`);
       if (input) input.classList.add("invalid");
       start.disabled = !resolvedOk;  // a config that resolved may start even if its estimate failed
+      yaml.classList.toggle("stale", !resolvedOk);  // the last config that resolved, dimmed
       estimateBox.replaceChildren(el("p", { class: "muted",
         text: resolvedOk ? "no estimate: see the error" : "no estimate while the form has an error" }));
     }
