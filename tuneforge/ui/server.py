@@ -110,19 +110,13 @@ class Estimator:
             if len(self._cache) >= 256:
                 self._cache.clear()
             est = estimate(cfg, n_examples=n_examples, flops_per_s=self._rate(cfg.train.device))
-            # Estimate's memory parts and step time under either of its layouts: a dict of parts and
-            # step_seconds, or a field per part and seconds_per_step.
-            parts = getattr(est, "parts", None) or {"weights": est.weight_bytes,
-                                                    "gradients and optimizer": est.train_state_bytes,
-                                                    "activations": est.activation_bytes}
-            step = est.step_seconds if hasattr(est, "step_seconds") else est.seconds_per_step
             gib = 2**30
             self._cache[key] = {
                 "total_params": est.total_params, "trainable_params": est.trainable_params,
-                "peak_gib": est.peak_bytes / gib, "parts_gib": {k.replace("_", " "): v / gib for k, v in parts.items()},
-                "seconds_per_step": step, "tokens_per_step": est.tokens_per_step, "steps": est.steps,
-                "run_seconds": est.steps * step if est.steps else None, "n_examples": n_examples,
-                "describe": est.describe()}
+                "peak_gib": est.peak_bytes / gib,
+                "parts_gib": {k.replace("_", " "): v / gib for k, v in est.parts.items()},
+                "seconds_per_step": est.step_seconds, "tokens_per_step": est.tokens_per_step, "steps": est.steps,
+                "run_seconds": est.run_seconds, "n_examples": n_examples, "describe": est.describe()}
         return self._cache[key]
 
 
