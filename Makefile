@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml Makefile
 
 # llama.cpp for the export tests (tests/test_export.py runs the GGUF files in it); `make test` needs
 # it, the demo does not. llama-cpp-python compiles llama.cpp from its source distribution, once:
-# portable (no -march=native) and without the tools, examples and server, so two cores build it in
-# about fifteen minutes.
+# portable (no -march=native) and without the tools, examples and server: a quarter to half an hour
+# on two cores, and pip keeps the wheel, so only the first setup pays it.
 LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
                -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
