@@ -37,7 +37,8 @@ CASES = {
     "prompt": ({"num_virtual_tokens": 4}, 4 * H, False, False),
 }
 ADAPTERS = [n for n in CASES if not get_method(n).WHOLE_MODEL]
-GRADIENT_HOOKS = ("inject", "trainable", "state_dict", "load_state_dict", "file_config", "for_loading", "merge")
+GRADIENT_HOOKS = ("inject", "trainable", "state_dict", "load_state_dict", "file_config", "for_loading", "merge",
+                  "lora_form")
 PROBE_HOOKS = ("layers", "token_ids", "extract", "fit", "from_state_dict")
 
 

@@ -180,8 +180,8 @@ def test_rope_rows_pairs_each_heads_halves():
 @pytest.mark.parametrize("method,settings,words", [
     ("lora", {"use_dora": True, "target_modules": ["q_proj"]}, "DoRA"),
     ("lora", {"target_modules": ["q_proj"], "modules_to_save": ["model.norm"]}, "whole modules"),
-    ("ia3", {}, "not a LoRA"),
-    ("prompt", {"num_virtual_tokens": 2}, "not a LoRA"),
+    ("ia3", {}, "IA3 rescales activations by learned vectors, not a low-rank update"),
+    ("prompt", {"num_virtual_tokens": 2}, "extra input embeddings, not a low-rank update"),
 ], ids=["dora", "modules-to-save", "ia3", "prompt"])
 def test_an_adapter_with_no_lora_form_is_refused_naming_the_formats_that_work(base_dir, tmp_path, method, settings,
                                                                             words):

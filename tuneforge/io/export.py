@@ -166,12 +166,8 @@ def gradient_adapter(model: nn.Module, adapter_dir: str | Path, force: bool) -> 
 def lora_form(handle: Injected, model: nn.Module, adapter_dir: str | Path) -> dict:
     """The adapter's per-layer (A, B, scale), or a UserError naming the formats that can hold it: only a
     method with a ``lora_form`` (LoRA, rsLoRA, QLoRA) has one, and DoRA has none."""
-    form = getattr(handle.method, "lora_form", None)
     fix = "export it merged with --format gguf, or as a model directory with --format hf"
-    if form is None:
-        raise UserError(f"a {handle.name} adapter is not a LoRA, so llama.cpp's LoRA format cannot hold it",
-                        str(adapter_dir), fix=fix)
     try:
-        return form(model, handle.cfg)
+        return handle.lora_form(model)
     except UserError as exc:
         raise UserError(f"{exc.what}, so llama.cpp's LoRA format cannot hold it", str(adapter_dir), fix=fix) from None

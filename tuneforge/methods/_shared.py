@@ -43,6 +43,8 @@ class GradientMethod(Protocol):
     def file_config(self, model: nn.Module, cfg) -> dict: ...  # adapter_config.json (PEFT's keys if PEFT has it)
     def for_loading(self, cfg): ...  # the config to inject before saved weights replace the start
     def merge(self, model: nn.Module, cfg) -> None: ...  # fold into the base weights, or a UserError
+    def lora_form(self, model: nn.Module, cfg) -> dict[str, tuple[Tensor, Tensor, float]]: ...  # (A, B, s) per
+    # layer, the update exactly s B A, for another runtime's LoRA file; or a UserError: no such form
 
 
 class Probe(Protocol):
@@ -103,6 +105,14 @@ class Injected:
 
     def merge(self, model: nn.Module) -> None:
         self.method.merge(model, self.cfg)
+
+    def lora_form(self, model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
+        return self.method.lora_form(model, self.cfg)
+
+
+def no_lora_form(why: str) -> None:
+    """``lora_form`` of a method whose update is no low-rank B A: ``why`` says what it is instead."""
+    raise UserError(f"{why}, not a low-rank update B A")
 
 
 def injected(module_name: str, cfg, base: dict | None) -> Injected:

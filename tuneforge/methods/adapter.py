@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods._shared import (Injected, MethodModule, device_of, injected, modules_of, prefixed_hooks,
-                                       before_inject, same_config, wrap)
+from tuneforge.methods._shared import (Injected, MethodModule, before_inject, device_of, injected, modules_of,
+                                       no_lora_form, prefixed_hooks, same_config, wrap)
 from tuneforge.methods.configs import AdapterConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "adapter", "gradient", None, False
@@ -127,3 +127,7 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
 def file_config(model: nn.Module, cfg: Config) -> dict:
     """No PEFT type: the config is tuneforge's own, and the method name tells the loader what to inject."""
     return {"peft_type": None, "method": NAME, **dataclasses.asdict(cfg)}
+
+
+def lora_form(model: nn.Module, cfg: Config | None = None) -> dict:
+    no_lora_form("a bottleneck adapter adds a small MLP with a nonlinearity")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods._shared import Injected, MethodModule, injected, load_exact, before_inject
+from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
 from tuneforge.methods.configs import FullConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "full", "gradient", None, True
@@ -60,3 +60,7 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
 def file_config(model: nn.Module, cfg: Config) -> dict:
     raise UserError("full fine-tuning changes the model itself, so its result is a whole model, not an adapter",
                     fix="save it with tuneforge.save_model(model, tokenizer, folder), as `tuneforge train` does")
+
+
+def lora_form(model: nn.Module, cfg: Config | None = None) -> dict:
+    no_lora_form("full fine-tuning changes every weight itself")

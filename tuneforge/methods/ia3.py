@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from tuneforge import targets
 from tuneforge.errors import UserError
-from tuneforge.methods._shared import (Injected, MethodModule, base_weight, dense_copy, device_of, injected, leaf_names,
-                                       modules_of, prefixed_hooks, before_inject, same_config, saved_modules,
-                                       saved_parameters, wrap)
+from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, dense_copy, device_of,
+                                       injected, leaf_names, modules_of, no_lora_form, prefixed_hooks, same_config,
+                                       saved_modules, saved_parameters, wrap)
 from tuneforge.methods.configs import IA3Config as Config
 from tuneforge.quant.nf4 import NF4Linear
 
@@ -108,3 +108,7 @@ def file_config(model: nn.Module, cfg: Config) -> dict:
             "feedforward_modules": leaf_names(model, [p for p, layer in wrapped.items() if layer.is_feedforward]),
             "fan_in_fan_out": False, "init_ia3_weights": cfg.init_ia3_weights,
             "modules_to_save": saved_modules(model, cfg.modules_to_save, [], "IA3") or None, "inference_mode": True}
+
+
+def lora_form(model: nn.Module, cfg: Config | None = None) -> dict:
+    no_lora_form("IA3 rescales activations by learned vectors")

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from tuneforge import targets
 from tuneforge.errors import UserError
 from tuneforge.kernels import lora_update
-from tuneforge.methods._shared import (Injected, MethodModule, base_weight, dense_copy, device_of, injected, leaf_names,
-                                       modules_of, prefixed_hooks, before_inject, same_config, saved_modules,
+from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, dense_copy, device_of,
+                                       injected, leaf_names, modules_of, prefixed_hooks, same_config, saved_modules,
                                        saved_parameters, wrap)
 from tuneforge.methods.configs import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 
 from tuneforge.errors import UserError
 from tuneforge.methods import _virtual
-from tuneforge.methods._shared import Injected, MethodModule, check_state, injected, before_inject
+from tuneforge.methods._shared import Injected, MethodModule, before_inject, check_state, injected, no_lora_form
 from tuneforge.methods.configs import PrefixConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "prefix", "gradient", "PREFIX_TUNING", False
@@ -199,3 +199,7 @@ def file_config(model: nn.Module, cfg: Config) -> dict:
     return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "num_virtual_tokens": cfg.num_virtual_tokens, **keys,
             "encoder_hidden_size": cfg.encoder_hidden_size or keys["token_dim"], "prefix_projection": False,
             "init_weights": cfg.init_weights, "inference_mode": True}
+
+
+def lora_form(model: nn.Module, cfg: Config | None = None) -> dict:
+    no_lora_form("a prefix is extra keys and values in the attention")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuneforge.methods import _virtual
-from tuneforge.methods._shared import Injected, MethodModule, injected, load_exact, before_inject
+from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
 from tuneforge.methods.configs import PromptConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "prompt", "gradient", "PROMPT_TUNING", False
@@ -129,3 +129,7 @@ def file_config(model: nn.Module, cfg: Config) -> dict:
             **model_keys(model), "prompt_tuning_init": cfg.prompt_tuning_init,
             "prompt_tuning_init_text": cfg.prompt_tuning_init_text,
             "tokenizer_name_or_path": cfg.tokenizer_name_or_path, "tokenizer_kwargs": None, "inference_mode": True}
+
+
+def lora_form(model: nn.Module, cfg: Config | None = None) -> dict:
+    no_lora_form("a soft prompt is extra input embeddings")

@@ -20,7 +20,7 @@ from torch import nn
 
 from tuneforge.devices import resolve_dtype
 from tuneforge.methods import lora
-from tuneforge.methods._shared import Injected, injected, prefixed_hooks, before_inject, same_config
+from tuneforge.methods._shared import Injected, before_inject, injected, prefixed_hooks, same_config
 from tuneforge.methods.configs import QLoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
 
