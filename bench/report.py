@@ -21,9 +21,10 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
 
 
-def write_section(name: str, body: str) -> None:
-    text = PATH.read_text() if PATH.exists() else HEADER
+def write_section(name: str, body: str, path: Path = PATH) -> None:
+    """Replace section ``name`` of ``path`` (BENCHMARKS.md unless another document holds it)."""
+    text = path.read_text() if path.exists() else HEADER
     block = f"<!-- bench:{name} -->\n{body.strip()}\n<!-- /bench:{name} -->"
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    write_text(PATH, text)
+    write_text(path, text)

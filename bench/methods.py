@@ -1,0 +1,251 @@
+"""Every method's step time and peak memory: tuneforge against the reference stack, side by side.
+
+Two workloads on the default model, the same tokens for both sides:
+- text: batch 4 x 256 tokens of packed tinyshakespeare, every position carrying loss;
+- sentiment: the LoRA recipe's batches (8 movie-review prompts, loss on the answer only).
+
+Methods: LoRA r=16 alpha=32 on all linear layers (dropout 0.05 and 0), full fine-tuning, QLoRA (NF4,
+double quantization; the reference: bitsandbytes 4-bit with PEFT), prompt and prefix tuning (20
+virtual tokens; the reference: PEFT). The reference trains with transformers' Trainer. Each
+configuration runs in its own process (its peak RSS is its own), the two sides alternating, and
+times its optimizer steps after the first; a row reports medians, the ratios, whether the loss fell
+and the weights moved on both sides (no side is fast because it skips work), and the share of the
+matmul rate each reaches (the step's floating-point work as tuneforge's estimate counts it). The
+tuneforge side also records its estimate, for bench/estimate.py.
+
+    python bench/methods.py                      # every row of both workloads; writes BENCHMARKS.md
+    python bench/methods.py --rows lora,full --workloads text --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+ROWS = {  # label: (tuneforge method, its keys, the reference's kind)
+    "LoRA, dropout 0.05": ("lora", {**LORA, "lora_dropout": 0.05}, "lora"),
+    "LoRA, dropout 0": ("lora", {**LORA, "lora_dropout": 0.0}, "lora"),
+    "full fine-tuning": ("full", {}, "full"),
+    "QLoRA (NF4)": ("qlora", {**LORA, "lora_dropout": 0.05}, "qlora"),
+    "prompt tuning, 20 tokens": ("prompt", {"num_virtual_tokens": 20}, "prompt"),
+    "prefix tuning, 20 tokens": ("prefix", {"num_virtual_tokens": 20}, "prefix"),
+}
+SHORT = {"lora": "LoRA, dropout 0.05", "lora0": "LoRA, dropout 0", "full": "full fine-tuning", "qlora": "QLoRA (NF4)",
+         "prompt": "prompt tuning, 20 tokens", "prefix": "prefix tuning, 20 tokens"}
+WORKLOADS = {
+    "text": {"set": ["data.path=data/shakespeare/tinyshakespeare.txt", "data.format=text", "data.max_length=256",
+                     "train.batch_size=4"], "config": "configs/shakespeare-full.yaml", "lr": 1e-4},
+    "sentiment": {"set": ["train.batch_size=8"], "config": "configs/sentiment-lora.yaml", "lr": 2e-4},
+}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+DEVICE = "cpu"  # --device: cuda for bench/gpu.sh
+
+
+def run_config(method: str, keys: dict, workload: str, steps: int):
+    """The run config of one row: the workload's data and batch, the row's method, ``steps`` steps."""
+    from tuneforge import config
+
+    w = WORKLOADS[workload]
+    sets = [*w["set"], f"train.max_steps={steps}", f"data.max_examples={steps * 8}", f"train.learning_rate={w['lr']}",
+            "train.lr_schedule=constant", "data.packing=true", "train.warmup_steps=0", "train.logging_steps=1",
+            f"train.device={DEVICE}"]
+    raw = config.to_dict(config.from_yaml(REPO / w["config"], sets))
+    return config.from_dict({**raw, "method": {"name": method, **keys}})
+
+
+def child_tuneforge(method: str, keys: dict, workload: str, steps: int) -> dict:
+
+    from tuneforge.data import Collator, load_datasets
+    from tuneforge.io.load import load_model
+    from tuneforge.kernels import use_lean_mlps
+    from tuneforge.methods.registry import get_method
+    from tuneforge.training.loop import train
+    from tuneforge.training.run import batch_order, run_estimate
+
+    cfg = run_config(method, keys, workload, steps)
+    model, tokenizer = load_model(cfg.model, dtype="float32", device=DEVICE)
+    data = load_datasets(cfg.data, tokenizer, seed=0)
+    est = run_estimate(cfg, data, tokenizer, model.config)
+    handle = get_method(method).inject(model, get_method(method).Config(**keys))
+    use_lean_mlps(model)
+    params = handle.trainable(model)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    times = []
+
+    def on_step(step):
+        times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        summary = train(model, params, data.train, Collator(tokenizer.pad_token_id), cfg.train, out,
+                        batch_order=batch_order(cfg, data), progress=False, on_step=on_step)
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    moved = max((p.detach() - before[k]).abs().max().item() for k, p in params.items())
+    steps_s = [b - a for a, b in zip([start] + times[:-1], times)][1:]  # the first step warms up
+    return {"step_seconds": statistics.median(steps_s), "tokens_per_step": summary.tokens / summary.steps,
+            "peak_rss_mb": rss_mb(), "first_loss": losses[0], "last_loss": losses[-1], "moved": moved,
+            "estimate": {"peak_mb": est.peak_bytes / 2**20, "step_seconds": est.step_seconds,
+                         "flops_per_step": est.flops_per_step, "parts_mb": {k: v / 2**20 for k, v in est.parts.items()}},
+            "shared_tokens": summary.shared_prefix_tokens}
+
+
+def child_reference(method: str, keys: dict, kind: str, workload: str, steps: int) -> dict:
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from tuneforge.data import load_datasets
+    from tuneforge.io.load import load_tokenizer, resolve_spec
+    from tuneforge.training.run import batch_order
+
+    cfg = run_config(method, keys, workload, steps)
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_datasets(cfg.data, tokenizer, seed=0)
+    order = [i for batch in batch_order(cfg, data)(0) for i in batch]  # tuneforge's batches, in its order
+    rows = [{"input_ids": data.train[i].input_ids, "attention_mask": [1] * len(data.train[i].input_ids),
+             "labels": data.train[i].labels} for i in order]
+    kwargs = {"dtype": torch.float32}
+    if kind == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), **kwargs)
+    if kind in ("lora", "qlora"):
+        if kind == "qlora":
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=keys["r"],
+                                                           lora_alpha=keys["lora_alpha"],
+                                                           lora_dropout=keys["lora_dropout"],
+                                                           target_modules="all-linear"))
+    elif kind == "prompt":
+        model = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
+    elif kind == "prefix":
+        model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    times, losses = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.train.batch_size,
+                                 learning_rate=cfg.train.learning_rate, max_steps=steps, lr_scheduler_type="constant",
+                                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=DEVICE == "cpu",
+                                 bf16=DEVICE != "cpu",
+                                 dataloader_num_workers=0, disable_tqdm=True, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Timer()],
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)  # tuneforge's order
+        start = time.perf_counter()
+        trainer.train()
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in params.items())
+    steps_s = [b - a for a, b in zip([start] + times[:-1], times)][1:]
+    tokens = sum(len(r["input_ids"]) for r in rows[: steps * cfg.train.batch_size]) / steps
+    return {"step_seconds": statistics.median(steps_s), "tokens_per_step": tokens, "peak_rss_mb": rss_mb(),
+            "first_loss": losses[0], "last_loss": losses[-1], "moved": moved}
+
+
+def spawn(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
+    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")]
+    if proc.returncode or not line:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(line[0][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default=",".join(SHORT), help=f"some of {', '.join(SHORT)}")
+    parser.add_argument("--workloads", default="text,sentiment")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: 6 text, 10 sentiment)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bench/gpu.sh)")
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "ROW", "WORKLOAD"))
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if args.child:
+        side, row, workload = args.child
+        method, keys, kind = ROWS[SHORT[row]]
+        fn = child_tuneforge if side == "tuneforge" else lambda *a: child_reference(method, keys, kind, workload,
+                                                                                    args.steps)
+        result = fn(method, keys, workload, args.steps) if side == "tuneforge" else fn()
+        print("RESULT " + json.dumps(result))
+        return
+
+    from bench.report import machine, write_section
+    from tuneforge.devices import resolve_device
+    from tuneforge.estimate import matmul_flops_per_s
+
+    rate = matmul_flops_per_s(resolve_device(args.device), size=2048)
+    results = {}
+    for workload in args.workloads.split(","):
+        steps = args.steps or {"text": 6, "sentiment": 10}[workload]
+        for row in args.rows.split(","):
+            for side in ("tuneforge", "reference"):
+                r = spawn(["--child", side, row, workload, "--steps", str(steps), "--device", args.device])
+                results[(workload, row, side)] = r
+                shown = r.get("error") or f"{r['step_seconds']:.2f} s/step, {r['peak_rss_mb']:.0f} MB, loss " \
+                                          f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"
+                print(f"{workload:>9} {SHORT[row]:>26} {side:>9}: {shown}", flush=True)
+    out = REPO / "bench" / "results" / "methods.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({f"{w}|{r}|{s}": v for (w, r, s), v in results.items()}, indent=1))
+    write_section("methods" if args.device == "cpu" else f"methods-{args.device}", table(results, rate, args, machine()))
+
+
+def table(results: dict, rate: float, args, machine_line: str) -> str:
+    lines = [f"## Every method, step by step\n\n`python bench/methods.py` on {machine_line}; the matmul rate "
+             f"measured at 2048 x 2048 fp32: {rate / 1e9:.0f} GFLOP/s. Medians of the timed steps (each run's "
+             "first step excluded), each configuration in its own process, the two sides alternating. \"works\": "
+             "the loss fell and the trained weights moved, on both sides.\n"]
+    for workload in args.workloads.split(","):
+        lines += [f"\n### {workload}: " + ("batch 4 x 256 packed tinyshakespeare, loss on every position"
+                                           if workload == "text" else "the LoRA recipe's batches of 8 prompts, "
+                                                                       "loss on the answer"), "",
+                  "| method | tuneforge s/step | reference s/step | speed | tuneforge peak RSS (MB) | reference "
+                  "(MB) | memory | matmul share, tuneforge / reference | works |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in args.rows.split(","):
+            ours, ref = results[(workload, row, "tuneforge")], results[(workload, row, "reference")]
+            if "error" in ours or "error" in ref:
+                lines.append(f"| {SHORT[row]} | {ours.get('error', '')} | {ref.get('error', '')} | | | | | | |")
+                continue
+            flops = ours["estimate"]["flops_per_step"]
+            works = all(r["last_loss"] < r["first_loss"] and r["moved"] > 0 for r in (ours, ref))
+            lines.append(f"| {SHORT[row]} | {ours['step_seconds']:.2f} | {ref['step_seconds']:.2f} | "
+                         f"{ref['step_seconds'] / ours['step_seconds']:.2f}x | {ours['peak_rss_mb']:.0f} | "
+                         f"{ref['peak_rss_mb']:.0f} | {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x | "
+                         f"{flops / ours['step_seconds'] / rate:.0%} / {flops / ref['step_seconds'] / rate:.0%} | "
+                         f"{'yes' if works else 'NO'} |")
+    lines.append("\nThe matmul share divides the floating-point work of tuneforge's step (its estimate's count, which "
+                 "runs a shared prefix once) by the step's time and the measured rate, for both sides: the "
+                 "reference does at least that work, so its share is an upper bound of its own.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
