@@ -14,6 +14,7 @@ from tuneforge.estimate import Shape, batch_shapes, estimate, saved_bytes
 from tuneforge.eval.lm import label_loss
 from tuneforge.kernels import use_lean_mlps
 from tuneforge.methods import lora
+from tuneforge.methods.registry import REGISTRY
 
 
 def test_estimate_counts_parameters_and_state_without_loading_weights(tiny_dir):
@@ -101,3 +102,12 @@ def test_cli_estimate_writes_json_and_train_refuses_what_cannot_fit(tmp_path, ti
     err = capsys.readouterr().err
     assert "needs about" in err and "--force" in err and not (tmp_path / "out" / "checkpoints").exists()
     assert cli.main(["train", str(path), "--force", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in REGISTRY.items() if m.KIND == "gradient"))
+def test_every_gradient_method_is_estimated_from_its_batches(tiny_dir, name):
+    """What a run prints before it trains: each method's forward on the meta device, a shared prefix
+    included (the virtual-token methods widen the padding mask, and the probe passes none)."""
+    cfg = config.from_dict({"model": str(tiny_dir), "method": {"name": name}})
+    est = estimate(cfg, [Shape(4, 20, 6, 8)], n_examples=4, flops_per_s=1e9)
+    assert est.parts["activations"] > 0 and est.trainable_params > 0

@@ -143,7 +143,7 @@ class _NoHead(nn.Module):
 def saved_bytes(model: nn.Module, shape: Shape) -> int:
     """Bytes autograd keeps for backward in one training forward of ``shape`` on ``model`` (on the meta
     device: no weights, no data, only shapes), the head left out. The rows' shared prefix runs once at
-    batch 1, as ``eval.lm.token_logprobs`` runs it; a causal (4-D) mask stands in for the padding mask."""
+    batch 1, as ``eval.lm.token_logprobs`` runs it. No mask is passed: the probe's attention reads none."""
     head = model.get_output_embeddings()
     saved: dict[int, int] = {}
     params = {id(p) for p in model.parameters()}
@@ -164,16 +164,14 @@ def saved_bytes(model: nn.Module, shape: Shape) -> int:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             width, kwargs = shape.width, {}
             if shape.shared:
-                out = model(input_ids=ids(1, shape.shared), use_cache=True,
-                            attention_mask=torch.zeros(1, 1, shape.shared, shape.shared, device="meta"))
+                out = model(input_ids=ids(1, shape.shared), use_cache=True)
                 prefix = next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
                 cache = DynamicCache(config=model.config)
                 for i, layer in enumerate(prefix.layers):
                     cache.update(layer.keys.expand(shape.rows, -1, -1, -1), layer.values.expand(shape.rows, -1, -1, -1), i)
                 kwargs = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
                 width = shape.width - shape.shared
-            mask = torch.zeros(shape.rows, 1, width, shape.width, device="meta")
-            model(input_ids=ids(shape.rows, width), attention_mask=mask, use_cache=False, **kwargs)
+            model(input_ids=ids(shape.rows, width), use_cache=False, **kwargs)
     finally:
         model.set_output_embeddings(head)
         model.train(was_training)

@@ -123,7 +123,8 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
         cache = _virtual.cache_in(kwargs)
         key = _virtual.cache_arg(kwargs, prefix.arg_names)
         device = prefix.embedding.device.type  # under autocast the keys come out in the autocast dtype
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # none on meta
+        dtype = torch.get_autocast_dtype(device) if autocast else model.dtype
         kwargs[key] = prefix.fill(DynamicCache(config=model.config) if cache is None else cache, inputs.shape[0],
                                   dtype)
     _virtual.widen(kwargs, prefix.embedding.shape[0], lead_positions=False)
