@@ -4,6 +4,7 @@ in llama.cpp itself through llama-cpp-python."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -313,8 +314,15 @@ def test_ollama_modelfile_beside_the_gguf_carries_the_runs_question(base_dir, tm
         export(str(base_dir), tmp_path / "lora.gguf", "gguf-lora", adapter_dir=adapter, ollama_file=True)
 
 
+@contextlib.contextmanager
 def llama(path: Path, lora: Path | None = None):
-    """llama.cpp on one thread with a float32 cache, so that its sums are comparable to torch's."""
+    """llama.cpp on one thread with a float32 cache, so that its sums are comparable to torch's; closed
+    when the block ends (one left for the interpreter's exit aborts it as its threads are torn down)."""
+    with contextlib.closing(_llama(path, lora)) as llm:
+        yield llm
+
+
+def _llama(path: Path, lora: Path | None):
     return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=256, n_threads=1,
                            logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)
 
@@ -326,10 +334,11 @@ def test_llama_cpp_gives_the_adapter_logits_merged_and_as_a_lora_file(base_dir, 
     export(str(base_dir), tmp_path / "lora.gguf", "gguf-lora", adapter_dir=lora_dir)
     ids = ids_of()
     ref = logits_with(base_dir, lora_dir, ids).numpy()
-    for llm in (llama(tmp_path / "merged.gguf"), llama(tmp_path / "base.gguf", tmp_path / "lora.gguf")):
-        assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
-        llm.eval(ids)
-        assert np.abs(np.array(llm.scores[:len(ids)]) - ref).max() < 1e-4
+    for args in ((tmp_path / "merged.gguf",), (tmp_path / "base.gguf", tmp_path / "lora.gguf")):
+        with llama(*args) as llm:
+            assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
+            llm.eval(ids)
+            assert np.abs(np.array(llm.scores[:len(ids)]) - ref).max() < 1e-4
 
 
 def greedy(llm, ids: list[int], eos: int, n: int) -> list[int]:
@@ -367,14 +376,14 @@ def test_default_model_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(real_mod
     prompts = [(question, "Text: A gorgeous, funny and deeply moving film."),
                (question, "Text: A joyless, plodding mess that I regret seeing."),
                (None, "What is the capital of France?")]
-    runtimes = [llama(tmp_path / "merged.gguf"), llama(tmp_path / "base.gguf", tmp_path / "lora.gguf")]
-    changed = 0
-    for system, prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt, system=system)["input_ids"][0].tolist()
-        expected = generate(model, tokenizer, prompt, system=system, max_new_tokens=12)
-        changed += expected != generate(base, tokenizer, prompt, system=system, max_new_tokens=12)
-        for llm in runtimes:
-            assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
-            got = greedy(llm, ids, tokenizer.eos_token_id, 12)
-            assert tokenizer.decode(got, skip_special_tokens=True) == expected, (prompt, expected)
-    assert changed  # the adapter matters, so the comparison can fail
+    with llama(tmp_path / "merged.gguf") as merged, llama(tmp_path / "base.gguf", tmp_path / "lora.gguf") as lora:
+        changed = 0
+        for system, prompt in prompts:
+            ids = encode_prompt(tokenizer, prompt, system=system)["input_ids"][0].tolist()
+            expected = generate(model, tokenizer, prompt, system=system, max_new_tokens=12)
+            changed += expected != generate(base, tokenizer, prompt, system=system, max_new_tokens=12)
+            for llm in (merged, lora):
+                assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+                got = greedy(llm, ids, tokenizer.eos_token_id, 12)
+                assert tokenizer.decode(got, skip_special_tokens=True) == expected, (prompt, expected)
+        assert changed  # the adapter matters, so the comparison can fail

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -68,11 +69,50 @@ def _estimate(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    cfg = config.from_yaml(args.config, args.set)
+    if args.nproc > 1:
+        if "WORLD_SIZE" in os.environ:
+            raise UserError("--nproc starts torchrun, and this process already runs under it", "--nproc",
+                            fix="leave --nproc out of a command that torchrun starts")
+        sys.exit(_launch(args.nproc, args.argv))
     from tuneforge.training.run import run
 
-    cfg = config.from_yaml(args.config, args.set)
     result = run(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
-    print(format_summary(result, cfg.train.output_dir))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(result, cfg.train.output_dir))
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``tuneforge train ... --nproc N``: the same command under torchrun (its own launcher, called
+    here), N processes on this machine. Returns the exit code of the first process that failed.
+    Ctrl-C and SIGTERM reach every process, which stop at the end of a step and save."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run as torchrun
+
+    rest, skip = [], False
+    for arg in argv:  # the command without --nproc
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        rest.append(arg)
+    # Each process computes on its share of the cores (torchrun's default is one thread each)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        torchrun(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tuneforge",
+                                                *rest]))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"tuneforge: error: process {rank} of {nproc} ended with {how}, and the others were stopped"
+              + ("; its error is above" if failure.exitcode > 0 else ""), file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    except SignalException as exc:  # the processes had the signal too, saved and stopped
+        return 128 + int(exc.sigval)
+    return 0
 
 
 def format_summary(result: dict, out: str) -> str:
@@ -267,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT_DIR.previous-<time> (nothing is deleted)")
     p.add_argument("--force", action="store_true",
                    help="train even if the estimated peak memory exceeds what the machine has available")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train in N processes on this machine, under torchrun (torch.distributed: one per GPU, "
+                        "or N on the CPU with gloo); see docs/distributed.md for several machines")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("eval", help="loss and perplexity, or accuracy and macro-F1 for classification data")
@@ -326,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if threading.current_thread() is threading.main_thread():  # SIGTERM ends a command as Ctrl-C does
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -333,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"tuneforge: error: {exc.line()}", file=sys.stderr)
+        rank = f" (process {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"tuneforge: error{rank}: {exc.line()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # 130 for Ctrl-C, 143 for SIGTERM; a training run said where it saved
         if not (isinstance(exc, Interrupted) and exc.reported):

@@ -83,6 +83,10 @@ class TrainCfg:
     # A step whose loss or gradients are not finite stops the run (the last checkpoint kept); with N
     # above 0, up to N such steps are skipped instead (their batch is logged) before it stops
     skip_nonfinite_steps: int = 0
+    # Under torchrun (docs/distributed.md): shard an adapter method's model with FSDP2 too (full
+    # fine-tuning always is), and how long a rank waits for the others before the run ends with an error
+    fsdp: bool = False
+    dist_timeout_s: float = 300.0
 
     def __post_init__(self):
         for key, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
@@ -90,7 +94,7 @@ class TrainCfg:
                          ("logging_steps", 1), ("early_stopping_patience", 0), ("weight_decay", 0),
                          ("skip_nonfinite_steps", 0)):
             at_least(self, key, low, "train")
-        for key in ("epochs", "learning_rate", "time_budget_s"):
+        for key in ("epochs", "learning_rate", "time_budget_s", "dist_timeout_s"):
             at_least(self, key, 0, "train", above=True)
 
 

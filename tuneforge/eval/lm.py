@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import DynamicCache
 
 from tuneforge.kernels import head_logprobs, shared_prefix
@@ -65,22 +66,23 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
                    share_prefix: bool = True, stats: dict | None = None) -> Tensor:
     """(n_kept, k) log-probabilities of ``targets`` (n_kept, k) at the positions where ``keep``
     (batch, seq) is True (row-major order). ``stats["shared_tokens"]`` counts the token positions a
-    shared prefix saved."""
-    n = shared_prefix(input_ids, attention_mask, keep) if share_prefix and not _checkpointing(model) else 0
+    shared prefix saved. ``model`` may be under DistributedDataParallel, which then runs the forwards."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    n = shared_prefix(input_ids, attention_mask, keep) if share_prefix and not _checkpointing(inner) else 0
     if not n:
-        with _targets_at(model, keep, targets):
+        with _targets_at(inner, keep, targets):
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    batch, keyword = input_ids.shape[0], _cache_keyword(model)
+    batch, keyword = input_ids.shape[0], _cache_keyword(inner)
     none = torch.zeros((1, n), dtype=torch.bool, device=keep.device)
-    with _targets_at(model, none, targets[:0]):  # the prefix predicts no target: no head work at all
+    with _targets_at(inner, none, targets[:0]):  # the prefix predicts no target: no head work at all
         out = model(input_ids=input_ids[:1, :n], attention_mask=attention_mask[:1, :n], use_cache=True)
     prefix = next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=inner.config)
     for i, layer in enumerate(prefix.layers):  # (1, kv_heads, n, head_dim) -> (batch, kv_heads, n, head_dim)
         cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
     if stats is not None:
         stats["shared_tokens"] = stats.get("shared_tokens", 0) + n * (batch - 1)
-    with _targets_at(model, keep[:, n:], targets):
+    with _targets_at(inner, keep[:, n:], targets):
         return model(input_ids=input_ids[:, n:], attention_mask=attention_mask, use_cache=False,
                      **{keyword: cache}).logits
 

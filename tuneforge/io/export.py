@@ -27,11 +27,12 @@ FORMATS = ("gguf", "gguf-lora", "hf")
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """A Hugging Face model directory (safetensors, config, tokenizer), written atomically."""
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """A Hugging Face model directory (safetensors, config, tokenizer), written atomically;
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out_dir

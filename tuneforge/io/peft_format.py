@@ -63,15 +63,17 @@ def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Te
     return out_dir
 
 
-def save_adapter(model: nn.Module, injected: Injected, out_dir: str | Path, base_model_name: str | None = None) -> Path:
-    """Write the adapter ``injected`` put into ``model`` to ``out_dir`` atomically; returns the folder."""
+def save_adapter(model: nn.Module, injected: Injected, out_dir: str | Path, base_model_name: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter ``injected`` put into ``model`` to ``out_dir`` atomically; returns the folder.
+    ``tensors``: its state dict when the caller gathered it (from a sharded model)."""
     if not isinstance(injected, Injected):
         raise TypeError(f"save_adapter(model, injected, out_dir) takes the handle inject returned, not "
                         f"{type(injected).__name__}")
     method = injected.method
     if method.WHOLE_MODEL:
         method.file_config(model, injected.cfg)  # raises the method's own explanation
-    sd = injected.state_dict(model)
+    sd = injected.state_dict(model) if tensors is None else tensors
     # The method's whole config too: PEFT's keys cannot hold every setting (QLoRA's block size).
     info = {"method": method.NAME, "fingerprint": injected.base, "config": dataclasses.asdict(injected.cfg)}
     return write_adapter(out_dir, {**injected.file_config(model), "base_model_name_or_path": base_model_name}, sd,

@@ -20,6 +20,7 @@ import errno
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,50 +84,52 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(code, text) from exc
 
 
-def _optimizer_split(optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, JSON) of the optimizer's state, every tensor keyed by its parameter's name."""
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+def named_optimizer(optimizer, params: dict[str, torch.nn.Parameter]) -> dict:
+    """``optimizer.state_dict()`` keyed by parameter name instead of position: the form
+    torch.distributed.checkpoint's full optimizer state has, which a sharded run saves."""
+    order = [{id(p): name for name, p in params.items()}[id(p)] for g in optimizer.param_groups for p in g["params"]]
     sd = optimizer.state_dict()
+    return {"state": {order[i]: per_param for i, per_param in sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def indexed_optimizer(optimizer, params: dict[str, torch.nn.Parameter], named: dict) -> dict:
+    """The inverse of ``named_optimizer``: what ``optimizer.load_state_dict`` takes."""
+    names = {id(p): name for name, p in params.items()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    return {"state": {index[name]: per_param for name, per_param in named["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+
+
+def _optimizer_split(named: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON) of a ``named_optimizer`` state: tensors as "<name>/<key>"."""
     tensors, scalars = {}, {}
-    for index, per_param in sd["state"].items():
+    for name, per_param in named["state"].items():
         for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{order[index]}/{key}"] = value
-            else:
-                scalars[f"{order[index]}/{key}"] = value
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
-              for g in sd["param_groups"]]
-    return tensors, {"groups": groups, "scalars": scalars}
+            (tensors if isinstance(value, torch.Tensor) else scalars)[f"{name}/{key}"] = value
+    return tensors, {"groups": named["param_groups"], "scalars": scalars}
 
 
-def _optimizer_join(optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor], saved: dict) -> dict:
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    index = {name: i for i, name in enumerate(order)}
-    state: dict[int, dict] = {}
+def _optimizer_join(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
+    state: dict[str, dict] = {}
     for key, value in [*tensors.items(), *saved["scalars"].items()]:
         name, _, field = key.rpartition("/")
-        state.setdefault(index[name], {})[field] = value
-    groups = []
-    for group in saved["groups"]:
-        group = {**group, "params": [index[n] for n in group["params"]]}
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
+        state.setdefault(name, {})[field] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if isinstance(g.get("betas"), list) else g for g in saved["groups"]]
     return {"state": state, "param_groups": groups}
 
 
-def save(folder: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, scheduler, progress: dict,
+def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: dict, scheduler, progress: dict,
          keep: int, rng: dict | None = None, scaler=None) -> Path:
-    """Write checkpoint ``step``; ``rng`` is the generators' state to record (default: now). Then
-    keep only the newest ``keep``."""
+    """Write checkpoint ``step``: the trainable ``tensors`` (whole) and the ``named_optimizer`` state;
+    ``rng`` is the generators' state to record (default: now). Then keep only the newest ``keep``."""
     path = Path(folder) / f"{PREFIX}{step:07d}"
-    names = {id(p): name for name, p in params.items()}
-    opt_tensors, opt_json = _optimizer_split(optimizer, names)
+    opt_tensors, opt_json = _optimizer_split(optimizer)
     rng_tensors, rng_json = _rng_split(rng or rng_state())
     state = {"progress": {"step": step, **progress}, "optimizer": opt_json, "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_json}
     with atomic_dir(path) as tmp:
-        _save_tensors(params, tmp / "trainable.safetensors")
+        _save_tensors(tensors, tmp / "trainable.safetensors")
         _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         _save_tensors(rng_tensors, tmp / "rng.safetensors")
         (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
@@ -144,9 +147,20 @@ def complete(folder: Path) -> list[Path]:
                   and ((p / STATE).is_file() or (p / PICKLED).is_file()))
 
 
-def load(path: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler, scaler=None) -> dict:
-    """Restore a checkpoint into ``params``, ``optimizer``, ``scheduler`` (and ``scaler``) and the random
-    generators; return its progress."""
+@dataclass
+class Saved:
+    """A checkpoint as read: whole tensors by name, the ``named_optimizer`` state, and the rest."""
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    rng: dict
+    progress: dict
+
+
+def read(path: Path, names, shapes: dict[str, tuple] | None = None) -> Saved:
+    """Checkpoint ``path``, checked against the run's trainable ``names`` (and their ``shapes``)."""
     if not (path / STATE).is_file():
         raise UserError("this checkpoint was written by an older tuneforge, as a pickle, which tuneforge no "
                         "longer loads (unpickling a file can run code)", str(path),
@@ -159,19 +173,31 @@ def load(path: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler
     except Exception as exc:  # json's and safetensors' errors for a damaged file
         raise UserError(f"the checkpoint cannot be read ({exc})", str(path),
                         fix="delete this checkpoint folder to resume from the one before it") from None
-    if tensors.keys() != params.keys():
+    if tensors.keys() != set(names):
         raise UserError("the checkpoint's tensors do not match this run's trainable parameters", str(path),
                         fix="resume with the run's own config, or start in a new output_dir")
+    for name, shape in (shapes or {}).items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise UserError(f"the checkpoint's {name} has shape {tuple(tensors[name].shape)}, this run's "
+                            f"{tuple(shape)}", str(path), fix="resume with the run's own config")
+    return Saved(path, tensors, _optimizer_join(opt_tensors, state["optimizer"]), state["scheduler"],
+                 state.get("scaler"), _rng_join(rng_tensors, state["rng"]), state["progress"])
+
+
+def restore(saved: Saved, params: dict[str, torch.nn.Parameter], optimizer, scheduler, scaler=None) -> dict:
+    """Put ``saved`` into ``params`` (on one process), the optimizer, the schedule, the scaler and the
+    random generators; return its progress."""
     with torch.no_grad():
         for name, p in params.items():
-            if p.shape != tensors[name].shape:
-                raise UserError(f"the checkpoint's {name} has shape {tuple(tensors[name].shape)}, this run's "
-                                f"{tuple(p.shape)}", str(path), fix="resume with the run's own config")
-            p.copy_(tensors[name])
-    names = {id(p): name for name, p in params.items()}
-    optimizer.load_state_dict(_optimizer_join(optimizer, names, opt_tensors, state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(_rng_join(rng_tensors, state["rng"]))
-    return state["progress"]
+            p.copy_(saved.tensors[name])
+    optimizer.load_state_dict(indexed_optimizer(optimizer, params, saved.optimizer))
+    return restore_rest(saved, scheduler, scaler)
+
+
+def restore_rest(saved: Saved, scheduler, scaler=None) -> dict:
+    """The schedule, the scaler and the generators of ``saved`` (a sharded run loads the tensors itself)."""
+    scheduler.load_state_dict(saved.scheduler)
+    if scaler is not None and saved.scaler:
+        scaler.load_state_dict(saved.scaler)
+    set_rng_state(saved.rng)
+    return saved.progress

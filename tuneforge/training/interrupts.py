@@ -6,6 +6,9 @@ stops that work at once: the step's partial gradients and random draws are throw
 checkpoint records the state before the step. While it updates the weights, logs or writes a
 checkpoint, a signal waits until that is done. Either way the run then saves a checkpoint and
 raises ``Interrupted``.
+
+Under torch.distributed (``immediate=False``) no work is cut short: every rank must stop at the same
+step, so a signal waits for the end of the step, where the ranks agree to stop together.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ class Interrupted(KeyboardInterrupt):
 class Guard:
     """Installs the handlers for its ``with`` block (in the main thread; elsewhere signals stay as they were)."""
 
-    def __init__(self):
+    def __init__(self, immediate: bool = True):
         self.requested: int | None = None  # the first signal received
+        self.immediate = immediate
         self._abortable = False
         self._previous = {}
 
@@ -54,6 +58,9 @@ class Guard:
     @contextlib.contextmanager
     def abortable(self) -> Iterator[None]:
         """Work that a signal may cut short: its caller catches Interrupted and discards it."""
+        if not self.immediate:
+            yield
+            return
         self.check()
         self._abortable = True
         try:

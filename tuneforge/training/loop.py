@@ -10,18 +10,26 @@ What can go wrong mid-run is handled where it happens:
 - A non-finite loss or gradient stops the run at that step (or skips the step, ``skip_nonfinite_steps``
   times at most), naming the batch's source rows; a checkpoint is never written with non-finite weights.
 - A full disk stops the run with one line; every checkpoint written before stays whole.
+
+Under torch.distributed (``dist``, from ``training/dist.py``) the same loop runs on every rank: each
+step takes ``grad_accum x world`` micro-batches in the order one process would, each rank its share;
+the loss is scaled so that DDP's (or FSDP2's) mean over ranks gives the gradient of the global
+token-level mean; the step's loss, tokens and non-finite flag are summed across ranks; a signal
+stops every rank at the same step boundary; rank 0 alone writes metrics and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +42,9 @@ from tuneforge.eval.lm import label_loss
 from tuneforge.training import checkpoint, metrics
 from tuneforge.training.interrupts import Guard, Interrupted
 from tuneforge.training.optim import lr_multiplier, make_optimizer
+
+if TYPE_CHECKING:  # torch.distributed's modules load only for a distributed run
+    from tuneforge.training.dist import Dist
 
 BatchOrder = Callable[[int], list[list[int]]]  # epoch -> lists of example indices
 
@@ -86,7 +97,8 @@ def _autocast(device: torch.device, precision: str):
 
 def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence, collate, cfg: TrainCfg,
           out_dir: str | Path, *, batch_order: BatchOrder | None = None, evaluator: Evaluator | None = None,
-          resume: bool = False, on_step: Callable[[int], None] | None = None, progress: bool = True) -> Summary:
+          resume: bool = False, on_step: Callable[[int], None] | None = None, progress: bool = True,
+          dist: Dist | None = None) -> Summary:
     """Train ``params`` of ``model`` on ``examples`` (each with ``input_ids``, ``labels`` and, for
     messages, ``source``: the file and line it came from).
 
@@ -94,17 +106,22 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     from the latest complete checkpoint and reaches the same weights as an uninterrupted run.
     ``on_step(step)`` is called after each optimizer step and any checkpoint it wrote; a
     KeyboardInterrupt it raises stops the run as Ctrl-C does.
+
+    With ``dist``, ``model`` is what ``dist.wrap`` returned and ``params`` that model's trainable
+    parameters (shards, when it is sharded); every rank calls ``train`` with the same arguments.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    device = next(iter(params.values())).device
+    device = dist.device if dist else next(iter(params.values())).device
+    main = dist is None or dist.main  # the process that writes
+    world = dist.world if dist else 1
     torch.manual_seed(cfg.seed)
     batch_order = batch_order or shuffled_batches(len(examples), cfg.batch_size, cfg.seed)
     batches_per_epoch = len(batch_order(0))
     if cfg.max_steps is not None:
         total_steps = cfg.max_steps
     else:
-        total_steps = max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+        total_steps = max(1, math.ceil(cfg.epochs * batches_per_epoch / (cfg.grad_accum * world)))
 
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -115,27 +132,43 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
 
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "loss_tokens": 0, "best": None, "bad_evals": 0,
              "seconds": 0.0, "first": None, "final": None, "pending_eval": False, "skipped": 0,
-             "window_loss": 0.0, "window_tokens": 0, "shared_tokens": 0}
+             "window_loss": 0.0, "window_tokens": 0, "shared_tokens": 0,
+             "world": world, "global_batch": cfg.batch_size * cfg.grad_accum * world}
     metrics_path = out_dir / "metrics.jsonl"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if resume and (done := checkpoint.complete(ckpt_dir)):
-        state.update(checkpoint.load(done[-1], params, optimizer, scheduler, scaler))
-        if dropped := metrics.truncate_after(metrics_path, state["step"]):
+        saved = checkpoint.read(done[-1], params, {k: p.shape for k, p in params.items()})
+        if dist and dist.sharded(model):  # every rank reads the whole tensors and keeps its shard
+            dist.load_full(model, optimizer, saved.tensors, saved.optimizer)
+            progress = checkpoint.restore_rest(saved, scheduler, scaler)
+        else:
+            progress = checkpoint.restore(saved, params, optimizer, scheduler, scaler)
+        state.update({**progress, "world": world, "global_batch": state["global_batch"]})
+        if main and (dropped := metrics.truncate_after(metrics_path, state["step"])):
             print(f"tuneforge: metrics.jsonl: dropped {dropped} torn or malformed line(s)", file=sys.stderr)
-        print(f"tuneforge: resuming from {done[-1].name}", file=sys.stderr)
-    else:
+        if main:
+            print(f"tuneforge: resuming from {done[-1].name}", file=sys.stderr)
+    elif main:
         metrics_path.unlink(missing_ok=True)
 
     def save_checkpoint(rng: dict | None = None) -> None:
-        if not all(torch.isfinite(p).all() for p in params.values()):
+        finite = all(torch.isfinite(dist.local(p) if dist else p).all() for p in params.values())
+        if not (dist.all(finite) if dist else finite):
             raise RunStopped(f"the weights are not finite after step {state['step']}, so no checkpoint is written",
                              str(ckpt_dir), fix=f"lower train.learning_rate (now {cfg.learning_rate:g}); resume "
                                                 "from the last checkpoint kept")
-        checkpoint.save(ckpt_dir, state["step"], params, optimizer, scheduler,
-                        {k: v for k, v in state.items() if k != "step"}, cfg.keep_checkpoints, rng, scaler)
+        if dist and dist.sharded(model):  # gathered whole on rank 0: every rank takes part
+            tensors, named = dist.full_params(model, params), dist.full_optimizer(model, optimizer)
+        else:
+            tensors, named = params, checkpoint.named_optimizer(optimizer, params) if main else None
+        if main:
+            checkpoint.save(ckpt_dir, state["step"], tensors, named, scheduler,
+                            {k: v for k, v in state.items() if k != "step"}, cfg.keep_checkpoints, rng, scaler)
 
     def log(record: dict) -> None:
-        metrics.append(metrics_path, record)
+        if main:
+            metrics.append(metrics_path, record)
 
     def next_batch() -> tuple[dict, list[str]]:
         order = batch_order(state["epoch"])
@@ -147,12 +180,14 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
         rows = [examples[i] for i in indices]
         return collate(rows), [getattr(r, "source", "") or f"example {i}" for r, i in zip(rows, indices)]
 
+    scored = dist.unwrap(model) if dist else model  # evaluators call the model itself (DDP's wrapper cannot generate)
+
     def evaluate(guard: Guard, rng: dict) -> str | None:
         """An evaluation of the current weights; a signal in it leaves it pending, for the resumed run."""
         state["pending_eval"] = True
         try:
             with guard.abortable():
-                stop = _evaluate(model, evaluator, state, cfg, log)
+                stop = _evaluate(scored, evaluator, state, cfg, log)
         except Interrupted:
             model.train()
             save_checkpoint(rng)
@@ -161,15 +196,15 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
         return stop
 
     summary = Summary()
-    bar = _progress_bar(total_steps, state["step"], progress)
+    bar = _progress_bar(total_steps, state["step"], progress and main)
     model.train()
     started, start_tokens, start_seconds = time.perf_counter(), state["tokens"], state["seconds"]
-    with Guard() as guard:
+    with Guard(immediate=dist is None) as guard:
         try:
             if evaluator and cfg.eval_at_start and state["step"] == 0 and state["first"] is None:
                 try:  # the "before" of before/after, at step 0
                     with guard.abortable():
-                        state["first"] = _timed(evaluator, model)
+                        state["first"] = _timed(evaluator, scored)
                 except Interrupted:
                     save_checkpoint()  # step 0: the resumed run evaluates first
                     raise
@@ -178,12 +213,14 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
             if state["pending_eval"] and evaluator:  # the one a signal cut short
                 evaluate(guard, checkpoint.rng_state())
             while state["step"] < total_steps:
+                if dist:  # each rank's dropout draws, a function of the step: a resumed run draws the same
+                    torch.manual_seed((cfg.seed * 1_000_003 + state["step"]) * 1009 + dist.rank)
                 before = checkpoint.rng_state()  # the step's start: an interrupted step is replayed from here
                 position = (state["epoch"], state["batch"], state["tokens"], state["shared_tokens"])
                 try:
                     with guard.abortable():
                         step_loss, n_loss, rows, bad = _forward_backward(model, next_batch, cfg, device, autocast,
-                                                                         scaler, state)
+                                                                         scaler, state, dist)
                 except Interrupted:
                     optimizer.zero_grad(set_to_none=True)
                     state["epoch"], state["batch"], state["tokens"], state["shared_tokens"] = position
@@ -191,10 +228,12 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                     raise
                 if scaler:
                     scaler.unscale_(optimizer)
+                grad_norm = None
                 if bad is None and (cfg.max_grad_norm > 0 or scaler is None):
                     norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm or math.inf)
-                    if scaler is None and not torch.isfinite(norm):  # with fp16 the scaler skips such steps itself
-                        bad = ("gradient norm", norm.item(), rows)
+                    grad_norm = dist.value(norm) if dist else norm.item()
+                    if scaler is None and not math.isfinite(grad_norm):  # with fp16 the scaler skips such steps
+                        bad = ("gradient norm", grad_norm, rows)
                 if bad is not None:
                     optimizer.zero_grad(set_to_none=True)
                     if state["skipped"] < cfg.skip_nonfinite_steps:
@@ -233,10 +272,13 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                 if state["step"] % cfg.logging_steps == 0 or last:
                     loss = state["window_loss"] / max(state["window_tokens"], 1)
                     log({"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": scheduler.get_last_lr()[0],
-                         "tokens": state["tokens"], "tokens_per_s": tok_s, "seconds": state["seconds"]})
+                         "grad_norm": grad_norm, "tokens": state["tokens"], "tokens_per_s": tok_s,
+                         "seconds": state["seconds"]})
                     state["window_loss"], state["window_tokens"] = 0.0, 0
                 stop = None
                 over_budget = cfg.time_budget_s is not None and state["seconds"] >= cfg.time_budget_s
+                if dist and cfg.time_budget_s is not None:  # every rank stops at the same step
+                    over_budget = dist.any(over_budget)
                 if evaluator and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last or over_budget):
                     stop = evaluate(guard, checkpoint.rng_state())
                 stop = stop or ("time_budget" if over_budget else None)
@@ -246,7 +288,12 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                 try:
                     if on_step:
                         on_step(state["step"])
-                    guard.check()
+                    if dist:  # a signal to one rank stops them all, at the step they agree on: a signal that
+                        # lands after the vote waits for the next one, or one rank would stop alone
+                        if dist.any(guard.requested is not None):
+                            raise Interrupted(guard.requested or signal.SIGTERM)
+                    else:
+                        guard.check()
                 except KeyboardInterrupt:
                     if not saved:
                         save_checkpoint()
@@ -256,8 +303,9 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                     break
         except KeyboardInterrupt as exc:
             bar.close()
-            print(f"\ntuneforge: interrupted; checkpoint saved at step {state['step']} (continue with --resume)",
-                  file=sys.stderr)
+            if main:
+                print(f"\ntuneforge: interrupted; checkpoint saved at step {state['step']} (continue with --resume)",
+                      file=sys.stderr)
             if isinstance(exc, Interrupted):
                 exc.reported = True
             raise
@@ -271,32 +319,54 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     summary.seconds, summary.skipped_steps = state["seconds"], state["skipped"]
     summary.shared_prefix_tokens = state["shared_tokens"]
     summary.tokens_per_s = (state["tokens"] - start_tokens) / max(time.perf_counter() - started, 1e-9)
-    summary.peak_memory_mb = peak_memory_mb(device)
+    summary.peak_memory_mb = dist.max(peak_memory_mb(device)) if dist else peak_memory_mb(device)  # the largest rank
     summary.first_eval, summary.best_eval = state["first"] or {}, state["best"] or {}
     summary.final_eval = state["final"] or {}
     return summary
 
 
-def _forward_backward(model, next_batch, cfg: TrainCfg, device, autocast, scaler, state: dict):
+def _forward_backward(model, next_batch, cfg: TrainCfg, device, autocast, scaler, state: dict, dist: Dist | None):
     """One step's micro-batches, forward and backward: (the step's loss, its loss tokens, the source
-    rows of its examples, None or ("loss", value, rows) when a micro-batch's loss is not finite)."""
-    batches = [next_batch() for _ in range(cfg.grad_accum)]
+    rows of its examples, None or ("loss", value, rows) when a micro-batch's loss is not finite).
+
+    Every rank collates the step's grad_accum x world micro-batches (their loss tokens make the
+    divisor) and runs its own; the loss is multiplied by the world size, which the mean over ranks
+    of DDP or FSDP2 divides out again. A rank does not stop at a non-finite loss (the others would
+    wait for its gradients): the ranks learn of it from the step's sums."""
+    world = dist.world if dist else 1
+    batches = [next_batch() for _ in range(cfg.grad_accum * world)]
     n_loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
-    step_loss = 0.0
-    for batch, rows in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+    mine = [b for j, b in enumerate(batches) if dist is None or dist.mine(j)]
+    # A shared prefix's second forward before one backward is more than FSDP2's resharding allows
+    share = not (dist and dist.sharded(model))
+    step_loss, tokens, shared, bad = 0.0, 0, 0, None
+    for k, (batch, rows) in enumerate(mine):
+        batch = {key: v.to(device) for key, v in batch.items()}
         stats = {}
-        with autocast:
-            loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], stats)
-        loss = loss_sum / max(n_loss, 1)
-        value = loss.item()
-        if not math.isfinite(value):
-            return step_loss, n_loss, rows, ("loss", value, rows)
-        (scaler.scale(loss) if scaler else loss).backward()
+        with dist.no_sync(model, last=k == len(mine) - 1) if dist else contextlib.nullcontext():
+            with autocast:
+                loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], stats,
+                                         share_prefix=share)
+            loss = loss_sum / max(n_loss, 1)
+            value = loss.item()
+            if not math.isfinite(value):
+                bad = bad or ("loss", value, rows)
+                if dist is None:
+                    return step_loss, n_loss, rows, bad
+            loss = loss * world
+            (scaler.scale(loss) if scaler else loss).backward()
         step_loss += value
-        state["tokens"] += int(batch["attention_mask"].sum())
-        state["shared_tokens"] += stats.get("shared_tokens", 0)
-    return step_loss, n_loss, [row for _, rows in batches for row in rows], None
+        tokens += int(batch["attention_mask"].sum())
+        shared += stats.get("shared_tokens", 0)
+    if dist:
+        step_loss, tokens, shared, n_bad = dist.sum(step_loss, tokens, shared, float(bad is not None))
+        if n_bad and bad is None:
+            bad = ("loss", math.nan, [])
+        if n_bad:  # the rows of every rank's non-finite micro-batch
+            bad = (bad[0], bad[1], [row for text in dist.gather_text(json.dumps(bad[2])) for row in json.loads(text)])
+    state["tokens"] += int(tokens)
+    state["shared_tokens"] += int(shared)
+    return step_loss, n_loss, [row for _, rows in batches for row in rows], bad
 
 
 def _nonfinite(bad: tuple, step: int, cfg: TrainCfg, ckpt_dir: Path) -> RunStopped:

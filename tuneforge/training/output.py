@@ -6,12 +6,13 @@ overwritten, and a resumed run held to the settings it was started with.
   refuses a folder that holds anything unless the run resumes it or ``overwrite`` moves it aside.
 - ``check_resume`` compares the resumed run's config with the one it recorded and refuses a change
   that alters the result, naming the keys; logging, evaluation, checkpoint cadence and the step
-  budget may change.
+  budget may change, and so may the number of processes, with ``grad_accum`` keeping the global batch.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
@@ -20,13 +21,14 @@ from tuneforge import config as config_mod
 from tuneforge.atomic import recover
 from tuneforge.config import RunCfg
 from tuneforge.errors import UserError
+from tuneforge.training import checkpoint
 
 LOCK = ".tuneforge.lock"
 RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoints", "final", "summary.json", "loss.png"}
 # Keys a resumed run may change: they decide when to log, evaluate, save and stop, not the weights.
 RESUMABLE = {"train.logging_steps", "train.eval_steps", "train.eval_at_start", "train.save_steps",
              "train.keep_checkpoints", "train.max_steps", "train.epochs", "train.time_budget_s",
-             "train.early_stopping_patience", "train.skip_nonfinite_steps", "eval.batch_size",
+             "train.early_stopping_patience", "train.skip_nonfinite_steps", "train.dist_timeout_s", "eval.batch_size",
              "eval.max_examples", "data.max_eval_examples"}
 
 
@@ -97,14 +99,33 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume(cfg: RunCfg, out: Path) -> None:
-    """Refuse to resume with settings that change what the run computes."""
+def check_resume(cfg: RunCfg, out: Path, world: int = 1) -> None:
+    """Refuse to resume with settings that change what the run computes. ``world`` is this run's number
+    of processes: it may differ from the checkpoint's if ``grad_accum`` keeps the global batch."""
     recorded = config_mod.from_yaml(out / "config.yaml")
     old, new = (_flat({k: v for k, v in config_mod.to_dict(c).items() if k != "compare"}) for c in (recorded, cfg))
     changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in RESUMABLE and k != "train.output_dir")
+                     if old.get(k) != new.get(k) and k not in RESUMABLE and k not in ("train.output_dir",
+                                                                                        "train.grad_accum"))
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])
         raise UserError(f"--resume with settings that change the run's result: {shown}", str(out / "config.yaml"),
                         fix="resume with the settings the run started with, or start a new run in another "
                             "train.output_dir")
+    try:
+        was = json.loads((checkpoint.complete(out / "checkpoints")[-1] / checkpoint.STATE).read_text())["progress"]
+    except (OSError, ValueError, KeyError):  # a pickled or damaged checkpoint: loading it says which
+        was = {}
+    then, batch = was.get("world", 1), cfg.train.batch_size
+    before, now = batch * recorded.train.grad_accum * then, batch * cfg.train.grad_accum * world
+    if before != now:
+        per = before / (batch * world)
+        fix = f"set train.grad_accum to {int(per)}, or" if per == int(per) else "or"
+        raise UserError(f"--resume with train.grad_accum {cfg.train.grad_accum} x {_processes(world)}: a global "
+                        f"batch of {now} examples; the run trained with {before} (grad_accum "
+                        f"{recorded.train.grad_accum} x {_processes(then)})", str(out / "config.yaml"),
+                        fix=f"{fix} resume with {_processes(then)}")
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")

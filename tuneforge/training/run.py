@@ -5,11 +5,15 @@ It reads the data, writes OUTPUT_DIR/config.yaml and prints the estimate, then
   the whole model), and plots the loss curve;
 - a probe method (features): extracts the frozen model's features, fits the classifier, saves it;
 and writes summary.json with the same keys for both ("after": the held-out figures of the result).
+
+Under torchrun (WORLD_SIZE > 1) every process runs this driver: rank 0 claims the output folder and
+writes everything in it; each process trains its share on its device (``training/dist.py``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,60 +62,118 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
     if resume and method.KIND == "probe":
         raise UserError(f"the {method.NAME} method fits in one go and keeps no checkpoints to resume from",
                         "--resume", fix="run it again (its features are cached) in a new train.output_dir")
-    out = Path(cfg.train.output_dir)
-    lock = output.claim(out, resume, overwrite)
+    d = _dist(cfg, method)
     try:
-        if resume:
-            if not checkpoint.complete(out / "checkpoints"):
-                raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"),
-                                fix="start the run again without --resume (with --overwrite to move this one aside)")
-            output.check_resume(cfg, out)
-        return _run(cfg, method, resume, progress, model, tokenizer, injected, out, force)
+        return _claimed(cfg, method, resume, progress, model, tokenizer, injected, overwrite, force, d)
     finally:
-        lock.release()
+        if d is not None:
+            from tuneforge.training import dist
+
+            dist.close(d)
+
+
+def _dist(cfg: RunCfg, method):
+    """The process group when torchrun started this process (torch.distributed loads only then)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if method.KIND == "probe":
+        raise UserError(f"the {method.NAME} method fits a classifier in one process", "torchrun",
+                        fix="run it as a single process: tuneforge train, without torchrun or --nproc")
+    from tuneforge.training import dist
+
+    return dist.from_env(cfg.train.device, cfg.train.dist_timeout_s)
+
+
+def _claimed(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, injected, overwrite: bool,
+             force: bool, d) -> dict:
+    """``_run`` with the output folder claimed (by rank 0: the others learn whether it could be)."""
+    out = Path(cfg.train.output_dir)
+    lock, error = None, None
+    if d is None or d.main:
+        try:
+            lock = output.claim(out, resume, overwrite)
+            if resume:
+                if not checkpoint.complete(out / "checkpoints"):
+                    raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"),
+                                    fix="start the run again without --resume (with --overwrite to move this one "
+                                        "aside)")
+                output.check_resume(cfg, out, d.world if d else 1)
+        except UserError as exc:
+            error = exc
+            if d is None:
+                raise
+    try:
+        if d is not None:
+            d.agree(error)
+        return _run(cfg, method, resume, progress, model, tokenizer, injected, out, force, d)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, injected, out: Path,
-         force: bool) -> dict:
+         force: bool, d) -> dict:
+    main = d is None or d.main
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    write_text(out / "config.yaml", config_mod.to_yaml(cfg))
-    for split, report in data.report.items():
-        if report.truncated or report.dropped:
-            print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
-                  f"{report.dropped} dropped", file=sys.stderr)
+    if main:
+        write_text(out / "config.yaml", config_mod.to_yaml(cfg))
+        for split, report in data.report.items():
+            if report.truncated or report.dropped:
+                print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
+                      f"{report.dropped} dropped", file=sys.stderr)
     if method.KIND == "gradient":  # the cost first, before the model loads
-        check_fits(run_estimate(cfg, data, tokenizer, model.config if model is not None else None), force)
+        error = None
+        if main:
+            try:
+                check_fits(run_estimate(cfg, data, tokenizer, model.config if model is not None else None), force,
+                           d.local_world if d and d.device.type == "cpu" else 1)
+            except UserError as exc:
+                error = exc
+                if d is None:
+                    raise
+        if d is not None:
+            d.agree(error)
     if model is None:
-        model, _ = load_model(cfg.model, dtype="float32", device=cfg.train.device, allow_pickle=cfg.allow_pickle)
+        model, _ = load_model(cfg.model, dtype="float32", device=str(d.device) if d else cfg.train.device,
+                              allow_pickle=cfg.allow_pickle)
     if method.KIND == "probe":
         result = _fit_probe(method, model, tokenizer, data, cfg, out, progress)
     else:
-        result = _train(method, model, tokenizer, data, cfg, out, injected, resume, progress)
-    result["artifact_bytes"] = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
-    write_text(out / "summary.json", json.dumps(result, indent=1))
+        result = _train(method, model, tokenizer, data, cfg, out, injected, resume, progress, d)
+    if main:
+        result["artifact_bytes"] = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
+        write_text(out / "summary.json", json.dumps(result, indent=1))
     return result
 
 
 def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, injected: Injected | None,
-           resume: bool, progress: bool) -> dict:
+           resume: bool, progress: bool, d=None) -> dict:
+    main = d is None or d.main
     torch.manual_seed(cfg.train.seed)
     if injected is None:
         injected = method.inject(model, config_mod.method_config(cfg))
     params = injected.trainable(model)
     use_lean_mlps(model)  # the same math, with less kept for backward (tuneforge/kernels.py)
     total, n_train = parameter_count(model), sum(p.numel() for p in params.values())
-    print(f"tuneforge: {injected.name}: {n_train:,} trainable parameters of {total:,} "
-          f"({100 * n_train / total:.3f}%); {len(data.train)} training examples, {len(data.eval)} held out",
-          file=sys.stderr)
+    say = print if main else (lambda *a, **k: None)
+    say(f"tuneforge: {injected.name}: {n_train:,} trainable parameters of {total:,} "
+        f"({100 * n_train / total:.3f}%); {len(data.train)} training examples, {len(data.eval)} held out",
+        file=sys.stderr)
+    wrapped = model
+    if d is not None:
+        shard = injected.method.WHOLE_MODEL or cfg.train.fsdp
+        wrapped = d.wrap(model, shard)
+        params = injected.trainable(model)  # sharding replaced the parameters with their shards
+        t = cfg.train
+        say(f"tuneforge: {d.world} processes ({'nccl' if d.device.type == 'cuda' else 'gloo'}, "
+            f"{'FSDP2' if shard else 'DDP'}): global batch {t.batch_size * t.grad_accum * d.world} = batch_size "
+            f"{t.batch_size} x grad_accum {t.grad_accum} x {d.world} processes", file=sys.stderr)
     order = batch_order(cfg, data)
-    summary = train(model, params, data.train, Collator(tokenizer.pad_token_id), cfg.train, out,
+    summary = train(wrapped, params, data.train, Collator(tokenizer.pad_token_id), cfg.train, out,
                     batch_order=order, evaluator=make_evaluator(tokenizer, data, cfg), resume=resume,
-                    progress=progress)
-    if injected.method.WHOLE_MODEL:
-        save_model(model, tokenizer, out / "final")
-    else:
-        save_adapter(model, injected, out / "final", base_model_name=cfg.model)
+                    progress=progress, dist=d)
+    _save_final(model, injected, tokenizer, cfg, out, d)
     result = {"method": injected.name, "trainable_parameters": n_train, "total_parameters": total,
               "train_examples": len(data.train), "eval_examples": len(data.eval),
               # "after" is the weights the run saved; "best" an earlier evaluation that scored higher, if any
@@ -122,8 +184,22 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
         result["best"] = _numbers(summary.best_eval)
     for key in ("best_eval", "first_eval", "final_eval"):
         result.pop(key)
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if main:
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
     return result
+
+
+def _save_final(model, injected: Injected, tokenizer, cfg: RunCfg, out: Path, d) -> None:
+    """OUTPUT_DIR/final: the adapter, or the whole model; from a sharded model, gathered whole first."""
+    sharded = d is not None and d.sharded(model)
+    if injected.method.WHOLE_MODEL:
+        state = d.full_model(model) if sharded else None  # rank 0's CPU holds the whole model
+        if d is None or d.main:
+            save_model(model, tokenizer, out / "final", state_dict=state)
+        return
+    tensors = d.whole(injected.state_dict(model)) if sharded else None
+    if d is None or d.main:
+        save_adapter(model, injected, out / "final", base_model_name=cfg.model, tensors=tensors)
 
 
 def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, progress: bool) -> dict:
@@ -172,10 +248,14 @@ def estimate_run(cfg: RunCfg) -> Estimate:
     return estimate(cfg)
 
 
-def check_fits(est: Estimate, force: bool) -> None:
-    """Print the estimate; refuse a run whose peak exceeds the memory the device has, unless ``force``."""
-    print(f"tuneforge: {est.describe()}", file=sys.stderr)
+def check_fits(est: Estimate, force: bool, processes: int = 1) -> None:
+    """Print the estimate; refuse a run whose peak exceeds the memory the device has, unless ``force``.
+    ``processes`` share the device's memory (torchrun's processes on one CPU machine)."""
+    print(f"tuneforge: {est.describe()}" + (f" (per process, {processes} processes)" if processes > 1 else ""),
+          file=sys.stderr)
     available = available_memory(resolve_device(est.device))
+    if available is not None:
+        available //= processes
     if available is not None and est.peak_bytes > available and not force:
         raise UserError(f"the run needs about {est.peak_bytes / 2**30:.2f} GiB at its peak, and this machine has "
                         f"{available / 2**30:.2f} GiB available", "train",

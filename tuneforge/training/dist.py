@@ -1,0 +1,210 @@
+"""torch.distributed for a run, as torchrun starts it: one process per device, on one node or many.
+
+- ``from_env`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and
+  starts the process group: gloo on CPU, nccl on CUDA, each process on its local device. Without
+  that environment there is no ``Dist`` and the run is a single process.
+- ``wrap``: an adapter method trains under DistributedDataParallel, which buckets only the tensors
+  that train; full fine-tuning (or ``train.fsdp``) shards every block, then the root, with FSDP2
+  (``fully_shard``, on a device mesh of the ranks: a CPU mesh under gloo).
+- The loop asks it for the sums it needs across ranks (loss, tokens, a non-finite or stop flag).
+- Saving gathers whole tensors (``full_params``, ``whole``): an adapter or model written from N
+  ranks is complete, every shard in place.
+
+Only rank 0 writes files; every rank reads the same data in the same order and takes its share of
+each step's micro-batches (``Dist.mine``), so a step sees the same global batch as one process with
+``grad_accum`` times as many micro-batches. What crosses between ranks is tensors and UTF-8 text
+(JSON), never a pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from tuneforge import targets
+from tuneforge.devices import resolve_device
+from tuneforge.errors import UserError
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
+# The model's buffers (rotary frequencies) never change: DDP need not send them before each forward
+# (the keyword's name since torch 2.13; the older one before)
+_DDP_KEYWORDS = inspect.signature(DistributedDataParallel).parameters
+NO_BUFFER_SYNC = {"forward_sync_buffers" if "forward_sync_buffers" in _DDP_KEYWORDS else "broadcast_buffers": False}
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+    owned: bool  # this run started the process group (and ends it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, index: int) -> bool:
+        """Whether this rank takes the step's ``index``-th micro-batch (of grad_accum x world)."""
+        return index % self.world == self.rank
+
+    def sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def any(self, flag: bool) -> bool:
+        return self.max(float(flag)) > 0
+
+    def share(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank."""
+        data = torch.tensor(list(text.encode()) if self.main else [], dtype=torch.uint8)
+        size = self._broadcast(torch.tensor([data.numel()], dtype=torch.int64))
+        data = self._broadcast(data if self.main else torch.empty(int(size.item()), dtype=torch.uint8))
+        return bytes(data.tolist()).decode()
+
+    def gather_text(self, text: str) -> list[str]:
+        """Every rank's ``text``, in rank order."""
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=self.device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=self.device))
+        longest = max(int(s.item()) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        padded[:data.numel()] = data
+        out = [torch.zeros(longest, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
+        dist.all_gather(out, padded)
+        return [bytes(o[:int(s.item())].tolist()).decode() for o, s in zip(out, sizes)]
+
+    def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.broadcast(t, src=0)
+        return t.cpu()
+
+    def agree(self, error: BaseException | None) -> None:
+        """Every rank learns whether rank 0 failed (its output folder, say) and stops with rank 0's line."""
+        line = self.share("" if error is None or not self.main else
+                          (error.line() if isinstance(error, UserError) else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if line:
+            raise UserError(f"process 0 stopped: {line}")
+
+    def all(self, flag: bool) -> bool:
+        return not self.any(not flag)
+
+    def wrap(self, model: nn.Module, shard: bool) -> nn.Module:
+        """The module the loop calls: ``model`` under DDP, or ``model`` itself once FSDP2 shards it in
+        place (every decoder block, then the root)."""
+        if shard:
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for block in targets.blocks(model):
+                fully_shard(block, mesh=mesh)
+            # The root keeps its tensors gathered between forward and backward: the output head's weight
+            # (tied to the embeddings) is read again in the head's backward (kernels.head_logprobs).
+            fully_shard(model, mesh=mesh, reshard_after_forward=False)
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       **NO_BUFFER_SYNC)
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The model inside DDP's wrapper (an FSDP2 model is its own module)."""
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def sharded(self, model: nn.Module) -> bool:
+        return isinstance(self.unwrap(model), FSDPModule)
+
+    @staticmethod
+    def no_sync(model: nn.Module, last: bool):
+        """DDP's all-reduce only on a step's last micro-batch; FSDP2 reduces as it goes."""
+        if isinstance(model, DistributedDataParallel) and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def local(t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``t``: its shard of a DTensor, else ``t`` itself."""
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    @staticmethod
+    def value(t: torch.Tensor) -> float:
+        """A reduced scalar (the norm of sharded gradients is a DTensor) as a number."""
+        return (t.full_tensor() if isinstance(t, DTensor) else t).item()
+
+    @staticmethod
+    def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` with every DTensor gathered whole (a collective: every rank calls it, in one order)."""
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+    def full_params(self, model: nn.Module, names) -> dict[str, torch.Tensor]:
+        """The parameters ``names`` whole on rank 0's CPU ({} elsewhere), from every shard (a collective)."""
+        state = get_model_state_dict(self.unwrap(model), options=FULL)
+        return {k: state[k] for k in names} if state else {}
+
+    def full_model(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state on rank 0's CPU ({} elsewhere), one name per tensor (a tied head is
+        its embedding, as one process saves it): a collective."""
+        model = self.unwrap(model)
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        return {k: v for k, v in get_model_state_dict(model, options=FULL).items() if k not in tied}
+
+    def full_optimizer(self, model: nn.Module, optimizer) -> dict:
+        """The optimizer's state keyed by parameter name, whole, on rank 0 ({} elsewhere): a collective."""
+        return get_optimizer_state_dict(self.unwrap(model), optimizer, options=FULL)
+
+    def load_full(self, model: nn.Module, optimizer, params: dict[str, torch.Tensor], optim_state: dict) -> None:
+        """Every rank passes the same whole tensors; each keeps its shard."""
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.unwrap(model), params, options=options)
+        set_optimizer_state_dict(self.unwrap(model), optimizer, optim_state, options=options)
+
+
+def from_env(device: str, timeout_s: float) -> Dist | None:
+    """The process group torchrun's environment describes; None for a single process. A collective
+    that waits longer than ``timeout_s`` (a rank died or hangs) ends the run with an error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    where = resolve_device(device)
+    if where.type == "cuda":
+        where = torch.device("cuda", local)
+        torch.cuda.set_device(where)
+    elif where.type != "cpu":
+        raise UserError(f"torch.distributed runs on CPU (gloo) or CUDA (nccl), not {where.type}", "train.device",
+                        fix="set train.device to cpu or cuda")
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return Dist(dist.get_rank(), dist.get_world_size(), local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), where,
+                owned)
+
+
+def close(d: Dist | None) -> None:
+    if d is not None and d.owned and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def say(d: Dist | None, *args) -> None:
+    """Print on rank 0 only (every rank would say the same)."""
+    if d is None or d.main:
+        print(*args, file=sys.stderr)
