@@ -1,11 +1,7 @@
-"""What the methods share: the protocols they implement, the handle ``inject`` returns, and the
-plumbing that would otherwise be written once per method (refusing a second inject, wrapping the
-targeted layers, modules_to_save, PEFT-keyed state dicts, a dense layer rebuilt from a quantized one).
-
-A gradient method is a module that implements ``GradientMethod``; ``inject`` returns an ``Injected``
-(the method and its config), which the loop, saving, merging, export, evaluation and compare take
-as an argument. Nothing rides on the model as a hidden attribute to be read back. Feature-based
-fine-tuning changes no weight: it implements ``ProbeMethod``, whose ``fit`` returns a ``Probe``.
+"""What the methods share: the protocols they implement (``GradientMethod``, whose ``inject`` returns
+an ``Injected`` handle; ``ProbeMethod``, whose ``fit`` returns a ``Probe``) and the plumbing that would
+otherwise be written once per method (refusing a second inject, wrapping the targeted layers,
+modules_to_save, PEFT-keyed state dicts, a dense layer rebuilt from a quantized one).
 """
 
 from __future__ import annotations
@@ -43,8 +39,7 @@ class GradientMethod(Protocol):
     def file_config(self, model: nn.Module, cfg) -> dict: ...  # adapter_config.json (PEFT's keys if PEFT has it)
     def for_loading(self, cfg): ...  # the config to inject before saved weights replace the start
     def merge(self, model: nn.Module, cfg) -> None: ...  # fold into the base weights, or a UserError
-    def lora_form(self, model: nn.Module, cfg) -> dict[str, tuple[Tensor, Tensor, float]]: ...  # (A, B, s) per
-    # layer, the update exactly s B A, for another runtime's LoRA file; or a UserError: no such form
+    def lora_form(self, model: nn.Module, cfg) -> dict[str, tuple[Tensor, Tensor, float]]: ...  # s B A, or UserError
 
 
 class Probe(Protocol):
@@ -80,8 +75,7 @@ class ProbeMethod(Protocol):
 @dataclass(frozen=True)
 class Injected:
     """A gradient method in a model: which method, with which config, put into which base (its
-    fingerprint before the method changed it; None for a weightless model). Its methods call the
-    method's hooks with this config."""
+    fingerprint before the method changed it; None for a weightless model)."""
 
     method: GradientMethod
     cfg: Any
@@ -212,8 +206,7 @@ def load_prefixed(params: dict[str, nn.Parameter], sd: dict[str, Tensor], fix: s
 
 
 def check_state(shapes: dict[str, tuple], sd: dict[str, Tensor], fix: str) -> None:
-    """``sd`` must hold exactly the keys of ``shapes``, each of that shape, or a UserError names the first
-    that does not."""
+    """``sd`` holds exactly the keys of ``shapes``, each of that shape, or a UserError names one that does not."""
     missing, unexpected = sorted(shapes.keys() - sd.keys()), sorted(sd.keys() - shapes.keys())
     if missing or unexpected:
         what = f"tensor {missing[0]!r} is missing" if missing else f"unexpected tensor {unexpected[0]!r}"
