@@ -33,6 +33,9 @@ def test_lora_update_is_the_formula_with_and_without_dropout():
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad((out * g).sum(), (x, A, B)), torch.autograd.grad((ref * g).sum(), (x, A, B))):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the path without autograd (evaluation, generation) computes the same
+        torch.testing.assert_close(lora_update(result, x, A, B, 2.0, 0.0), result + 2.0 * (x @ A.T) @ B.T,
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_swiglu_and_the_gated_mlp_equal_the_model_s_own():

@@ -59,7 +59,15 @@ class _LoRAUpdate(torch.autograd.Function):
 
 
 def lora_update(result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
-    """``result + scale * drop_p(x) @ A^T @ B^T``: LoRA's output; ``p`` is the dropout rate (0 in eval)."""
+    """``result + scale * drop_p(x) @ A^T @ B^T``: LoRA's output; ``p`` is the dropout rate (0 in eval).
+    With no graph to build (evaluation, generation) it is one small matmul and one fused multiply-add:
+    a decoding step calls this in every adapted layer for one token, where each call's overhead counts."""
+    if (p == 0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                                     or result.requires_grad))
+            and result.dtype == x.dtype == A.dtype == B.dtype and not torch.is_autocast_enabled(x.device.type)):
+        n = result.shape[-1]
+        return torch.addmm(result.reshape(-1, n), x.reshape(-1, x.shape[-1]) @ A.t(), B.t(),
+                           alpha=scale).view(result.shape)
     return _LoRAUpdate.apply(result, x, A, B, scale, p)
 
 
