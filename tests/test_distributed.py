@@ -39,8 +39,9 @@ def write_config(tmp_path: Path, tiny_dir: Path, name: str, method: str, **train
         write_jsonl(data, sentiment_rows(20))
     raw = {"model": str(tiny_dir), "method": METHODS[method],
            "data": {"path": str(data), "format": "classification", "val_fraction": 0.25},
-           "train": {"output_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 4, "learning_rate": RATES[method],
-                     "save_steps": 2, "logging_steps": 1, "device": "cpu", "dist_timeout_s": 60, **train}}
+           "train": {"output_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 4,
+                     "learning_rate": RATES[method], "save_steps": 2, "logging_steps": 1, "device": "cpu",
+                     "dist_timeout_s": 60, **train}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -81,10 +82,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert worst <= TOLERANCE, worst
 
 
-@pytest.mark.parametrize("method, engine", [("lora", "DDP"), ("full", "FSDP2")])
-def test_two_processes_train_what_one_does_with_the_same_global_batch(tmp_path, tiny_dir, method, engine):
-    one = write_config(tmp_path, tiny_dir, "one", method, grad_accum=2)
-    two = write_config(tmp_path, tiny_dir, "two", method, grad_accum=1)
+@pytest.mark.parametrize("method, engine, checkpointing", [("lora", "DDP", False), ("full", "FSDP2", False),
+                                                          ("lora", "DDP", True)])
+def test_two_processes_train_what_one_does_with_the_same_global_batch(tmp_path, tiny_dir, method, engine,
+                                                                      checkpointing):
+    """With activation checkpointing too: non-reentrant, so DDP sees each parameter once."""
+    one = write_config(tmp_path, tiny_dir, "one", method, grad_accum=2, gradient_checkpointing=checkpointing)
+    two = write_config(tmp_path, tiny_dir, "two", method, grad_accum=1, gradient_checkpointing=checkpointing)
     proc = two_processes(two)
     assert cli.main(["train", str(one)]) == 0  # while the two processes start
     err = finished(proc)
@@ -178,4 +182,10 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(tmp_path
     output.check_resume(same, out, world=2)  # 4 x 1 x 2 = 4 x 2 x 1
     with pytest.raises(UserError, match="global batch of 16") as exc:
         output.check_resume(config.from_yaml(path), out, world=2)
-    assert "set train.grad_accum to 1, or resume with 1 process" in exc.value.line()
+    assert "set train.grad_accum to 1, or resume with 1 process and grad_accum 2" in exc.value.line()
+    # A start that saved nothing (refused, killed) rewrote config.yaml with its own grad_accum: the
+    # checkpoint's record of the global batch decides
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("grad_accum: 2", "grad_accum: 4"))
+    output.check_resume(config.from_yaml(path), out, world=1)
+    with pytest.raises(UserError, match="global batch of 16"):
+        output.check_resume(config.from_yaml(path, ["train.grad_accum=4"]), out, world=1)

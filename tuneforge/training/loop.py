@@ -128,7 +128,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
         optimizer, lambda s: lr_multiplier(s, total_steps, cfg.warmup_steps, cfg.lr_schedule))
     autocast, scaler = _autocast(device, cfg.precision)
     if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(dist.unwrap(model) if dist else model)  # DDP's wrapper has no such method
 
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "loss_tokens": 0, "best": None, "bad_evals": 0,
              "seconds": 0.0, "first": None, "final": None, "pending_eval": False, "skipped": 0,

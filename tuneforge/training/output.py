@@ -116,15 +116,17 @@ def check_resume(cfg: RunCfg, out: Path, world: int = 1) -> None:
         was = json.loads((checkpoint.complete(out / "checkpoints")[-1] / checkpoint.STATE).read_text())["progress"]
     except (OSError, ValueError, KeyError):  # a pickled or damaged checkpoint: loading it says which
         was = {}
+    # The checkpoint's own record: config.yaml is rewritten at every start, even one that saved nothing
     then, batch = was.get("world", 1), cfg.train.batch_size
-    before, now = batch * recorded.train.grad_accum * then, batch * cfg.train.grad_accum * world
+    before = was.get("global_batch") or batch * recorded.train.grad_accum * then
+    now = batch * cfg.train.grad_accum * world
     if before != now:
-        per = before / (batch * world)
+        per, accum = before / (batch * world), before // (batch * then)
         fix = f"set train.grad_accum to {int(per)}, or" if per == int(per) else "or"
         raise UserError(f"--resume with train.grad_accum {cfg.train.grad_accum} x {_processes(world)}: a global "
-                        f"batch of {now} examples; the run trained with {before} (grad_accum "
-                        f"{recorded.train.grad_accum} x {_processes(then)})", str(out / "config.yaml"),
-                        fix=f"{fix} resume with {_processes(then)}")
+                        f"batch of {now} examples; the run trained with {before} (grad_accum {accum} x "
+                        f"{_processes(then)})", str(out / "config.yaml"),
+                        fix=f"{fix} resume with {_processes(then)} and grad_accum {accum}")
 
 
 def _processes(n: int) -> str:

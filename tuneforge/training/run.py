@@ -98,7 +98,7 @@ def _claimed(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer
                                     fix="start the run again without --resume (with --overwrite to move this one "
                                         "aside)")
                 output.check_resume(cfg, out, d.world if d else 1)
-        except UserError as exc:
+        except Exception as exc:  # the other ranks wait to hear: they stop with rank 0's line
             error = exc
             if d is None:
                 raise
@@ -128,7 +128,7 @@ def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, in
             try:
                 check_fits(run_estimate(cfg, data, tokenizer, model.config if model is not None else None), force,
                            d.local_world if d and d.device.type == "cpu" else 1)
-            except UserError as exc:
+            except Exception as exc:
                 error = exc
                 if d is None:
                     raise
@@ -163,6 +163,9 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
     wrapped = model
     if d is not None:
         shard = injected.method.WHOLE_MODEL or cfg.train.fsdp
+        if shard and cfg.train.precision == "fp16":  # fp16's loss scaler would check each shard on its own
+            raise UserError("fp16 with FSDP2 sharding is not supported", "train.precision",
+                            fix="set train.precision to bf16 (or auto, bf16 on CUDA) for a sharded run")
         wrapped = d.wrap(model, shard)
         params = injected.trainable(model)  # sharding replaced the parameters with their shards
         t = cfg.train
