@@ -159,7 +159,7 @@ tuneforge's run computed {summary['shared_prefix_tokens']:,} fewer token positio
 ({summary['shared_prefix_tokens'] / max(summary['tokens'], 1):.0%}): every batch's rows share the chat
 template's system turn and the question, which run once per batch. The other savings are the output
 head applied only where a label is, batches of similar length, and the LoRA and MLP steps keeping
-little for backward (`tuneforge/kernels.py`).
+little for backward (`tuneforge/model/kernels.py`).
 """)
 
 

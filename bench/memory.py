@@ -41,7 +41,7 @@ def main() -> None:
     from tuneforge.data import Collator, load_datasets
     from tuneforge.eval.lm import label_loss
     from tuneforge.io.load import load_model
-    from tuneforge.kernels import use_lean_mlps
+    from tuneforge.model.kernels import use_lean_mlps
     from tuneforge.methods.registry import get_method
     from tuneforge.training.optim import make_optimizer
     from tuneforge.training.run import batch_order, run_estimate

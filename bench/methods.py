@@ -73,7 +73,7 @@ def child_tuneforge(method: str, keys: dict, workload: str, steps: int) -> dict:
 
     from tuneforge.data import Collator, load_datasets
     from tuneforge.io.load import load_model
-    from tuneforge.kernels import use_lean_mlps
+    from tuneforge.model.kernels import use_lean_mlps
     from tuneforge.methods.registry import get_method
     from tuneforge.training.loop import train
     from tuneforge.training.run import batch_order, run_estimate

@@ -37,7 +37,7 @@ def ids(tiny):
 def test_module_equals_reference():
     torch.manual_seed(0)
     base = nn.Linear(16, 12)
-    layer = AdaptedOutput(base, 3, Config(non_linearity="tanh"))
+    layer = AdaptedOutput(base, 12, 3, Config(non_linearity="tanh"))
     nn.init.normal_(layer.adapter.up.weight)
     x = torch.randn(4, 16)
     h = base(x)

@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 from test_train import VOCAB, collate, synthetic_examples
 from tuneforge.config import TrainCfg
 from tuneforge.eval.lm import label_loss
-from tuneforge.kernels import head_logprobs, lora_update, use_lean_mlps
+from tuneforge.model.kernels import head_logprobs, lora_update, use_lean_mlps
 from tuneforge.methods import lora, qlora
 from tuneforge.training.loop import train
 

@@ -12,7 +12,7 @@ from tuneforge import cli, config
 from tuneforge.data import Collator
 from tuneforge.estimate import Shape, batch_shapes, estimate, saved_bytes
 from tuneforge.eval.lm import label_loss
-from tuneforge.kernels import use_lean_mlps
+from tuneforge.model.kernels import use_lean_mlps
 from tuneforge.methods import lora
 from tuneforge.methods.registry import REGISTRY
 

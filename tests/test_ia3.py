@@ -143,9 +143,10 @@ def test_generation_is_greedy_decoding_of_the_adapted_model(tiny, ids):
 def test_errors(tiny):
     model, _ = tiny
     with pytest.raises(UserError, match="which target_modules does not"):
-        ia3.inject(model, Config(target_modules=["k_proj", "v_proj"]))  # down_proj is feedforward by default
+        ia3.inject(model, Config(target_modules=["k_proj", "v_proj"], feedforward_modules=["down_proj"]))
     assert not ia3.layers(model)  # nothing changed: it can be retried
-    handle = ia3.inject(model, Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]))
+    # The family's feedforward layer (down_proj) is feedforward only where the targets include it
+    handle = ia3.inject(model, Config(target_modules=["k_proj", "v_proj"]))
     assert not any(layer.is_feedforward for layer in ia3.layers(model).values())
     sd = handle.state_dict(model)
     key = next(iter(sd))
@@ -188,7 +189,7 @@ def test_peft_adapter_loads_in_tuneforge(vocab, ids, tmp_path):
 def test_on_layers_quantized_by_hand_it_merges_into_dense_ones(vocab, ids):
     """quantize_linears_ then ia3: a composition the user may make (only another method, or
     full fine-tuning of 4-bit codes, is refused)."""
-    from tuneforge import targets
+    from tuneforge.model import targets
     from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
 
     model = make_tiny_model(vocab)

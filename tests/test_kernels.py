@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import make_tiny_model
 from tuneforge.eval.lm import label_loss
-from tuneforge.kernels import GatedMLP, head_logprobs, lora_update, shared_prefix, swiglu, use_lean_mlps
+from tuneforge.model.kernels import GatedMLP, head_logprobs, lora_update, shared_prefix, swiglu, use_lean_mlps
 from tuneforge.methods.registry import get_method
 
 VOCAB = 259

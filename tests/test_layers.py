@@ -20,10 +20,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tuneforge"
 LAYERS = [
     ("typed config", ["tuneforge.errors", "tuneforge.atomic", "tuneforge.config", "tuneforge.methods.configs",
                       "tuneforge.methods"]),  # methods/__init__ imports nothing, so configs are torch-free
-    ("model parts", ["tuneforge.targets", "tuneforge.devices", "tuneforge.quant", "tuneforge.fingerprint",
-                     "tuneforge.kernels"]),
+    ("model parts", ["tuneforge.model", "tuneforge.devices", "tuneforge.quant", "tuneforge.fingerprint"]),
     ("data", ["tuneforge.data"]),
-    ("methods", ["tuneforge.methods._shared", "tuneforge.methods._virtual", "tuneforge.methods.registry",
+    ("methods", ["tuneforge.methods._shared", "tuneforge.methods._virtual", "tuneforge.methods._experts",
+                 "tuneforge.methods.registry",
                  *(f"tuneforge.methods.{m}" for m in ("full", "lora", "qlora", "adapter", "ia3", "prefix", "prompt",
                                                       "features"))]),
     ("io", ["tuneforge.io"]),

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from tuneforge import targets
+from tuneforge.model import targets
 from tuneforge.config import TrainCfg, from_dict
 from tuneforge.errors import UserError
 from tuneforge.eval.lm import evaluate_lm

@@ -53,8 +53,8 @@ def test_every_field_shows_its_type_default_and_the_comment_that_documents_it():
     lora = {f["key"]: f for f in schema["methods"]["lora"]}
     assert lora["method.r"] == {"key": "method.r", "type": "int", "kind": "text", "choices": None, "default": "8",
                                 "help": "rank of the update"}
-    assert lora["method.target_modules"]["default"] == "[q_proj, v_proj]"  # the comment lines above the field
-    assert lora["method.target_modules"]["help"].startswith("leaf names")
+    assert lora["method.target_modules"]["default"] == ""  # null: the model family's, as PEFT picks them
+    assert lora["method.target_modules"]["help"].startswith("names")  # the comment lines above the field
     train = {f["key"]: f for f in schema["sections"]["train"]}
     assert "train.output_dir" not in train  # the run's folder is RUNS/<run name>
     assert train["train.skip_nonfinite_steps"]["help"].startswith("A step whose loss") and \

@@ -8,6 +8,10 @@
   sequence, and autograd sums the prefix's gradients over the rows. The loss and the gradients are
   those of the plain computation (to rounding). Dropout then draws one mask for the shared prefix
   instead of one per row. With gradient checkpointing (which drops caches) the plain path runs.
+
+Both run only where the model's family allows them (``model/families.py``): the family is known, the
+head's output is the logits, and the cache holds keys and values only. Any other model runs its own
+forward, head and post-head transform included, asked for the kept positions' logits alone.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import DynamicCache
 
-from tuneforge.kernels import head_logprobs, shared_prefix
-from tuneforge.targets import output_head
+from tuneforge.model.families import family_of
+from tuneforge.model.kernels import head_logprobs, shared_prefix
+from tuneforge.model.targets import output_head
 
 IGNORE = -100
 
@@ -62,13 +66,27 @@ def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+def _own_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, targets: Tensor) -> Tensor:
+    """The model's own forward, head and whatever it applies after the head (a softcap, a scale), shown
+    only the kept positions (``logits_to_keep`` as a boolean mask), then the targets' log-probabilities."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, targets)  # (n_kept, vocab) -> (n_kept, k)
+
+
 def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, targets: Tensor,
                    share_prefix: bool = True, stats: dict | None = None) -> Tensor:
     """(n_kept, k) log-probabilities of ``targets`` (n_kept, k) at the positions where ``keep``
     (batch, seq) is True (row-major order). ``stats["shared_tokens"]`` counts the token positions a
-    shared prefix saved. ``model`` may be under DistributedDataParallel, which then runs the forwards."""
+    shared prefix saved. ``model`` may be under DistributedDataParallel, which then runs the forwards.
+
+    The speed-ups (the head shortcut, the shared prefix) run where the model's family allows them
+    (``model.families``); any other model runs its own forward, head and all."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
-    n = shared_prefix(input_ids, attention_mask, keep) if share_prefix and not _checkpointing(inner) else 0
+    family = family_of(inner)
+    if not (family.known and family.head_is_logits(inner.config)):
+        return _own_logprobs(model, input_ids, attention_mask, keep, targets)
+    share = share_prefix and family.shared_prefix and not _checkpointing(inner)
+    n = shared_prefix(input_ids, attention_mask, keep) if share else 0
     if not n:
         with _targets_at(inner, keep, targets):
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -76,10 +94,8 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     none = torch.zeros((1, n), dtype=torch.bool, device=keep.device)
     with _targets_at(inner, none, targets[:0]):  # the prefix predicts no target: no head work at all
         out = model(input_ids=input_ids[:1, :n], attention_mask=attention_mask[:1, :n], use_cache=True)
-    prefix = next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
-    cache = DynamicCache(config=inner.config)
-    for i, layer in enumerate(prefix.layers):  # (1, kv_heads, n, head_dim) -> (batch, kv_heads, n, head_dim)
-        cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
+    cache = next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
+    cache.batch_repeat_interleave(batch)  # (1, kv_heads, n, head_dim) -> (batch, kv_heads, n, head_dim) per layer
     if stats is not None:
         stats["shared_tokens"] = stats.get("shared_tokens", 0) + n * (batch - 1)
     with _targets_at(inner, keep[:, n:], targets):

@@ -33,8 +33,10 @@ from tuneforge.methods.registry import REGISTRY, by_peft_type, get_method
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 # PEFT keys that describe the file rather than the method: read past, whatever their value.
+# Keys that describe the file or the base, not the method. fan_in_fan_out says the base stores its weights
+# (in, out), as GPT-2's Conv1D does: tuneforge reads that from the layer's type, and load_adapter checks it.
 FILE_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-             "auto_mapping", "megatron_core", "qalora_group_size", "method", "labels"}
+             "auto_mapping", "megatron_core", "qalora_group_size", "method", "labels", "fan_in_fan_out"}
 
 
 def _base_params_in(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,6 +190,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False)
     # The saved weights replace whatever the method would start from, so a method that starts from
     # something it must read (a tokenizer, for text initialization) skips it: the adapter loads anywhere.
     started = method.inject(model, method.for_loading(cfg))
+    layout = bool(config.get("fan_in_fan_out")), bool(started.file_config(model).get("fan_in_fan_out"))
+    if layout[0] != layout[1]:  # PEFT's record of how the base stores its weights: (in, out) or (out, in)
+        raise UserError(f"fan_in_fan_out={layout[0]} does not match this model, whose targeted layers store their "
+                        f"weights {'(in, out)' if layout[1] else '(out, in)'}", str(adapter_dir / CONFIG),
+                        fix="load the adapter onto the model it was made for")
     injected = Injected(method, cfg, started.base)  # how the adapter was made, for saving it again
     injected.load_state_dict(model, sd)
     return injected

@@ -13,8 +13,9 @@ from typing import Any, Callable, Literal, Protocol
 import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
-from tuneforge import targets
+from tuneforge.model import targets
 from tuneforge.errors import UserError
 from tuneforge.fingerprint import fingerprint
 from tuneforge.quant.nf4 import NF4Linear
@@ -225,19 +226,41 @@ def load_exact(params: dict[str, Tensor], sd: dict[str, Tensor], fix: str) -> No
         p.copy_(sd[key])
 
 
+def in_out(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear-like layer: nn.Linear, GPT-2's Conv1D, or a quantized one."""
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf
+    return layer.in_features, layer.out_features
+
+
 def base_weight(layer: nn.Module) -> Tensor:
-    """(out, in): a linear layer's weight, rebuilt from its codes when it is quantized."""
-    return layer.dequantize() if isinstance(layer, NF4Linear) else layer.weight
+    """(out, in): a linear layer's weight, rebuilt from its codes when it is quantized; a Conv1D's,
+    which is stored (in, out), transposed."""
+    if isinstance(layer, NF4Linear):
+        return layer.dequantize()
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
 
 
 @torch.no_grad()
-def dense_copy(layer: nn.Module, weight: Tensor) -> nn.Linear:
-    """A frozen nn.Linear with ``weight`` (out, in) and ``layer``'s bias: how a merge replaces a
-    quantized layer, which cannot hold merged weights."""
+def write_weight(layer: nn.Module, weight: Tensor) -> None:
+    """Set a linear-like layer's weight to ``weight`` (out, in), in the layout the layer stores."""
+    layer.weight.copy_(weight.t() if isinstance(layer, Conv1D) else weight)
+
+
+@torch.no_grad()
+def dense_copy(layer: nn.Module, weight: Tensor) -> nn.Module:
+    """A frozen linear layer with ``weight`` (out, in) and ``layer``'s bias: how a merge replaces a
+    quantized layer, which cannot hold merged weights. A quantized Conv1D becomes a Conv1D again, so the
+    merged model's state dict is the family's own."""
     dtype = layer.weight_dtype if isinstance(layer, NF4Linear) else layer.weight.dtype
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
-                      dtype=dtype)
-    plain.weight.copy_(weight)
+    n_in, n_out = in_out(layer)
+    if getattr(layer, "fan_in_fan_out", False) or isinstance(layer, Conv1D):
+        plain = Conv1D(n_out, n_in).to(device=weight.device, dtype=dtype)
+        if layer.bias is None:
+            plain.bias = None
+    else:
+        plain = nn.Linear(n_in, n_out, bias=layer.bias is not None, device=weight.device, dtype=dtype)
+    write_weight(plain, weight)
     if layer.bias is not None:
         plain.bias.copy_(layer.bias)
     return plain.requires_grad_(False)

@@ -4,9 +4,10 @@ small residual module h + up(act(down(h))) is applied to the output of a sublaye
     houlsby   after the attention output projection and after the MLP output projection
     pfeiffer  after the MLP output projection only (half the parameters, about the same quality)
 
-The wrapped sublayers are found per block (``targets.blocks``) by leaf name through ``targets.find``:
-``attn_output_modules`` (default ``o_proj``) and ``mlp_output_modules`` (default ``down_proj``); each
-block must hold exactly one of each. ``up`` starts at zero, so training starts from the base model.
+The wrapped sublayers are found per block (``targets.blocks``) by name through ``targets.find``:
+``attn_output_modules`` and ``mlp_output_modules`` (by default the family's, ``o_proj`` and
+``down_proj`` on llama, the whole MoE block on a Mixture-of-Experts model); each block must hold
+exactly one of each, and its output is the width of the residual stream. ``up`` starts at zero, so training starts from the base model.
 PEFT has no such method: the adapter is saved in tuneforge's format (``"peft_type": null``), keys
 
     base_model.model.<wrapped module path>.adapter.down.weight / .down.bias / .up.weight / .up.bias
@@ -20,7 +21,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from tuneforge import targets
+from tuneforge.model import targets
+from tuneforge.model.families import family_of
 from tuneforge.errors import UserError
 from tuneforge.methods._shared import (Injected, MethodModule, before_inject, device_of, injected, modules_of,
                                        no_lora_form, prefixed_hooks, same_config, wrap)
@@ -49,14 +51,16 @@ class Bottleneck(nn.Module):
 class AdaptedOutput(nn.Module, MethodModule):
     """``base_layer`` followed by a residual bottleneck on its output: y = f(x) + adapter(f(x))."""
 
-    def __init__(self, base_layer: nn.Module, bottleneck: int, cfg: Config):
+    def __init__(self, base_layer: nn.Module, width: int, bottleneck: int, cfg: Config):
         super().__init__()
         self.base_layer = base_layer
-        self.adapter = Bottleneck(base_layer.out_features, bottleneck, cfg, device_of(base_layer))
+        self.adapter = Bottleneck(width, bottleneck, cfg, device_of(base_layer))
 
     def forward(self, *args, **kwargs) -> Tensor:
-        h = self.base_layer(*args, **kwargs)
-        return h + self.adapter(h.to(self.adapter.down.weight.dtype)).to(h.dtype)
+        out = self.base_layer(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # an MoE block may return its router's scores too
+        h = h + self.adapter(h.to(self.adapter.down.weight.dtype)).to(h.dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -75,19 +79,19 @@ def _per_block(model: nn.Module, names: list[str], key: str) -> list[str]:
         if len(inside) != 1:
             raise UserError(f"block {i} ({prefix[:-1]}) has {len(inside)} modules named {names}, expected one",
                             f"method.{key}", fix="give the leaf name of the one output projection in each block")
-        if not isinstance(getattr(model.get_submodule(inside[0]), "out_features", None), int):
-            raise UserError(f"{inside[0]} has no out_features, so it is not an output projection", f"method.{key}")
         found += inside
     return found
 
 
 def inject(model: nn.Module, cfg: Config) -> Injected:
     base = before_inject(model)
-    wrapped = _per_block(model, cfg.mlp_output_modules, "mlp_output_modules")
+    family = family_of(model)
+    wrapped = _per_block(model, cfg.mlp_output_modules or family.mlp_output, "mlp_output_modules")
     if cfg.placement == "houlsby":
-        wrapped = _per_block(model, cfg.attn_output_modules, "attn_output_modules") + wrapped
+        wrapped = _per_block(model, cfg.attn_output_modules or family.attn_output, "attn_output_modules") + wrapped
+    width = model.config.get_text_config().hidden_size  # what a sublayer adds to the residual stream
     wrap(model, wrapped, lambda _, base: AdaptedOutput(
-        base, cfg.bottleneck_size or max(1, base.out_features // cfg.reduction_factor), cfg))
+        base, width, cfg.bottleneck_size or max(1, width // cfg.reduction_factor), cfg))
     if cfg.train_norms:
         for module in model.modules():
             if is_norm(module):

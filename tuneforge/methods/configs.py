@@ -8,7 +8,7 @@ comment is its documentation. A check names its key as ``method.<key>``, as a YA
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from tuneforge.errors import UserError, at_least, fraction
@@ -45,18 +45,33 @@ class LoraConfig:
     r: int = 8  # rank of the update
     lora_alpha: float = 16  # the update is scaled by lora_alpha / r (or / sqrt(r) with use_rslora)
     lora_dropout: float = 0.0  # dropout on the adapter's input
-    # leaf names (["q_proj", "v_proj"]), a regular expression over module paths, or "all-linear"
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # names (["q_proj", "v_proj"]), a regular expression over module paths, or "all-linear"; null: the
+    # model family's attention pair, as PEFT picks it (q_proj and v_proj on llama, c_attn on GPT-2)
+    target_modules: list[str] | str | None = None
     use_rslora: bool = False  # scale by lora_alpha / sqrt(r): higher ranks keep learning
     use_dora: bool = False  # learn a magnitude per output row as well (DoRA)
     modules_to_save: list[str] | None = None  # whole modules trained and saved besides the adapter (e.g. lm_head)
     bias: str = "none"  # PEFT's bias training; only "none" is supported
     init_lora_weights: bool | str = True  # True: B = 0 (identity at start); "gaussian"; False: B random too
+    # Mixture-of-Experts models keep each block's experts as 3-D parameters, not linear layers: these paths
+    # select them as PEFT's target_parameters does (the whole path or its last dotted parts), and each gets
+    # a rank-r update per expert. For an MoE model set its family's list (qwen3_moe, mixtral, gpt_oss):
+    # target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]; with target_modules: [] only
+    # the experts are adapted. null: no expert parameters. lora_dropout and use_dora do not apply to them.
+    target_parameters: list[str] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", as_pattern(self.target_modules))
         _at_least(self, "r", 1)
         _fraction(self, "lora_dropout")
+        if self.target_modules == [] and not self.target_parameters:
+            raise UserError("target_modules is empty and target_parameters is unset, so LoRA would train nothing",
+                            "method.target_modules", fix="name the layers to adapt, or null for the family's default")
+        for key, neutral in (("lora_dropout", "0"), ("use_dora", "false")):
+            if self.target_parameters and getattr(self, key):
+                raise UserError(f"{key} does not apply to target_parameters: their update is added to the experts' "
+                                "weights, not computed from a layer's input", f"method.{key}",
+                                fix=f"set {key}: {neutral}, or drop target_parameters")
         if self.bias != "none":
             raise UserError(f"bias={self.bias!r} is not supported", "method.bias", fix='use bias: "none"')
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -75,6 +90,9 @@ class QLoraConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.target_parameters:
+            raise UserError("QLoRA quantizes linear layers, and the experts' 3-D parameters are not quantized",
+                            "method.target_parameters", fix="use method lora to adapt the experts")
         if self.block_size < 2 or self.block_size % 2:
             raise UserError(f"block_size must be a positive even number, got {self.block_size}", "method.block_size",
                             fix="use 64, as QLoRA does")
@@ -92,8 +110,9 @@ class AdapterConfig:
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"  # between the down- and up-projection
     train_norms: bool = False  # also train every RMSNorm / LayerNorm weight (Houlsby trains them)
     dropout: float = 0.0  # dropout on the bottleneck activations
-    attn_output_modules: list[str] = field(default_factory=lambda: ["o_proj"])  # leaf names: attention output
-    mlp_output_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # leaf names: MLP output
+    # names of each block's attention output and MLP output; null: the model family's (o_proj, down_proj on llama)
+    attn_output_modules: list[str] | None = None
+    mlp_output_modules: list[str] | None = None
 
     def __post_init__(self):
         _at_least(self, "bottleneck_size", 1)
@@ -103,10 +122,12 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class IA3Config:
-    # leaf names, a regular expression over module paths, or "all-linear"
-    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    # those targets whose input, not output, is scaled (PEFT requires them to be among the targets)
-    feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
+    # names, a regular expression over module paths, or "all-linear"; null: the model family's keys,
+    # values and MLP output (k_proj, v_proj, down_proj on llama)
+    target_modules: list[str] | str | None = None
+    # those targets whose input, not output, is scaled (PEFT requires them to be among the targets);
+    # null: the family's MLP output, where the targets include it
+    feedforward_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None  # whole modules trained and saved besides the vectors
     init_ia3_weights: bool = True  # True: vectors of ones (identity at start); False: random normal, as PEFT
 

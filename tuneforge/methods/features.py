@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tuneforge import targets
+from tuneforge.model import targets
 from tuneforge.data.text import eos_id
 from tuneforge.errors import UserError
 from tuneforge.methods.configs import FeaturesConfig as Config

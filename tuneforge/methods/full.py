@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tuneforge import targets
+from tuneforge.model import targets
 from tuneforge.errors import UserError
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
 from tuneforge.methods.configs import FullConfig as Config

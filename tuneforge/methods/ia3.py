@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
-from tuneforge import targets
+from tuneforge.model import targets
+from tuneforge.model.families import family_of
 from tuneforge.errors import UserError
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, dense_copy, device_of,
-                                       injected, leaf_names, modules_of, no_lora_form, prefixed_hooks, same_config,
-                                       saved_modules, saved_parameters, wrap)
+                                       in_out, injected, leaf_names, modules_of, no_lora_form, prefixed_hooks,
+                                       same_config, saved_modules, saved_parameters, wrap, write_weight)
 from tuneforge.methods.configs import IA3Config as Config
 from tuneforge.quant.nf4 import NF4Linear
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "ia3", "gradient", "IA3", False
-WRAPPABLE = (nn.Linear, NF4Linear)
+WRAPPABLE = (*targets.LINEAR, NF4Linear)
 
 
 class IA3Linear(nn.Module, MethodModule):
@@ -33,7 +35,8 @@ class IA3Linear(nn.Module, MethodModule):
         super().__init__()
         self.base_layer, self.is_feedforward = base_layer, is_feedforward
         device = device_of(base_layer)
-        shape = (1, base_layer.in_features) if is_feedforward else (base_layer.out_features, 1)  # PEFT's shapes
+        n_in, n_out = in_out(base_layer)
+        shape = (1, n_in) if is_feedforward else (n_out, 1)  # PEFT's shapes
         self.ia3_l = nn.Parameter(torch.ones(shape, device=device) if cfg.init_ia3_weights
                                   else torch.randn(shape, device=device))
 
@@ -53,7 +56,7 @@ class IA3Linear(nn.Module, MethodModule):
         if isinstance(base, NF4Linear):
             base = dense_copy(base, folded)
         else:
-            base.weight.copy_(folded)
+            write_weight(base, folded)
         if base.bias is not None and not self.is_feedforward:  # an output scale scales the bias too
             base.bias.copy_(base.bias.float() * self.ia3_l.flatten())
         return base
@@ -61,8 +64,11 @@ class IA3Linear(nn.Module, MethodModule):
 
 def find(model: nn.Module, cfg: Config) -> tuple[list[str], set[str], list[str]]:
     """The layers to wrap, those of them that are feedforward, and the whole modules to save."""
-    wrapped = targets.find(model, cfg.target_modules, types=WRAPPABLE)
+    family = family_of(model)
+    wrapped = targets.find(model, family.ia3 if cfg.target_modules is None else cfg.target_modules, types=WRAPPABLE)
     ff = cfg.feedforward_modules
+    if ff is None:  # the family's MLP output, where the targets took it
+        ff = [name for name in family.ia3_feedforward if any(targets.selects(path, name) for path in wrapped)]
     feedforward = set(targets.find(model, ff, types=WRAPPABLE, key="feedforward_modules")) if ff else set()
     if outside := sorted(feedforward - set(wrapped)):
         raise UserError(f"feedforward_modules selects {outside[0]}, which target_modules does not",
@@ -106,7 +112,8 @@ def file_config(model: nn.Module, cfg: Config) -> dict:
     wrapped = layers(model)
     return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "target_modules": leaf_names(model, list(wrapped)),
             "feedforward_modules": leaf_names(model, [p for p, layer in wrapped.items() if layer.is_feedforward]),
-            "fan_in_fan_out": False, "init_ia3_weights": cfg.init_ia3_weights,
+            "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in wrapped.values()),
+            "init_ia3_weights": cfg.init_ia3_weights,
             "modules_to_save": saved_modules(model, cfg.modules_to_save, [], "IA3") or None, "inference_mode": True}
 
 

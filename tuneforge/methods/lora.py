@@ -5,6 +5,9 @@ scale s is alpha / r, or alpha / sqrt(r) with rsLoRA (a rank-independent learnin
 (Liu et al. 2024) splits each output row into a direction, W0 + s B A normalised, and a learned
 magnitude m: y = m / ||W0 + s B A|| * (W0 x + s B A x) + b, the norm held constant in backward.
 Keys and math follow PEFT, so the adapters it writes load there and back.
+
+The experts of a Mixture-of-Experts block are 3-D parameters: ``target_parameters`` gives each expert
+its own update, in PEFT's format (``methods/_experts.py``).
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
-from tuneforge import targets
+from tuneforge.model import targets
 from tuneforge.errors import UserError
-from tuneforge.kernels import lora_update
+from tuneforge.model.families import family_of
+from tuneforge.model.kernels import lora_update
+from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, dense_copy, device_of,
-                                       injected, leaf_names, modules_of, prefixed_hooks, same_config, saved_modules,
-                                       saved_parameters, wrap)
+                                       in_out, injected, leaf_names, modules_of, prefixed_hooks, same_config,
+                                       saved_modules, saved_parameters, wrap, write_weight)
 from tuneforge.methods.configs import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "lora", "gradient", "LORA", False
-WRAPPABLE = (nn.Linear, NF4Linear)  # layer types LoRA attaches to (QLoRA: quantize first, then this)
+WRAPPABLE = (*targets.LINEAR, NF4Linear)  # layer types LoRA attaches to (QLoRA: quantize first, then this)
 
 
 def scale(cfg: Config) -> float:
@@ -43,8 +49,9 @@ class LoRALinear(nn.Module, MethodModule):
         self.base_layer, self.scale = base_layer, scale(cfg)
         device = device_of(base_layer)
         self.dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout else nn.Identity()
-        self.lora_A = nn.Linear(base_layer.in_features, cfg.r, bias=False, device=device)  # kaiming_uniform(a=sqrt(5))
-        self.lora_B = nn.Linear(cfg.r, base_layer.out_features, bias=False, device=device)
+        n_in, n_out = in_out(base_layer)
+        self.lora_A = nn.Linear(n_in, cfg.r, bias=False, device=device)  # kaiming_uniform(a=sqrt(5))
+        self.lora_B = nn.Linear(cfg.r, n_out, bias=False, device=device)
         if cfg.init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
         if cfg.init_lora_weights:  # False keeps nn.Linear's random B, as PEFT does
@@ -101,20 +108,18 @@ class LoRALinear(nn.Module, MethodModule):
         if isinstance(self.base_layer, NF4Linear):
             raise UserError("a quantized layer cannot hold merged weights", fix="use lora.merge(model, cfg), which "
                             "replaces it by a dense layer")
-        weight = self.base_layer.weight
-        self._norm = row_norm(weight.float() + self.delta().float())  # kept for unmerge: W' has row norms m
-        weight.copy_(self.merged_weight())
+        self._norm = row_norm(self.base_weight().float() + self.delta().float())  # kept for unmerge: W' has row norms m
+        write_weight(self.base_layer, self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        weight = self.base_layer.weight
-        w = weight.float()
+        w = self.base_weight().float()
         if self.lora_magnitude_vector is not None:
             w = w * (self._norm / self.lora_magnitude_vector)[:, None]
-        weight.copy_(w - self.delta().float())
+        write_weight(self.base_layer, w - self.delta().float())
         self.merged = False
 
 
@@ -122,30 +127,35 @@ def row_norm(weight: Tensor) -> Tensor:  # (out, in) -> (out,)
     return torch.linalg.norm(weight, dim=1)
 
 
-def find(model: nn.Module, cfg: Config) -> tuple[list[str], list[str]]:
-    """The layers to wrap and the whole modules to save; a UserError, with nothing changed, if either is wrong.
-    A rank above a layer's width warns: the update B A of such a layer can already be any matrix."""
-    wrapped = targets.find(model, cfg.target_modules, types=WRAPPABLE)
-    widths = {path: min(model.get_submodule(path).in_features, model.get_submodule(path).out_features)
-              for path in wrapped}
+def find(model: nn.Module, cfg: Config, params: list[tuple[str, str]] = ()) -> tuple[list[str], list[str]]:
+    """The layers to wrap and the whole modules to save (none around the modules of ``params``); a UserError,
+    with nothing changed, if either is wrong. A rank above a layer's width warns: the update B A of such a
+    layer can already be any matrix."""
+    names = family_of(model).lora if cfg.target_modules is None else cfg.target_modules
+    wrapped = [] if names == [] else targets.find(model, names, types=WRAPPABLE)  # []: the experts alone
+    widths = {path: min(in_out(model.get_submodule(path))) for path in wrapped}
     if narrow := sorted((w, path) for path, w in widths.items() if w < cfg.r):
         warnings.warn(f"r={cfg.r} is above the width of {len(narrow)} targeted layer(s) (the narrowest, "
                       f"{narrow[0][1]}, has {narrow[0][0]}): their extra rank adds parameters and nothing else; "
                       f"set method.r to at most {narrow[0][0]}", UserWarning, stacklevel=3)
-    return wrapped, saved_modules(model, cfg.modules_to_save, wrapped, "LoRA")
+    return wrapped, saved_modules(model, cfg.modules_to_save, [*wrapped, *(path for path, _ in params)], "LoRA")
 
 
-def attach(model: nn.Module, cfg: Config, wrapped: list[str], saved: list[str]) -> None:
-    """Freeze the model, wrap each layer of ``wrapped`` and unfreeze the ``saved`` modules (QLoRA
-    calls this after quantizing the same layers)."""
+def attach(model: nn.Module, cfg: Config, wrapped: list[str], saved: list[str],
+           params: list[tuple[str, str]] = ()) -> None:
+    """Freeze the model, wrap each layer of ``wrapped`` and each module holding one of ``params``, and
+    unfreeze the ``saved`` modules (QLoRA calls this after quantizing the same layers)."""
     wrap(model, wrapped, lambda _, base: LoRALinear(base, cfg))
+    for path, name in params:  # a module's second parameter wraps the first one's wrapper, as PEFT nests them
+        targets.swap(model, path, lambda old: LoRAExperts(old, name, cfg, scale(cfg)))
     for path in saved:
         model.get_submodule(path).requires_grad_(True)
 
 
 def inject(model: nn.Module, cfg: Config) -> Injected:
     base = before_inject(model)
-    attach(model, cfg, *find(model, cfg))
+    params = find_parameters(model, cfg)
+    attach(model, cfg, *find(model, cfg, params), params)
     return injected(__name__, cfg, base)
 
 
@@ -154,11 +164,12 @@ def layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
-    params = {f"{path}.{key}": p for path, layer in layers(model).items() for key, p in layer.adapter_params().items()}
+    adapters = {**layers(model), **expert_layers(model)}
+    params = {f"{path}.{key}": p for path, layer in adapters.items() for key, p in layer.adapter_params().items()}
     return {**params, **saved_parameters(model, saved_modules(model, cfg.modules_to_save, [], "LoRA"))}
 
 
-FIX = "check that the adapter's config (r, target_modules, use_dora) matches its weights"
+FIX = "check that the adapter's config (r, target_modules, target_parameters, use_dora) matches its weights"
 state_dict, load_state_dict = prefixed_hooks(trainable, FIX)  # the file holds the trainable tensors, PEFT's keys
 for_loading = same_config
 
@@ -166,7 +177,8 @@ for_loading = same_config
 @torch.no_grad()
 def merge(model: nn.Module, cfg: Config | None = None) -> None:
     """Fold every adapter into its base and put the plain layer back: a plain transformers model again.
-    A quantized base becomes a dense layer holding the dequantized weight plus the update."""
+    A quantized base becomes a dense layer holding the dequantized weight plus the update; an experts' parameter
+    takes its per-expert updates and the model's own experts module goes back in place of the wrappers."""
     for path, layer in layers(model).items():
         if isinstance(layer.base_layer, NF4Linear):
             plain = dense_copy(layer.base_layer, layer.merged_weight())
@@ -174,21 +186,36 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
             layer.merge()
             plain = layer.base_layer
         targets.swap(model, path, lambda _: plain)
+    nested = expert_layers(model)
+    outermost = {path: wrapper for path, wrapper in nested.items()
+                 if not isinstance(model.get_submodule(path.rpartition(".")[0]), LoRAExperts)}
+    for wrapper in nested.values():
+        wrapper.merge()
+    for path, wrapper in outermost.items():
+        targets.swap(model, path, lambda _: wrapper.experts())
 
 
 def lora_form(model: nn.Module, cfg: Config) -> dict[str, tuple[Tensor, Tensor, float]]:
     """Each wrapped layer's (A (r, in), B (out, r), s), its update exactly s * B @ A: what a LoRA file in
-    another runtime's format holds. DoRA and whole saved modules have no such form."""
+    another runtime's format holds. DoRA, whole saved modules and the experts' updates have no such form."""
     if cfg.use_dora:
         raise UserError("DoRA rescales each output row by a learned magnitude, so its update is no low-rank B A")
+    if experts := next(iter(expert_layers(model)), None):
+        raise UserError(f"the adapter on the experts' parameters ({experts}) has one update per expert, which a "
+                        "LoRA file of another runtime cannot hold", fix="merge it into the model and export that, "
+                        "or train without target_parameters")
     if saved := saved_modules(model, cfg.modules_to_save, [], "LoRA"):
         raise UserError(f"the adapter holds whole modules beside its low-rank updates ({saved[0]})")
     return {path: (layer.lora_A.weight, layer.lora_B.weight, layer.scale) for path, layer in layers(model).items()}
 
 
+def _stored_in_out(layer: nn.Module) -> bool:  # PEFT's fan_in_fan_out: the base weight is stored (in, out)
+    return isinstance(layer, Conv1D) or getattr(layer, "fan_in_fan_out", False)
+
+
 def set_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every adapter off (base outputs) or on again."""
-    for layer in layers(model).values():
+    for layer in [*layers(model).values(), *expert_layers(model).values()]:
         if layer.merged:
             raise UserError("cannot switch off an adapter that is merged into its base", fix="unmerge it first")
         layer.enabled = enabled
@@ -199,6 +226,9 @@ def combine(state_dicts: list[dict[str, Tensor]], weights: list[float], cfg: Con
     by side. The rank becomes the sum of the ranks; lora_alpha follows so that the scale s is unchanged."""
     if cfg.use_dora:
         raise UserError("DoRA adapters do not combine linearly (the magnitude rescales each row)")
+    if cfg.target_parameters:
+        raise UserError("adapters on the experts' parameters do not combine by stacking (each expert's rank is "
+                        "interleaved in B)", fix="combine adapters made without target_parameters")
     if len(state_dicts) != len(weights) or not state_dicts:
         raise UserError(f"{len(state_dicts)} adapters but {len(weights)} weights")
     keys = state_dicts[0].keys()
@@ -226,7 +256,9 @@ def file_config(model: nn.Module, cfg: Config) -> dict:
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
     return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": alpha,
             "lora_dropout": cfg.lora_dropout, "target_modules": leaf_names(model, list(layers(model))),
+            "target_parameters": list(cfg.target_parameters) if cfg.target_parameters else None,
             "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
             "modules_to_save": saved_modules(model, cfg.modules_to_save, [], "LoRA") or None,
-            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": cfg.init_lora_weights,
+            "bias": "none", "init_lora_weights": cfg.init_lora_weights,
+            "fan_in_fan_out": any(_stored_in_out(layer.base_layer) for layer in layers(model).values()),
             "inference_mode": True}

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
 from tuneforge.errors import UserError
+from tuneforge.model.families import family_of
 from tuneforge.methods import _virtual
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, check_state, injected, no_lora_form
 from tuneforge.methods.configs import PrefixConfig as Config
@@ -144,6 +145,11 @@ def inject(model: nn.Module, cfg: Config, tokenizer=None) -> Injected:
     """Freeze the model and give every attention layer a trainable prefix. ``tokenizer`` splits
     ``init_text``; without it, ``tokenizer_name_or_path`` or else the model's folder is read."""
     base = before_inject(model)
+    family = family_of(model)
+    if not family.kv_cache:
+        raise UserError(f"prefix tuning puts keys and values before every layer's attention, and {family.name}'s "
+                        "cache also holds layers of another kind (a linear-attention state)", "method.name",
+                        fix="use prompt tuning (method.name: prompt), LoRA or IA3 for this model")
     _virtual.check_model_keys(cfg, model_keys(model))
     init = None
     if cfg.init_text is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 # The NF4 levels as published with QLoRA (and used by bitsandbytes). They are quantiles of
 # N(0, 1) scaled to [-1, 1], built asymmetrically so that 0 is exactly representable.
@@ -193,6 +194,7 @@ class NF4Linear(nn.Module):
             raise ValueError(f"NF4Linear needs a 2-D weight state, got shape {tuple(state.shape)}")
         self.out_features, self.in_features = state.shape
         self.block_size, self.weight_dtype, self.compute_dtype = state.block_size, state.dtype, compute_dtype
+        self.fan_in_fan_out = False  # quantized from a layer that stores its weight (in, out): GPT-2's Conv1D
         self.register_buffer("packed", state.packed)
         self.register_buffer("absmax", state.absmax)
         self.register_buffer("absmax_scale", state.absmax_scale)
@@ -203,10 +205,15 @@ class NF4Linear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True,
+    def from_linear(cls, linear: nn.Module, block_size: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None) -> NF4Linear:
-        state = quantize_nf4(linear.weight, block_size=block_size, double_quant=double_quant)
-        return cls(state, linear.bias, compute_dtype=compute_dtype)
+        """From an nn.Linear, or a Conv1D (its (in, out) weight quantized as (out, in), and remembered)."""
+        stored_in_out = isinstance(linear, Conv1D)
+        weight = linear.weight.t() if stored_in_out else linear.weight
+        layer = cls(quantize_nf4(weight, block_size=block_size, double_quant=double_quant), linear.bias,
+                    compute_dtype=compute_dtype)
+        layer.fan_in_fan_out = stored_in_out
+        return layer
 
     @property
     def state(self) -> NF4State:
@@ -246,8 +253,8 @@ def quantize_linears_(model: nn.Module, names, block_size: int = 64, double_quan
         if name not in modules:
             raise KeyError(f"no submodule named {name!r}")
         linear = modules[name]
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name!r} is a {type(linear).__name__}, not an nn.Linear")
+        if not isinstance(linear, (nn.Linear, Conv1D)):
+            raise TypeError(f"{name!r} is a {type(linear).__name__}, not an nn.Linear or a Conv1D")
         if not name:
             raise ValueError("cannot replace the model itself; name one of its submodules")
         bias_bytes = 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()

@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tuneforge import targets
+from tuneforge.model import targets
 from tuneforge.devices import resolve_device
 from tuneforge.errors import UserError
 

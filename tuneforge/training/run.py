@@ -33,7 +33,7 @@ from tuneforge.io.export import save_model
 from tuneforge.fingerprint import fingerprint
 from tuneforge.io.load import load_model, load_tokenizer
 from tuneforge.io.peft_format import save_adapter, save_probe
-from tuneforge.kernels import use_lean_mlps
+from tuneforge.model.kernels import use_lean_mlps
 from tuneforge.methods._shared import Injected, parameter_count
 from tuneforge.methods.registry import get_method
 from tuneforge.training import checkpoint, output
@@ -126,8 +126,10 @@ def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, in
         error = None
         if main:
             try:
-                check_fits(run_estimate(cfg, data, tokenizer, model.config if model is not None else None), force,
-                           d.local_world if d and d.device.type == "cpu" else 1)
+                if force:
+                    print("tuneforge: the estimate is skipped (--force)", file=sys.stderr)
+                elif est := _estimate_or_none(cfg, data, tokenizer, model):
+                    check_fits(est, force, d.local_world if d and d.device.type == "cpu" else 1)
             except Exception as exc:
                 error = exc
                 if d is None:
@@ -154,7 +156,7 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
     if injected is None:
         injected = method.inject(model, config_mod.method_config(cfg))
     params = injected.trainable(model)
-    use_lean_mlps(model)  # the same math, with less kept for backward (tuneforge/kernels.py)
+    use_lean_mlps(model)  # the same math, with less kept for backward (tuneforge/model/kernels.py)
     total, n_train = parameter_count(model), sum(p.numel() for p in params.values())
     say = print if main else (lambda *a, **k: None)
     say(f"tuneforge: {injected.name}: {n_train:,} trainable parameters of {total:,} "
@@ -240,6 +242,18 @@ def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None) -> E
     """The estimate of this run, from the batches its data will make (the longest for memory)."""
     shapes = batch_shapes(data.train, batch_order(cfg, data)(0), tokenizer.pad_token_id)
     return estimate(cfg, shapes, n_examples=len(data.train), model_config=model_config)
+
+
+def _estimate_or_none(cfg: RunCfg, data: Datasets, tokenizer, model) -> Estimate | None:
+    """The run's estimate, or None (said in one line) where it cannot be made: an estimate never blocks a run."""
+    try:
+        return run_estimate(cfg, data, tokenizer, model.config if model is not None else None)
+    except UserError:
+        raise
+    except Exception as exc:  # a model the estimate does not understand: the run itself may still work
+        print(f"tuneforge: no estimate for this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+              "training goes on", file=sys.stderr)
+        return None
 
 
 def estimate_run(cfg: RunCfg) -> Estimate:

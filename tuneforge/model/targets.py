@@ -1,10 +1,10 @@
 """Parts of a model: the one place that matches module names (``find``), the stack of blocks, the
 output head (and ``head_only_at``, which shows it only some positions), and ``swap``.
 
-A pattern is a list of leaf names (``["q_proj", "v_proj"]`` matches ``...self_attn.q_proj``), a
-regular expression matched against the whole module path (PEFT's rule for a string), or
-``"all-linear"``: every linear layer but the output head. Matching nothing is an error that lists
-the closest names, since a silent no-op would train nothing.
+A pattern is a list of names (``["q_proj", "v_proj"]`` matches ``...self_attn.q_proj``, and
+``mlp.c_proj`` the paths that end so: PEFT's rule), a regular expression matched against the whole
+module path (PEFT's rule for a string), or ``"all-linear"``: every linear layer but the output head.
+Matching nothing is an error that lists the closest names, since a silent no-op would train nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import warnings
 from typing import Callable, Iterable, Iterator
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from tuneforge.errors import UserError
+
+LINEAR = (nn.Linear, Conv1D)  # linear-like layers: GPT-2's Conv1D is a linear layer with its weight stored (in, out)
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -25,9 +29,15 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
-def find(model: nn.Module, patterns: str | Iterable[str], types: tuple[type, ...] = (nn.Linear,),
+def selects(name: str, pattern: str) -> bool:
+    """PEFT's rule for a name in a list: the whole path, or its last dotted parts (``mlp.c_proj``)."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find(model: nn.Module, patterns: str | Iterable[str], types: tuple[type, ...] = LINEAR,
          key: str = "target_modules") -> list[str]:
-    """Names of the modules of ``types`` in ``model`` that ``patterns`` select, in model order."""
+    """Names of the modules of ``types`` in ``model`` that ``patterns`` select, in model order. Of a
+    list, the names that select nothing are named in a warning (or an error, when none selects)."""
     candidates = {name: mod for name, mod in model.named_modules() if name and isinstance(mod, types)}
     if isinstance(patterns, str) and patterns == "all-linear":
         head = output_head(model)
@@ -39,14 +49,20 @@ def find(model: nn.Module, patterns: str | Iterable[str], types: tuple[type, ...
             raise UserError(f"invalid regular expression {patterns!r} ({exc})", key) from None
         hits = [name for name in candidates if regex.fullmatch(name)]
     else:
-        leaves = set(patterns)
-        hits = [name for name in candidates if name.rsplit(".", 1)[-1] in leaves or name in leaves]
+        patterns = list(patterns)
+        hits = [name for name in candidates if any(selects(name, p) for p in patterns)]
+        unmatched = [p for p in patterns if not any(selects(name, p) for name in candidates)]
+        if hits and unmatched:
+            kinds = "/".join(t.__name__ for t in types)
+            warnings.warn(f"{key}: {unmatched} match no {kinds} module of this model; only "
+                          f"{sorted({h.rsplit('.', 1)[-1] for h in hits})} are targeted", UserWarning, stacklevel=3)
     if not hits:
         leaf_names = sorted({name.rsplit(".", 1)[-1] for name in candidates})
         wanted = [patterns] if isinstance(patterns, str) else list(patterns)
         close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaf_names, n=3, cutoff=0.3)})
         raise UserError(f"{wanted} matches no {'/'.join(t.__name__ for t in types)} module of this model", key,
-                        fix=f"closest names: {', '.join(close or leaf_names[:8])}; 'all-linear' takes every linear layer")
+                        fix=f"closest names: {', '.join(close or leaf_names[:8])}; "
+                            "'all-linear' takes every linear layer")
     return hits
 
 

@@ -19,6 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.activations import SiLUActivation
+
+from tuneforge.model import targets
+from tuneforge.model.families import family_of
 
 HEAD_CHUNK = 1024  # positions per chunk of logits: 1024 x 49,152 floats is 200 MB
 MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
@@ -32,10 +36,10 @@ class _LoRAUpdate(torch.autograd.Function):
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p) if p > 0 else None
         xd = xs * keep / (1 - p) if keep is not None else xs
         a = xd.reshape(-1, xd.shape[-1]) @ A.t()  # (n, r)
-        update = (a @ B.t()).mul_(scale)  # (n, out)
+        update = (a @ B.t()).mul_(scale).view(result.shape)  # (n, out) -> (..., out)
         ctx.save_for_backward(x, keep, A, B, a)
         ctx.scale, ctx.p = scale, p
-        return (result.reshape(-1, result.shape[-1]) + update.to(result.dtype)).view(result.shape)
+        return result + update.to(result.dtype)  # not a view: a model may add into it in place (Falcon's MLP)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -103,20 +107,24 @@ class GatedMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def is_swiglu_mlp(module: nn.Module) -> bool:
-    act = getattr(module, "act_fn", None)
-    return (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-            and type(act).__name__ in ("SiLU", "SiLUActivation") and type(module).__name__.endswith("MLP"))
+def is_gated_silu(mlp: nn.Module | None) -> bool:
+    """Whether ``mlp`` is down(silu(gate(x)) * up(x)) in three linear children, judged by type."""
+    linears = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    return (mlp is not None and all(isinstance(layer, nn.Linear) for layer in linears)
+            and isinstance(getattr(mlp, "act_fn", None), (nn.SiLU, SiLUActivation)))
 
 
 def use_lean_mlps(model: nn.Module) -> int:
-    """Put a GatedMLP where each gated SiLU MLP was (llama's and its kin's); returns how many."""
-    paths = [path for path, m in model.named_modules() if is_swiglu_mlp(m)]
-    for path in paths:
-        parent, _, child = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, GatedMLP(getattr(owner, child)))
-    return len(paths)
+    """Put a GatedMLP where each block's gated SiLU MLP was, in the families whose MLP is one
+    (``Family.gated_mlp``); returns how many. Any other model keeps its own MLPs."""
+    if not family_of(model).gated_mlp:
+        return 0
+    swapped = 0
+    for block in targets.blocks(model):
+        if is_gated_silu(getattr(block, "mlp", None)):
+            block.mlp = GatedMLP(block.mlp)
+            swapped += 1
+    return swapped
 
 
 class _HeadLogprobs(torch.autograd.Function):

@@ -1,0 +1,107 @@
+"""What tuneforge knows about each architecture, in one table keyed by ``config.model_type``.
+
+A family's row names, in that family's own module names, the default targets of each method (LoRA's
+are PEFT's for the same model type, so an adapter trained with the defaults matches one trained
+there), the experts' 3-D parameters of a Mixture-of-Experts model, and which speed-ups may replace
+the model's own computation:
+
+- ``gated_mlp``: each block's MLP is ``down(silu(gate(x)) * up(x))`` in ``gate_proj``/``up_proj``/
+  ``down_proj``, so ``kernels.GatedMLP`` (the same math, less kept for backward) may stand in for it;
+- ``head_transforms``: the config keys of what the model does to the head's output before it is
+  the logits (Gemma 2's ``final_logit_softcapping``). The head shortcut, which returns the targets'
+  log-probabilities in place of the logits, runs only while every one of them is unset;
+- ``shared_prefix``: its cache is attention keys and values only (full or sliding-window), so a
+  prefix the rows of a batch share may run once and be repeated to the batch (``kv_cache`` says the
+  same for prefix tuning, which an unknown family may still try).
+
+A model type that is not in the table is run through its own forward, with none of these: correct
+first, then fast. ``family_of`` says so once per model type.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+ATTENTION = ("q_proj", "v_proj")
+LLAMA_IA3 = ("k_proj", "v_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    lora: tuple[str, ...] = ATTENTION  # LoRA's and QLoRA's target_modules
+    ia3: tuple[str, ...] = LLAMA_IA3  # IA3's target_modules
+    ia3_feedforward: tuple[str, ...] = ("down_proj",)  # those of IA3's targets whose input is scaled
+    attn_output: tuple[str, ...] = ("o_proj",)  # the adapter's attention output (houlsby)
+    mlp_output: tuple[str, ...] = ("down_proj",)  # the adapter's MLP output
+    experts: tuple[str, ...] = ()  # the experts' 3-D parameters, by path under a block (LoRA's target_parameters)
+    gated_mlp: bool = False
+    head_transforms: tuple[str, ...] = ()
+    shared_prefix: bool = True
+    kv_cache: bool = True  # every layer's cache is attention keys and values (prefix tuning writes there)
+    known: bool = True
+
+    def head_is_logits(self, config) -> bool:
+        """Whether the head's output is the model's logits, with nothing applied after it."""
+        return not any(getattr(config, key, None) for key in self.head_transforms)
+
+
+QWEN_IA3 = ("q_proj", "v_proj", "down_proj")  # PEFT's IA3 targets for Qwen and Gemma: queries, not keys
+
+
+def _llama_like(name: str, **kw) -> Family:
+    return Family(name, gated_mlp=True, **kw)
+
+
+def _gemma(name: str) -> Family:  # a GeGLU MLP (gelu-tanh), and a softcap on the logits where configured
+    return Family(name, ia3=QWEN_IA3, head_transforms=("final_logit_softcapping",))
+
+
+def _moe(name: str, experts: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) -> Family:
+    # The experts are 3-D parameters, not modules: IA3 scales attention only, and the adapter sits on
+    # the whole MoE block's output.
+    return Family(name, ia3=("k_proj", "v_proj"), ia3_feedforward=(), mlp_output=("mlp",), experts=experts)
+
+
+def _neox(name: str, attn_output: str) -> Family:  # fused query_key_value, 4h MLP
+    return Family(name, lora=("query_key_value",), ia3=("query_key_value", "dense_4h_to_h"),
+                  ia3_feedforward=("dense_4h_to_h",), attn_output=(attn_output,), mlp_output=("dense_4h_to_h",))
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    *(_llama_like(n) for n in ("llama", "mistral", "smollm3", "olmo2", "stablelm")),
+    *(_llama_like(n, ia3=QWEN_IA3) for n in ("qwen2", "qwen3")),
+    # Qwen 3.5's linear-attention layers keep a recurrent state, which a cache cannot repeat to a batch
+    _llama_like("qwen3_5_text", ia3=QWEN_IA3, attn_output=("o_proj", "linear_attn.out_proj"), shared_prefix=False,
+                kv_cache=False),
+    *(_gemma(n) for n in ("gemma", "gemma2", "gemma3_text")),
+    _moe("qwen3_moe"), _moe("mixtral"), _moe("gpt_oss"),
+    Family("phi", lora=("q_proj", "v_proj", "fc1", "fc2"), ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",),
+           attn_output=("dense",), mlp_output=("fc2",)),
+    Family("phi3", lora=("qkv_proj",), ia3=("qkv_proj", "down_proj")),
+    Family("gpt2", lora=("c_attn",), ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
+           attn_output=("attn.c_proj",), mlp_output=("mlp.c_proj",)),
+    _neox("gpt_neox", "attention.dense"), _neox("falcon", "self_attention.dense"),
+    Family("opt", ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",), attn_output=("out_proj",),
+           mlp_output=("fc2",)),
+    Family("starcoder2", ia3=("k_proj", "v_proj", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
+           mlp_output=("mlp.c_proj",)),
+]}
+
+_told: set[str] = set()
+
+
+def family_of(model_or_config) -> Family:
+    """The family of a model (or of its config); an unknown model type gets a row with the common
+    (llama) names and no speed-up, and the user is told once that it runs unaccelerated."""
+    config = getattr(model_or_config, "config", model_or_config)
+    name = getattr(config, "model_type", "") or type(config).__name__
+    family = FAMILIES.get(name)
+    if family is not None:
+        return family
+    if name not in _told:
+        _told.add(name)
+        print(f"tuneforge: {name!r} is not a family tuneforge knows; it trains correctly through the model's own "
+              "forward, without the speed-ups of known families (docs/models.md lists them)", file=sys.stderr)
+    return Family(name, shared_prefix=False, known=False)
