@@ -167,3 +167,20 @@ def _write_support_table():
     if start in text:
         text = text[:text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end):]
         path.write_text(text)
+
+
+def test_an_encoder_is_refused_for_gradient_methods_and_named_features(tmp_path, tiny_tokenizer):
+    """A BERT folder loads as a "causal" head (BertLMHeadModel), but its attention reads the whole text:
+    next-token training would learn from the answer it is asked for. One line, before any data is read."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    import tuneforge
+    from tuneforge import config
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=128))
+    cfg = config.from_dict({"method": {"name": "lora"}, "data": {"path": str(tmp_path / "never-read.jsonl")},
+                            "train": {"output_dir": str(tmp_path / "run")}})
+    with pytest.raises(UserError, match="is an encoder.*method.name: features"):
+        tuneforge.train(cfg, model=bert, tokenizer=tiny_tokenizer)
+    assert not (tmp_path / "run").exists()

@@ -173,3 +173,12 @@ def test_zero_shot_on_movie_reviews(real_model, data_dir):
     out = run_icl(model, tok, (list(texts), list(labels)), ([], []), WORDS, k=0, mode="chat", calibrate=True,
                   batch_size=16)
     assert out["n"] == 20 and out["accuracy"] > 0.6, out
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused_in_one_line(tiny):
+    """GPT-2 and OPT learn a table of positions: past its end a prompt crashes with an index error."""
+    model, tok = tiny
+    model.config.max_position_embeddings = 24
+    items = (["a long enough film review to pass the limit"], [1])
+    with pytest.raises(UserError, match="2-shot prompt with its answer is .* tokens, and the model takes at most 24"):
+        run_icl(model, tok, items, POOL, WORDS, k=2, mode="raw", strategy="random", seed=3)

@@ -33,6 +33,7 @@ from tuneforge.eval.classify import classification_metrics, score_labels
 from tuneforge.io import feature_cache
 from tuneforge.io.load import load_model
 from tuneforge.methods import features
+from tuneforge.model.families import context_length
 
 Mode = Literal["chat", "raw", "chat_turns"]
 MODES = ("chat", "raw", "chat_turns")
@@ -141,7 +142,12 @@ def run_icl(model: nn.Module, tokenizer, eval_items: tuple[list[str], list[int]]
 
     answers = [word_ids(tokenizer, w, chat_template=mode != "raw") for w in label_words]
     score = lambda prompts: score_labels(model, prompts, answers, batch_size, tokenizer.pad_token_id)  # noqa: E731
-    scores = score([prompt(t, s) for t, s in zip(texts, sets)])  # (n, L) log-likelihoods
+    prompts = [prompt(t, s) for t, s in zip(texts, sets)]
+    limit, longest = context_length(model.config), max(map(len, prompts)) + max(map(len, answers))
+    if limit and longest > limit:
+        raise UserError(f"a {k}-shot prompt with its answer is {longest} tokens, and the model takes at most {limit}",
+                        "--shots", fix="give fewer shots, or use a model with a longer context")
+    scores = score(prompts)  # (n, L) log-likelihoods
     result = {"k": k, "mode": mode, "strategy": strategy, "calibrated": calibrate, "seed": seed}
     if calibrate:
         plain = classification_metrics(scores.argmax(1).tolist(), gold, len(label_words))

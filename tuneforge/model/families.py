@@ -40,6 +40,7 @@ class Family:
     head_transforms: tuple[str, ...] = ()
     shared_prefix: bool = True
     kv_cache: bool = True  # every layer's cache is attention keys and values (prefix tuning writes there)
+    encoder: bool = False  # bidirectional (BERT and kin): its hidden states serve features; it predicts no next token
     known: bool = True
 
     def head_is_logits(self, config) -> bool:
@@ -87,6 +88,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            mlp_output=("fc2",)),
     Family("starcoder2", ia3=("k_proj", "v_proj", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
            mlp_output=("mlp.c_proj",)),
+    # Encoders load as "causal" heads too (BertLMHeadModel), but their attention sees the whole text
+    *(Family(n, encoder=True) for n in ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert",
+                                        "electra", "deberta", "deberta-v2", "modernbert")),
 ]}
 
 _told: set[str] = set()
@@ -105,3 +109,9 @@ def family_of(model_or_config) -> Family:
         print(f"tuneforge: {name!r} is not a family tuneforge knows; it trains correctly through the model's own "
               "forward, without the speed-ups of known families (docs/models.md lists them)", file=sys.stderr)
     return Family(name, shared_prefix=False, known=False)
+
+
+def context_length(config) -> int | None:
+    """The most positions the model takes (learned position tables, GPT-2's and OPT's, have no more)."""
+    text = config.get_text_config()
+    return next((getattr(text, k) for k in ("max_position_embeddings", "n_positions") if getattr(text, k, None)), None)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from tuneforge import config as config_mod
 from tuneforge.atomic import atomic_path, write_text
@@ -31,8 +32,9 @@ from tuneforge.eval.evaluator import make_evaluator
 from tuneforge.io import feature_cache
 from tuneforge.io.export import save_model
 from tuneforge.fingerprint import fingerprint
-from tuneforge.io.load import load_model, load_tokenizer
+from tuneforge.io.load import load_model, load_tokenizer, resolve_spec
 from tuneforge.io.peft_format import save_adapter, save_probe
+from tuneforge.model.families import family_of
 from tuneforge.model.kernels import use_lean_mlps
 from tuneforge.methods._shared import Injected, parameter_count
 from tuneforge.methods.registry import get_method
@@ -59,6 +61,12 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
         raise UserError(f"the {method.NAME} method fits a classifier and needs classification data, not "
                         f"{cfg.data.format!r}", "data.format",
                         fix="set data.format: classification (with text_column and label_column)")
+    if method.KIND == "gradient":
+        family = family_of(model.config if model is not None else AutoConfig.from_pretrained(resolve_spec(cfg.model)))
+        if family.encoder:
+            raise UserError(f"{family.name} is an encoder: its attention reads the whole text at once, so it cannot "
+                            "learn to predict the next token", "method.name",
+                            fix="use method.name: features (a classifier on its hidden states), or a causal LM")
     if resume and method.KIND == "probe":
         raise UserError(f"the {method.NAME} method fits in one go and keeps no checkpoints to resume from",
                         "--resume", fix="run it again (its features are cached) in a new train.output_dir")
