@@ -45,7 +45,7 @@ def main() -> None:
              f"--workloads {args.workloads} --repeats {args.repeats}` on {machine()}: tuneforge's step on the default "
              f"model, each run in its own process, the two trees alternating; medians over the runs' medians.\n",
              "| workload | row | this tree s/step | ref s/step | time ratio | this tree peak RSS (MB) | ref (MB) | "
-             "works |", "|---|---|---|---|---|---|---|---|"]
+             "loss fell | weights moved |", "|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         ref_tree = Path(tmp) / "ref"
         subprocess.run(["git", "worktree", "add", "--detach", str(ref_tree), args.ref], cwd=REPO, check=True,
@@ -60,15 +60,18 @@ def main() -> None:
                             runs[side].append(child(tree, row, workload, steps))
                     s = {k: statistics.median(r["step_seconds"] for r in v) for k, v in runs.items()}
                     m = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
-                    works = all(r["last_loss"] < r["first_loss"] and r["moved"] > 0 for v in runs.values() for r in v)
+                    fell = all(r["last_loss"] < r["first_loss"] for v in runs.values() for r in v)
+                    moved = all(r["moved"] > 0 for v in runs.values() for r in v)
                     line = (f"| {workload} | {row} | {s['this']:.2f} | {s['ref']:.2f} | {s['this'] / s['ref']:.2f}x | "
-                            f"{m['this']:.0f} | {m['ref']:.0f} | {'yes' if works else 'NO'} |")
+                            f"{m['this']:.0f} | {m['ref']:.0f} | {'yes' if fell else 'NO'} | {'yes' if moved else 'NO'} |")
                     print(line, flush=True)
                     lines.append(line)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=REPO, capture_output=True)
-    lines.append("\n\"works\": on every run of both trees the loss of the last step's batch was below the first's and "
-                 "the trained weights moved. A time ratio below 1 means this tree is faster.")
+    lines.append("\n\"loss fell\" and \"weights moved\": on every run of both trees, the last step's batch loss was "
+                 "below the first's, and the trained weights changed. On packed text the last step's batch is another "
+                 "text than the first's, so its loss need not be lower after six steps (a fixed-batch check is still to "
+                 "be made). A time ratio below 1 means this tree is faster.")
     write_section("versus", "\n".join(lines))
 
 

@@ -111,3 +111,51 @@ def test_every_gradient_method_is_estimated_from_its_batches(tiny_dir, name):
     cfg = config.from_dict({"model": str(tiny_dir), "method": {"name": name}})
     est = estimate(cfg, [Shape(4, 20, 6, 8)], n_examples=4, flops_per_s=1e9)
     assert est.parts["activations"] > 0 and est.trainable_params > 0
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss", "gpt2", "falcon", "gemma2", "qwen3_5_text"])
+def test_every_family_gets_an_estimate(name):
+    """Where the meta forward cannot run the model (MoE kernels, GPT-2's padding check, Falcon's mask) the
+    activations come from the config's shapes, and the estimate says so; it never raises."""
+    from families import tiny_config
+
+    for method in ("lora", "full", "prompt"):
+        est = estimate(config.from_dict({"method": {"name": method}, "data": {"max_length": 32}}),
+                       model_config=tiny_config(name), flops_per_s=1e9)
+        assert est.parts["activations"] > 0 and est.step_seconds > 0
+        assert (est.basis == "config shapes") == (name in ("qwen3_moe", "mixtral", "gpt_oss", "gpt2", "falcon"))
+        assert ("activations from the config shapes" in est.describe()) == (est.basis == "config shapes")
+
+
+def test_a_moe_step_counts_the_routed_experts_only_and_memory_all():
+    from families import tiny_config
+
+    moe = tiny_config("mixtral")  # 4 experts, 2 routed per token
+    dense = tiny_config("mixtral")
+    dense.num_local_experts, dense.num_experts_per_tok = 2, 2
+    cfg = config.from_dict({"method": {"name": "lora"}, "data": {"max_length": 32}})
+    est_moe, est_dense = (estimate(cfg, model_config=c, flops_per_s=1e9) for c in (moe, dense))
+    assert est_moe.flops_per_step == pytest.approx(est_dense.flops_per_step)  # the same work per token
+    assert est_moe.parts["weights"] > est_dense.parts["weights"]  # every expert is held
+
+
+def test_force_skips_the_estimate_and_a_failing_estimate_does_not_block(tiny_dir, tmp_path, monkeypatch, capsys):
+    from tuneforge.training import run as run_mod
+
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl(rows, sentiment_rows(16))
+    cfg = config.from_dict({"model": str(tiny_dir), "data": {"path": str(rows), "format": "classification",
+                                                             "max_eval_examples": 4},
+                            "train": {"max_steps": 1, "batch_size": 4, "output_dir": str(tmp_path / "a")}})
+
+    def broken(*a, **k):
+        raise RuntimeError("a kernel with no meta form")
+
+    monkeypatch.setattr(run_mod, "run_estimate", broken)
+    run_mod.run(cfg, progress=False)
+    assert "no estimate for this model (RuntimeError: a kernel with no meta form); training goes on" in \
+        capsys.readouterr().err
+    run_mod.run(config.from_dict({**config.to_dict(cfg), "train": {**config.to_dict(cfg)["train"],
+                                                                   "output_dir": str(tmp_path / "b")}}),
+                progress=False, force=True)
+    assert "the estimate is skipped (--force)" in capsys.readouterr().err
