@@ -123,20 +123,27 @@ def test_every_family_gets_an_estimate(name):
         est = estimate(config.from_dict({"method": {"name": method}, "data": {"max_length": 32}}),
                        model_config=tiny_config(name), flops_per_s=1e9)
         assert est.parts["activations"] > 0 and est.step_seconds > 0
-        assert (est.basis == "config shapes") == (name in ("qwen3_moe", "mixtral", "gpt_oss", "gpt2", "falcon"))
+        if name in ("qwen3_moe", "mixtral", "gpt_oss", "falcon"):  # GPT-2's prompt tuning passes embeddings: meta runs
+            assert est.basis == "config shapes"
+        if name in ("gemma2", "qwen3_5_text"):
+            assert est.basis == "meta forward"
         assert ("activations from the config shapes" in est.describe()) == (est.basis == "config shapes")
 
 
 def test_a_moe_step_counts_the_routed_experts_only_and_memory_all():
     from families import tiny_config
 
-    moe = tiny_config("mixtral")  # 4 experts, 2 routed per token
-    dense = tiny_config("mixtral")
-    dense.num_local_experts, dense.num_experts_per_tok = 2, 2
-    cfg = config.from_dict({"method": {"name": "lora"}, "data": {"max_length": 32}})
-    est_moe, est_dense = (estimate(cfg, model_config=c, flops_per_s=1e9) for c in (moe, dense))
-    assert est_moe.flops_per_step == pytest.approx(est_dense.flops_per_step)  # the same work per token
-    assert est_moe.parts["weights"] > est_dense.parts["weights"]  # every expert is held
+    def of(experts: int, routed: int):
+        model_config = tiny_config("mixtral")
+        model_config.num_local_experts, model_config.num_experts_per_tok = experts, routed
+        return estimate(config.from_dict({"method": {"name": "lora"}, "data": {"max_length": 32}}),
+                        model_config=model_config, flops_per_s=1e9)
+
+    two_of_four, two_of_two, four_of_four = of(4, 2), of(2, 2), of(4, 4)
+    # 2 routed of 4 is the work of 2 of 2, but for the router's two more rows (4 x hidden against 2 x hidden)
+    assert two_of_four.flops_per_step == pytest.approx(two_of_two.flops_per_step, rel=3e-3)
+    assert four_of_four.flops_per_step > 1.2 * two_of_four.flops_per_step
+    assert two_of_four.parts["weights"] == four_of_four.parts["weights"] > two_of_two.parts["weights"]
 
 
 def test_force_skips_the_estimate_and_a_failing_estimate_does_not_block(tiny_dir, tmp_path, monkeypatch, capsys):
