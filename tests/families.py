@@ -27,17 +27,17 @@ LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq
                    high_freq_factor=4.0, original_max_position_embeddings=128)
 
 
-def _llama_like(cls: type, **kw) -> Callable[[int], PretrainedConfig]:
-    return lambda vocab_size: cls(**{**BASE, "vocab_size": vocab_size, **kw})
+def _llama_like(cls: type, **kw) -> Callable[..., PretrainedConfig]:
+    return lambda vocab_size, **changes: cls(**{**BASE, "vocab_size": vocab_size, **kw, **changes})
 
 
 def _custom(cls: type, **kw) -> Callable[[int], PretrainedConfig]:
     """For families whose config does not use the llama names (no BASE)."""
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return lambda vocab_size: cls(**{**ids, "vocab_size": vocab_size, **kw})
+    return lambda vocab_size, **changes: cls(**{**ids, "vocab_size": vocab_size, **kw, **changes})
 
 
-FAMILIES: dict[str, Callable[[int], PretrainedConfig]] = {
+FAMILIES: dict[str, Callable[..., PretrainedConfig]] = {
     "llama": _llama_like(tf.LlamaConfig),
     "llama3": _llama_like(tf.LlamaConfig, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True),
     "mistral": _llama_like(tf.MistralConfig, sliding_window=WINDOW),
@@ -83,9 +83,9 @@ FAMILIES: dict[str, Callable[[int], PretrainedConfig]] = {
 }
 
 
-def tiny_config(name: str, vocab_size: int = 300) -> PretrainedConfig:
-    """The config of the tiny model `name` (a key of FAMILIES)."""
-    return FAMILIES[name](vocab_size)
+def tiny_config(name: str, vocab_size: int = 300, **changes) -> PretrainedConfig:
+    """The config of the tiny model `name` (a key of FAMILIES), with ``changes`` to its keys."""
+    return FAMILIES[name](vocab_size, **changes)
 
 
 def tiny_model(name: str, vocab_size: int = 300, seed: int = 0,

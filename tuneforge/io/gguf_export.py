@@ -1,16 +1,20 @@
 """GGUF files for llama.cpp (and Ollama, LM Studio), written with the `gguf` package: no compiled tool.
 
-    write_model  a whole model: the architecture's hyperparameters under ``llama.*``, every weight
+    write_model  a whole model: the architecture's hyperparameters under ``<arch>.*``, every weight
                  under llama.cpp's tensor names (``blk.N.attn_q.weight``, ...), the tokenizer under
                  ``tokenizer.ggml.*`` and the chat template
     write_lora   a LoRA adapter: ``general.type = adapter``, ``adapter.type = lora``,
                  ``adapter.lora.alpha``, and ``<tensor>.lora_a`` (r, in) / ``<tensor>.lora_b`` (out, r)
 
-Two facts about llama.cpp shape what is written. Its llama graph applies RoPE to adjacent pairs of
-each head's dimensions, where Hugging Face's rotates the first half against the second, so the rows
-of q_proj and k_proj (and of B in a LoRA on them) are reordered head by head. And it scales a LoRA
-by alpha / r with r read from B's shape, so alpha is written as s * r, where s is the scale the
-adapter trained with (alpha / r, or alpha / sqrt(r) with rsLoRA).
+Which architecture a family is in llama.cpp, and how its RoPE reads q and k, is the family table's
+(``model/families.py``: ``gguf_arch``, ``rope_pairs``); the tensor names are the gguf package's own
+table for that architecture. Two facts about llama.cpp shape what is written. Its llama graph applies
+RoPE to adjacent pairs of each head's dimensions, where Hugging Face's rotates the first half against
+the second, so there the rows of q_proj and k_proj (and of B in a LoRA on them) are reordered head by
+head; Qwen's graph rotates halves, as Hugging Face does. And it scales a LoRA by alpha / r with r read
+from B's shape, so alpha is written as s * r, where s is the scale the adapter trained with (alpha /
+r, or alpha / sqrt(r) with rsLoRA). Llama 3's RoPE scaling is a tensor of per-frequency factors
+(``rope_freqs``), computed here as llama.cpp's converter computes it.
 
 When the base came as a GGUF file, its tokenizer and descriptive keys (``general.name``, the
 license, ...) are copied from it rather than rebuilt from the Hugging Face tokenizer.
@@ -30,8 +34,8 @@ from torch import Tensor, nn
 
 from tuneforge.atomic import atomic_path
 from tuneforge.errors import UserError
+from tuneforge.model.families import FAMILIES, family_of
 
-SUPPORTED = ("llama",)  # model_type values: the architectures written here
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -43,6 +47,8 @@ ADAPTER_TYPE = "lora"  # GGUF's adapter.type for a low-rank adapter (llama.cpp r
 # The pre-tokenizers of tokenizer.json that llama.cpp knows by name (its tokenizer.ggml.pre).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen's: one digit at a time
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # a Split's regex -> llama.cpp's pre-tokenizer
 
 
 def check_dtype(dtype: str) -> None:
@@ -51,18 +57,30 @@ def check_dtype(dtype: str) -> None:
                         fix=f"use one of {', '.join(QTYPES)} (for 4-bit, run llama.cpp's llama-quantize on the f16 file)")
 
 
-def architecture(config) -> str:
-    """The model's architecture as GGUF names it, or a UserError that lists the supported ones."""
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED:
-        raise UserError(f"tuneforge writes GGUF for the {', '.join(SUPPORTED)} architecture, not {kind!r}",
-                        "--model", fix="export it with --format hf and convert that with llama.cpp's own converter")
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default" or getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"this llama uses {rope.get('rope_type')!r} RoPE scaling or a {config.hidden_act!r} "
-                        "activation, which tuneforge does not write to GGUF", "--model",
+def written() -> list[str]:
+    """The model types written to GGUF."""
+    return sorted(name for name, family in FAMILIES.items() if family.gguf_arch)
+
+
+ROPE_TYPES = ("default", "llama3", "linear")  # how a model scales RoPE, of those llama.cpp reads from a file
+
+
+def architecture(config) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for the model, or a UserError that lists the model types written."""
+    family = family_of(config)
+    if family.gguf_arch is None:
+        raise UserError(f"tuneforge writes GGUF for {', '.join(written())}, not {family.name!r}", "--model",
                         fix="export it with --format hf and convert that with llama.cpp's own converter")
-    return kind
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") not in ROPE_TYPES or getattr(config, "hidden_act", "silu") != "silu":
+        raise UserError(f"this {family.name} uses {rope.get('rope_type')!r} RoPE scaling or a {config.hidden_act!r} "
+                        f"activation; tuneforge writes {', '.join(ROPE_TYPES)} RoPE with SiLU to GGUF", "--model",
+                        fix="export it with --format hf and convert that with llama.cpp's own converter")
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and window < config.max_position_embeddings:
+        print(f"tuneforge: llama.cpp's {family.gguf_arch.lower()} graph attends to every earlier position, where "
+              f"this model attends to the last {window}: beyond {window} tokens their outputs differ", file=sys.stderr)
+    return gguf.MODEL_ARCH[family.gguf_arch]
 
 
 def head_dim(config) -> int:
@@ -70,7 +88,7 @@ def head_dim(config) -> int:
 
 
 def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
-    """The ``llama.*`` keys llama.cpp builds the graph from."""
+    """The ``<arch>.*`` keys llama.cpp builds the graph from."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
@@ -81,6 +99,9 @@ def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_rope_dimension_count(head_dim(config))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if head_dim(config) != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim(config))
@@ -95,11 +116,30 @@ def rope_rows(rows: Tensor, heads: int) -> Tensor:
 
 def permuted(path: str, rows: Tensor, config) -> Tensor:
     """``rows`` (a weight, a bias or a LoRA's B of the layer at ``path``) as llama.cpp's RoPE reads them."""
+    if not family_of(config).rope_pairs:
+        return rows
     if path.endswith("self_attn.q_proj"):
         return rope_rows(rows, config.num_attention_heads)
     if path.endswith("self_attn.k_proj"):
         return rope_rows(rows, config.num_key_value_heads or config.num_attention_heads)
     return rows
+
+
+def rope_factors(config) -> np.ndarray | None:
+    """Llama 3's RoPE scaling as llama.cpp reads it: one factor per frequency (head_dim / 2), each
+    frequency divided by its factor; None for any other RoPE."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = head_dim(config)
+    freqs = 1.0 / (float(rope.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    wavelength = 2 * np.pi / freqs
+    smooth = (old / wavelength - low) / (high - low)  # between the two bands: interpolated
+    factors = np.where(wavelength < old / high, 1.0,
+                       np.where(wavelength > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
 def encode(array: np.ndarray, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
@@ -120,21 +160,23 @@ def _numpy(t: Tensor) -> np.ndarray:
 def model_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 array) for every weight; a tied head is the embedding, so it is not written."""
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(architecture(config), config.num_hidden_layers)
+    if (factors := rope_factors(config)) is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"the model holds a tensor llama.cpp has no name for ({key})", "--model",
-                            fix="export a plain llama (a method that cannot be merged stays outside: use --format hf)")
+                            fix="export a merged model (a method that cannot be merged stays outside: use --format hf)")
         yield name, _numpy(permuted(key.rsplit(".", 1)[0], tensor, config))
 
 
-def write(out: Path, arch: str, fill) -> Path:
+def write(out: Path, arch: gguf.MODEL_ARCH, fill) -> Path:
     """One GGUF file, atomically: ``fill(writer)`` adds the keys and tensors."""
     with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -145,7 +187,7 @@ def write(out: Path, arch: str, fill) -> Path:
 
 def write_model(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32", source: Path | None = None
                 ) -> Path:
-    """``model`` (a plain llama: merged, or full fine-tuning's) as one GGUF file for llama.cpp. ``source``:
+    """``model`` (merged, or full fine-tuning's) as one GGUF file for llama.cpp. ``source``:
     the GGUF file the base came from, whose tokenizer and descriptive keys are carried over."""
     check_dtype(dtype)
     arch = architecture(model.config)
@@ -203,8 +245,8 @@ def pre_tokenizer(backend: dict) -> str | None:
     if len(parts) == 2 and byte_level(parts[1], True) and parts[0] == {"type": "Digits", "individual_digits": True}:
         return "smollm"
     if len(parts) == 2 and byte_level(parts[1], False) and parts[0].get("type") == "Split" \
-            and parts[0].get("pattern") == {"Regex": LLAMA3_SPLIT} and parts[0].get("behavior") == "Isolated":
-        return "llama-bpe"
+            and parts[0].get("behavior") == "Isolated":
+        return SPLITS.get(parts[0].get("pattern", {}).get("Regex"))
     return None
 
 
@@ -219,7 +261,7 @@ def tokenizer_fields(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> Non
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend.get("model", {}).get("merges") or []]
     if backend.get("model", {}).get("type") != "BPE" or pre is None or not merges:
         raise UserError("the tokenizer is not a byte-level BPE with merges and a pre-tokenizer llama.cpp names "
-                        "(gpt-2, smollm, llama-bpe)", "--model",
+                        "(gpt-2, smollm, llama-bpe, qwen2)", "--model",
                         fix="export from the model's GGUF file, whose tokenizer is carried over, or use --format hf")
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
@@ -258,7 +300,7 @@ def write_lora(model: nn.Module, form: dict[str, tuple[Tensor, Tensor, float]], 
     check_dtype(dtype)
     config = model.config
     arch = architecture(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     if not form:
         raise UserError("the adapter wraps no layer", "--adapter")
     first_a, _, first_scale = next(iter(form.values()))

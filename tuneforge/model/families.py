@@ -41,6 +41,11 @@ class Family:
     shared_prefix: bool = True
     kv_cache: bool = True  # every layer's cache is attention keys and values (prefix tuning writes there)
     encoder: bool = False  # bidirectional (BERT and kin): its hidden states serve features; it predicts no next token
+    # GGUF: llama.cpp's architecture for the family (a gguf.MODEL_ARCH member's name; None: not written), and
+    # whether its RoPE rotates adjacent pairs (llama's graph), so that q/k rows are reordered from Hugging
+    # Face's halves, or halves as Hugging Face does (Qwen's)
+    gguf_arch: str | None = None
+    rope_pairs: bool = False
     known: bool = True
 
     def head_is_logits(self, config) -> bool:
@@ -71,8 +76,9 @@ def _neox(name: str, attn_output: str) -> Family:  # fused query_key_value, 4h M
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    *(_llama_like(n) for n in ("llama", "mistral", "smollm3", "olmo2", "stablelm")),
-    *(_llama_like(n, ia3=QWEN_IA3) for n in ("qwen2", "qwen3")),
+    *(_llama_like(n, gguf_arch="LLAMA", rope_pairs=True) for n in ("llama", "mistral")),
+    *(_llama_like(n) for n in ("smollm3", "olmo2", "stablelm")),
+    _llama_like("qwen2", ia3=QWEN_IA3, gguf_arch="QWEN2"), _llama_like("qwen3", ia3=QWEN_IA3, gguf_arch="QWEN3"),
     # Qwen 3.5's linear-attention layers keep a recurrent state, which a cache cannot repeat to a batch
     _llama_like("qwen3_5_text", ia3=QWEN_IA3, attn_output=("o_proj", "linear_attn.out_proj"), shared_prefix=False,
                 kv_cache=False),
