@@ -63,6 +63,13 @@ def written() -> list[str]:
 
 
 ROPE_TYPES = ("default", "llama3", "linear")  # how a model scales RoPE, of those llama.cpp reads from a file
+WINDOWED = ("GEMMA2", "GEMMA3")  # architectures whose llama.cpp graph has sliding-window layers
+
+
+def full_rope(config) -> dict:
+    """The RoPE of the full-attention layers (Gemma 3 keeps one per layer kind)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(rope.get("full_attention", rope))
 
 
 def architecture(config) -> gguf.MODEL_ARCH:
@@ -71,13 +78,19 @@ def architecture(config) -> gguf.MODEL_ARCH:
     if family.gguf_arch is None:
         raise UserError(f"tuneforge writes GGUF for {', '.join(written())}, not {family.name!r}", "--model",
                         fix="export it with --format hf and convert that with llama.cpp's own converter")
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") not in ROPE_TYPES or getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"this {family.name} uses {rope.get('rope_type')!r} RoPE scaling or a {config.hidden_act!r} "
-                        f"activation; tuneforge writes {', '.join(ROPE_TYPES)} RoPE with SiLU to GGUF", "--model",
+    rope = full_rope(config)
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    expected = "gelu_pytorch_tanh" if family.norm_shift else "silu"  # Gemma's GeGLU, or SwiGLU
+    if rope.get("rope_type", "default") not in ROPE_TYPES or act != expected:
+        raise UserError(f"this {family.name} uses {rope.get('rope_type')!r} RoPE scaling or a {act!r} activation, "
+                        f"which llama.cpp's {family.gguf_arch.lower()} graph does not compute", "--model",
                         fix="export it with --format hf and convert that with llama.cpp's own converter")
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar != head_dim(config):
+        raise UserError(f"this {family.name} scales attention by 1/sqrt({scalar}), and llama.cpp by 1/sqrt(head_dim "
+                        f"{head_dim(config)})", "--model", fix="export it with --format hf")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if window and window < config.max_position_embeddings:
+    if window and window < config.max_position_embeddings and family.gguf_arch not in WINDOWED:
         print(f"tuneforge: llama.cpp's {family.gguf_arch.lower()} graph attends to every earlier position, where "
               f"this model attends to the last {window}: beyond {window} tokens their outputs differ", file=sys.stderr)
     return gguf.MODEL_ARCH[family.gguf_arch]
@@ -89,7 +102,7 @@ def head_dim(config) -> int:
 
 def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     """The ``<arch>.*`` keys llama.cpp builds the graph from."""
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = full_rope(config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -103,9 +116,21 @@ def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if head_dim(config) != config.hidden_size // config.num_attention_heads:
+    if head_dim(config) != config.hidden_size // config.num_attention_heads or family_of(config).norm_shift:
         writer.add_key_length(head_dim(config))
         writer.add_value_length(head_dim(config))
+    for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+        if getattr(config, key, None):
+            add(float(getattr(config, key)))
+    if family_of(config).gguf_arch in WINDOWED and getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+        kinds = getattr(config, "layer_types", None)
+        if kinds:  # which layers attend within the window: llama.cpp's default pattern is not every model's
+            writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in kinds])
+        local = dict(getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
+        if local:
+            writer.add_rope_freq_base_swa(float(local["rope_theta"]))
 
 
 def rope_rows(rows: Tensor, heads: int) -> Tensor:
@@ -166,6 +191,8 @@ def model_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
+        if family_of(config).norm_shift and key.endswith("norm.weight"):  # Gemma computes x * (1 + weight)
+            tensor = tensor.float() + 1
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"the model holds a tensor llama.cpp has no name for ({key})", "--model",

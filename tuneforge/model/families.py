@@ -46,6 +46,7 @@ class Family:
     # Face's halves, or halves as Hugging Face does (Qwen's)
     gguf_arch: str | None = None
     rope_pairs: bool = False
+    norm_shift: bool = False  # llama.cpp's graph multiplies by the norm weight where the model uses 1 + weight (Gemma)
     known: bool = True
 
     def head_is_logits(self, config) -> bool:
@@ -60,8 +61,9 @@ def _llama_like(name: str, **kw) -> Family:
     return Family(name, gated_mlp=True, **kw)
 
 
-def _gemma(name: str) -> Family:  # a GeGLU MLP (gelu-tanh), and a softcap on the logits where configured
-    return Family(name, ia3=QWEN_IA3, head_transforms=("final_logit_softcapping",))
+def _gemma(name: str, gguf_arch: str) -> Family:  # a GeGLU MLP (gelu-tanh), a softcap on the logits where configured
+    return Family(name, ia3=QWEN_IA3, head_transforms=("final_logit_softcapping",), gguf_arch=gguf_arch,
+                  norm_shift=True)
 
 
 def _moe(name: str, experts: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) -> Family:
@@ -82,7 +84,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     # Qwen 3.5's linear-attention layers keep a recurrent state, which a cache cannot repeat to a batch
     _llama_like("qwen3_5_text", ia3=QWEN_IA3, attn_output=("o_proj", "linear_attn.out_proj"), shared_prefix=False,
                 kv_cache=False),
-    *(_gemma(n) for n in ("gemma", "gemma2", "gemma3_text")),
+    _gemma("gemma", "GEMMA"), _gemma("gemma2", "GEMMA2"), _gemma("gemma3_text", "GEMMA3"),
     _moe("qwen3_moe"), _moe("mixtral"), _moe("gpt_oss"),
     Family("phi", lora=("q_proj", "v_proj", "fc1", "fc2"), ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",),
            attn_output=("dense",), mlp_output=("fc2",)),
