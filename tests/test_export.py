@@ -228,7 +228,7 @@ def test_another_architecture_is_refused_naming_the_written_ones(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(bpe_tokenizer()))).save_pretrained(
         tmp_path / "gpt2")
     bpe_tokenizer().save_pretrained(tmp_path / "gpt2")
-    written = "gemma, gemma2, gemma3_text, llama, mistral, qwen2, qwen3"
+    written = "gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3, starcoder2"
     with pytest.raises(UserError, match=f"tuneforge writes GGUF for {written}, not 'gpt2'"):
         export(str(tmp_path / "gpt2"), tmp_path / "m.gguf", "gguf")
 
@@ -345,12 +345,13 @@ def test_llama_cpp_gives_the_adapter_logits_merged_and_as_a_lora_file(base_dir, 
 # The families written to GGUF, as tiny models; no sliding window, which llama.cpp's llama and qwen2
 # graphs do not have (the export says so in one line where a model has one).
 GGUF_FAMILIES = {"llama3": {}, "mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False},
-                 "qwen3": {"use_sliding_window": False}, "gemma": {}, "gemma2": {}, "gemma3_text": {}}
+                 "qwen3": {"use_sliding_window": False}, "gemma": {}, "gemma2": {}, "gemma3_text": {},
+                 "phi3": {"sliding_window": None}, "starcoder2": {"sliding_window": None}}
 
 
 # llama.cpp computes GELU through a table of fp16 values: Gemma's MLPs differ from torch's by about 1e-4 a
 # layer, where SiLU's families agree to 1e-6 (docs/export.md has the measured figures).
-GELU_TOLERANCE = {"gemma": 1e-3, "gemma2": 1e-3, "gemma3_text": 1e-3}
+GELU_TOLERANCE = {"gemma": 1e-3, "gemma2": 1e-3, "gemma3_text": 1e-3, "starcoder2": 1e-3}
 
 
 @needs_llama_cpp

@@ -80,8 +80,7 @@ def architecture(config) -> gguf.MODEL_ARCH:
                         fix="export it with --format hf and convert that with llama.cpp's own converter")
     rope = full_rope(config)
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-    expected = "gelu_pytorch_tanh" if family.norm_shift else "silu"  # Gemma's GeGLU, or SwiGLU
-    if rope.get("rope_type", "default") not in ROPE_TYPES or act != expected:
+    if rope.get("rope_type", "default") not in ROPE_TYPES or act != family.gguf_act:
         raise UserError(f"this {family.name} uses {rope.get('rope_type')!r} RoPE scaling or a {act!r} activation, "
                         f"which llama.cpp's {family.gguf_arch.lower()} graph does not compute", "--model",
                         fix="export it with --format hf and convert that with llama.cpp's own converter")
@@ -115,7 +114,11 @@ def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if getattr(config, "rms_norm_eps", None) is not None:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    else:  # LayerNorm (StarCoder2)
+        writer.add_layer_norm_eps(next(getattr(config, k) for k in ("norm_epsilon", "layer_norm_eps")
+                                       if getattr(config, k, None) is not None))
     if head_dim(config) != config.hidden_size // config.num_attention_heads or family_of(config).norm_shift:
         writer.add_key_length(head_dim(config))
         writer.add_value_length(head_dim(config))

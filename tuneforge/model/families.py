@@ -47,6 +47,7 @@ class Family:
     gguf_arch: str | None = None
     rope_pairs: bool = False
     norm_shift: bool = False  # llama.cpp's graph multiplies by the norm weight where the model uses 1 + weight (Gemma)
+    gguf_act: str = "silu"  # the MLP's activation llama.cpp's graph computes for the family
     known: bool = True
 
     def head_is_logits(self, config) -> bool:
@@ -63,7 +64,7 @@ def _llama_like(name: str, **kw) -> Family:
 
 def _gemma(name: str, gguf_arch: str) -> Family:  # a GeGLU MLP (gelu-tanh), a softcap on the logits where configured
     return Family(name, ia3=QWEN_IA3, head_transforms=("final_logit_softcapping",), gguf_arch=gguf_arch,
-                  norm_shift=True)
+                  norm_shift=True, gguf_act="gelu_pytorch_tanh")
 
 
 def _moe(name: str, experts: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) -> Family:
@@ -88,14 +89,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     _moe("qwen3_moe"), _moe("mixtral"), _moe("gpt_oss"),
     Family("phi", lora=("q_proj", "v_proj", "fc1", "fc2"), ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",),
            attn_output=("dense",), mlp_output=("fc2",)),
-    Family("phi3", lora=("qkv_proj",), ia3=("qkv_proj", "down_proj")),
+    Family("phi3", lora=("qkv_proj",), ia3=("qkv_proj", "down_proj"), gguf_arch="PHI3"),
     Family("gpt2", lora=("c_attn",), ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
            attn_output=("attn.c_proj",), mlp_output=("mlp.c_proj",)),
     _neox("gpt_neox", "attention.dense"), _neox("falcon", "self_attention.dense"),
     Family("opt", ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",), attn_output=("out_proj",),
            mlp_output=("fc2",)),
     Family("starcoder2", ia3=("k_proj", "v_proj", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
-           mlp_output=("mlp.c_proj",)),
+           mlp_output=("mlp.c_proj",), gguf_arch="STARCODER2", gguf_act="gelu_pytorch_tanh"),
     # Encoders load as "causal" heads too (BertLMHeadModel), but their attention sees the whole text
     *(Family(n, encoder=True) for n in ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert",
                                         "electra", "deberta", "deberta-v2", "modernbert")),
