@@ -118,3 +118,13 @@ def test_a_shared_prefix_gives_the_plain_loss_and_gradients(name):
     torch.testing.assert_close(shared_loss, plain, rtol=1e-5, atol=1e-5)
     assert g0.abs().sum() > 0
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-5)
+
+
+def test_the_lean_mlp_replaces_the_mlp_after_a_method_wrapped_its_layers(tiny):
+    """The run swaps the MLPs after inject: LoRA on every linear layer must not keep the plain MLP (it
+    would save silu's input and output for backward again)."""
+    from tuneforge.methods import lora
+
+    model, _ = tiny
+    lora.inject(model, lora.Config(target_modules="all-linear"))
+    assert use_lean_mlps(model) == 2 and all(isinstance(layer.mlp, GatedMLP) for layer in model.model.layers)

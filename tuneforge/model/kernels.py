@@ -108,9 +108,10 @@ class GatedMLP(nn.Module):
 
 
 def is_gated_silu(mlp: nn.Module | None) -> bool:
-    """Whether ``mlp`` is down(silu(gate(x)) * up(x)) in three linear children, judged by type."""
-    linears = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    return (mlp is not None and all(isinstance(layer, nn.Linear) for layer in linears)
+    """Whether ``mlp`` is down(silu(gate(x)) * up(x)) in three children, judged by type: the children are
+    modules (a method may have wrapped the linear layers already), the activation a SiLU."""
+    children = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    return (mlp is not None and all(isinstance(child, nn.Module) for child in children)
             and isinstance(getattr(mlp, "act_fn", None), (nn.SiLU, SiLUActivation)))
 
 
