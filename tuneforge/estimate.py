@@ -233,7 +233,7 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     b, length = cfg.train.batch_size, cfg.data.max_length
     shapes = shapes or [Shape(b, length, 0, b * length)]
     family = family_of(model_config)
-    shortcut = family.known and family.head_is_logits(model_config)  # else the model's own head: whole logits
+    shortcut = family.head_shortcut(model_config)  # else the model's own head: whole logits
     if not (shortcut and family.shared_prefix):  # as eval.lm.token_logprobs runs it
         shapes = [dataclasses.replace(s, shared=0) for s in shapes]
     longest = max(shapes, key=lambda s: (s.rows * (s.width - s.shared) + s.shared, s.loss_tokens))

@@ -83,7 +83,7 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     (``model.families``); any other model runs its own forward, head and all."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     family = family_of(inner)
-    if not (family.known and family.head_is_logits(inner.config)):
+    if not family.head_shortcut(inner.config):
         return _own_logprobs(model, input_ids, attention_mask, keep, targets)
     share = share_prefix and family.shared_prefix and not _checkpointing(inner)
     n = shared_prefix(input_ids, attention_mask, keep) if share else 0

@@ -54,6 +54,11 @@ class Family:
         """Whether the head's output is the model's logits, with nothing applied after it."""
         return not any(getattr(config, key, None) for key in self.head_transforms)
 
+    def head_shortcut(self, config) -> bool:
+        """Whether the head shortcut may stand in for the model's own head: a known family whose head's
+        output is the logits (else the model's own forward computes them)."""
+        return self.known and self.head_is_logits(config)
+
 
 QWEN_IA3 = ("q_proj", "v_proj", "down_proj")  # PEFT's IA3 targets for Qwen and Gemma: queries, not keys
 
