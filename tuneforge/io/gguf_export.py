@@ -30,95 +30,133 @@ import gguf
 import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from tuneforge.atomic import atomic_path
 from tuneforge.errors import UserError
 from tuneforge.io import gguf_vocab
-from tuneforge.model.families import FAMILIES, family_of
+from tuneforge.model.families import FAMILIES, Gguf, family_of
 
-QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-          "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+# The dtypes written: those the gguf package encodes itself. Its k-quants (Q4_K_M, ...) decode only, so
+# they are not offered; llama.cpp's llama-quantize makes them from the f16 file.
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QTYPES = {dtype: gguf.GGMLQuantizationType[dtype.upper()] for dtype in DTYPES}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, **{dtype: gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"]
+                                                   for dtype in DTYPES[1:]}}
+# In a 4- or 5-bit file the embedding and the head stay 8-bit, as llama-quantize keeps them finer (it
+# writes Q6_K there, which the gguf package cannot).
+FINER = {"token_embd.weight", "output.weight"}
 ADAPTER_TYPE = "lora"  # GGUF's adapter.type for a low-rank adapter (llama.cpp reads no other)
 
 
 def check_dtype(dtype: str) -> None:
     if dtype not in QTYPES:
-        raise UserError(f"llama.cpp cannot read tensors of dtype {dtype!r} from tuneforge", "--dtype",
-                        fix=f"use one of {', '.join(QTYPES)} (for 4-bit, run llama.cpp's llama-quantize on the f16 file)")
+        raise UserError(f"tuneforge does not write GGUF tensors of dtype {dtype!r}", "--dtype",
+                        fix=f"use one of {', '.join(DTYPES)} (for k-quants such as q4_K_M, run llama.cpp's "
+                            "llama-quantize on the f16 file)")
 
 
 def written() -> list[str]:
     """The model types written to GGUF."""
-    return sorted(name for name, family in FAMILIES.items() if family.gguf_arch)
+    return sorted(name for name, family in FAMILIES.items() if family.gguf)
 
 
 ROPE_TYPES = ("default", "llama3", "linear")  # how a model scales RoPE, of those llama.cpp reads from a file
-WINDOWED = ("GEMMA2", "GEMMA3")  # architectures whose llama.cpp graph has sliding-window layers
+KEEP_HF = "export it with --format hf and serve it with transformers"
 
 
 def full_rope(config) -> dict:
-    """The RoPE of the full-attention layers (Gemma 3 keeps one per layer kind)."""
+    """The RoPE of the full-attention layers (Gemma 3 keeps one per layer kind); {} for a model with
+    learned positions (GPT-2)."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
     return dict(rope.get("full_attention", rope))
 
 
-def architecture(config) -> gguf.MODEL_ARCH:
-    """llama.cpp's architecture for the model, or a UserError that lists the model types written."""
+def form(config) -> Gguf:
+    """How llama.cpp runs the model, or a UserError that names the family and what llama.cpp lacks."""
     family = family_of(config)
-    if family.gguf_arch is None:
-        raise UserError(f"tuneforge writes GGUF for {', '.join(written())}, not {family.name!r}", "--model",
-                        fix="export it with --format hf and convert that with llama.cpp's own converter")
+    shape = family.gguf
+    if shape is None:
+        raise UserError(f"llama.cpp has no graph tuneforge writes for {family.name!r} (GGUF is written for "
+                        f"{', '.join(written())})", "--model", fix=KEEP_HF)
+    graph = f"llama.cpp's {shape.arch.lower()} graph"
     rope = full_rope(config)
-    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-    if rope.get("rope_type", "default") not in ROPE_TYPES or act != family.gguf_act:
-        raise UserError(f"this {family.name} uses {rope.get('rope_type')!r} RoPE scaling or a {act!r} activation, "
-                        f"which llama.cpp's {family.gguf_arch.lower()} graph does not compute", "--model",
-                        fix="export it with --format hf and convert that with llama.cpp's own converter")
+    act = next((getattr(config, k) for k in ("hidden_activation", "hidden_act", "activation_function")
+                if getattr(config, k, None)), "silu")
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
+        raise UserError(f"this {family.name} scales RoPE as {rope['rope_type']!r}, which tuneforge does not write for "
+                        f"{graph} (it writes {', '.join(ROPE_TYPES)})", "--model", fix=KEEP_HF)
+    if act != shape.act:
+        raise UserError(f"this {family.name} uses a {act!r} activation, and {graph} computes {shape.act!r}",
+                        "--model", fix=KEEP_HF)
+    for key, expected in shape.requires:
+        if (value := getattr(config, key, None)) != (want := expected(config)):
+            raise UserError(f"{graph} assumes {key} = {want!r}, and this model has {value!r}", "--model", fix=KEEP_HF)
+    if shape.head == "embedding" and not config.tie_word_embeddings:
+        raise UserError(f"{graph} uses the embedding as the output head, and this model has its own", "--model",
+                        fix=KEEP_HF)
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar is not None and scalar != head_dim(config):
         raise UserError(f"this {family.name} scales attention by 1/sqrt({scalar}), and llama.cpp by 1/sqrt(head_dim "
-                        f"{head_dim(config)})", "--model", fix="export it with --format hf")
+                        f"{head_dim(config)})", "--model", fix=KEEP_HF)
+    return shape
+
+
+def architecture(config) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture for the model, or a UserError (see ``form``)."""
+    return gguf.MODEL_ARCH[form(config).arch]
+
+
+def note_window(config) -> None:
+    """One line where the model attends within a window and llama.cpp's graph for it has none."""
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if window and window < config.max_position_embeddings and family.gguf_arch not in WINDOWED:
-        print(f"tuneforge: llama.cpp's {family.gguf_arch.lower()} graph attends to every earlier position, where "
+    if window and window < config.max_position_embeddings and not form(config).windowed:
+        print(f"tuneforge: llama.cpp's {form(config).arch.lower()} graph attends to every earlier position, where "
               f"this model attends to the last {window}: beyond {window} tokens their outputs differ", file=sys.stderr)
-    return gguf.MODEL_ARCH[family.gguf_arch]
 
 
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def first(config, *keys: str, default=None):
+    """The first of ``keys`` the config sets (families name the same number differently)."""
+    return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), default)
+
+
 def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     """The ``<arch>.*`` keys llama.cpp builds the graph from."""
-    rope = full_rope(config)
+    rope, shape = full_rope(config), form(config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(first(config, "intermediate_size", "n_inner", default=4 * config.hidden_size))
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_rope_dimension_count(head_dim(config))
+    writer.add_head_count_kv(first(config, "num_key_value_heads", default=config.num_attention_heads))
+    if rope:  # else learned positions (GPT-2's position_embd)
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        writer.add_rope_dimension_count(head_dim(config))
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     if getattr(config, "rms_norm_eps", None) is not None:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    else:  # LayerNorm (StarCoder2)
-        writer.add_layer_norm_eps(next(getattr(config, k) for k in ("norm_epsilon", "layer_norm_eps")
-                                       if getattr(config, k, None) is not None))
-    if head_dim(config) != config.hidden_size // config.num_attention_heads or family_of(config).norm_shift:
+    else:  # LayerNorm (StarCoder2, GPT-2)
+        writer.add_layer_norm_eps(first(config, "norm_epsilon", "layer_norm_eps", "layer_norm_epsilon"))
+    if head_dim(config) != config.hidden_size // config.num_attention_heads or shape.norm_shift:
         writer.add_key_length(head_dim(config))
         writer.add_value_length(head_dim(config))
+    if experts := first(config, "num_experts", "num_local_experts"):
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
                      ("final_logit_softcapping", writer.add_final_logit_softcapping)):
         if getattr(config, key, None):
             add(float(getattr(config, key)))
-    if family_of(config).gguf_arch in WINDOWED and getattr(config, "sliding_window", None):
+    if shape.windowed and getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
         kinds = getattr(config, "layer_types", None)
         if kinds:  # which layers attend within the window: llama.cpp's default pattern is not every model's
@@ -136,7 +174,7 @@ def rope_rows(rows: Tensor, heads: int) -> Tensor:
 
 def permuted(path: str, rows: Tensor, config) -> Tensor:
     """``rows`` (a weight, a bias or a LoRA's B of the layer at ``path``) as llama.cpp's RoPE reads them."""
-    if not family_of(config).rope_pairs:
+    if not form(config).rope_pairs:
         return rows
     if path.endswith("self_attn.q_proj"):
         return rope_rows(rows, config.num_attention_heads)
@@ -162,10 +200,11 @@ def rope_factors(config) -> np.ndarray | None:
     return factors.astype(np.float32)
 
 
-def encode(array: np.ndarray, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def encode(array: np.ndarray, dtype: str, name: str = "") -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """A float32 array in ``dtype``: vectors (norms, biases) stay f32, as llama.cpp keeps them; a matrix
-    whose rows do not split into Q8_0's blocks of 32 is written f16 instead, as llama.cpp's converter does."""
-    qtype = QTYPES[dtype]
+    whose rows do not split into the blocks of 32 of a quantized type is written f16 instead, as
+    llama.cpp's converter does; the embedding and head of a 4- or 5-bit file are written Q8_0."""
+    qtype = QTYPES[dtype if not (name in FINER and dtype[1] in "45") else "q8_0"]
     if array.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(array, dtype=np.float32), gguf.GGMLQuantizationType.F32
     if qtype == gguf.GGMLQuantizationType.F16 or array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
@@ -178,21 +217,40 @@ def _numpy(t: Tensor) -> np.ndarray:
 
 
 def model_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array) for every weight; a tied head is the embedding, so it is not written."""
+    """(GGUF name, float32 array) for every weight, in llama.cpp's layout: Conv1D's (in, out) weights
+    transposed, fused parameters split where llama.cpp reads them apart, a tied head written only where
+    llama.cpp's graph reads one."""
     config = model.config
+    shape = form(config)
     names = gguf.get_tensor_name_map(architecture(config), config.num_hidden_layers)
-    if (factors := rope_factors(config)) is not None:
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if family_of(config).norm_shift and key.endswith("norm.weight"):  # Gemma computes x * (1 + weight)
-            tensor = tensor.float() + 1
+
+    def name_of(key: str) -> str:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"the model holds a tensor llama.cpp has no name for ({key})", "--model",
                             fix="export a merged model (a method that cannot be merged stays outside: use --format hf)")
-        yield name, _numpy(permuted(key.rsplit(".", 1)[0], tensor, config))
+        return name if name.endswith((".weight", ".bias")) else name + ".weight"  # a bare parameter: the experts'
+
+    if (factors := rope_factors(config)) is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
+    state = model.state_dict()
+    for key, tensor in state.items():
+        path = key.rsplit(".", 1)[0]
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            if shape.head != "required":
+                continue
+            tensor = model.get_input_embeddings().weight
+        if shape.norm_shift and key.endswith("norm.weight"):  # Gemma computes x * (1 + weight)
+            tensor = tensor.float() + 1
+        if key.endswith(".weight") and isinstance(model.get_submodule(path), Conv1D):
+            tensor = tensor.t()
+        for suffix, parts in shape.split:
+            if key.endswith(suffix):
+                for part, rows in zip(parts, tensor.chunk(len(parts), dim=-2)):
+                    yield name_of(key[:-len(suffix)] + part), _numpy(rows)
+                break
+        else:
+            yield name_of(key), _numpy(permuted(path, tensor, config))
 
 
 def write(out: Path, arch: gguf.MODEL_ARCH, fill) -> Path:
@@ -213,13 +271,14 @@ def write_model(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32"
     the GGUF file the base came from, whose tokenizer and descriptive keys are carried over."""
     check_dtype(dtype)
     arch = architecture(model.config)
+    note_window(model.config)
     carried = gguf_vocab.carried_fields(source, model.config.vocab_size) if source is not None else None
 
     def fill(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         hyperparameters(writer, model.config)
         writer.add_file_type(FILE_TYPES[dtype])
-        if dtype == "q8_0":
+        if dtype.startswith("q"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if carried is None:
             writer.add_name(Path(out).stem)
@@ -230,7 +289,7 @@ def write_model(model: nn.Module, tokenizer, out: str | Path, dtype: str = "f32"
             if key not in writer.kv_data[0]:  # what this file states itself (its hyperparameters) wins
                 writer.add_key_value(key, value, vtype, sub)
         for name, array in model_tensors(model):
-            data, qtype = encode(array, dtype)
+            data, qtype = encode(array, dtype, name)
             writer.add_tensor(name, data, raw_dtype=qtype)
 
     return write(Path(out), arch, fill)
@@ -243,6 +302,7 @@ def write_lora(model: nn.Module, form: dict[str, tuple[Tensor, Tensor, float]], 
     check_dtype(dtype)
     config = model.config
     arch = architecture(config)
+    note_window(config)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     if not form:
         raise UserError("the adapter wraps no layer", "--adapter")

@@ -22,9 +22,31 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 ATTENTION = ("q_proj", "v_proj")
 LLAMA_IA3 = ("k_proj", "v_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Gguf:
+    """How llama.cpp runs a family, which is what its GGUF file must say (``io/gguf_export.py``)."""
+
+    arch: str  # llama.cpp's architecture: a gguf.MODEL_ARCH member's name
+    act: str = "silu"  # the MLP activation its graph computes (a model with another is refused)
+    # Whether its RoPE rotates adjacent pairs of each head's dimensions (llama's graph), so that q/k rows
+    # are reordered from Hugging Face's halves; False: it rotates halves, as Hugging Face does (NeoX style)
+    rope_pairs: bool = False
+    norm_shift: bool = False  # its graph multiplies by the norm weight where the model uses 1 + weight (Gemma)
+    windowed: bool = False  # its graph has sliding-window layers (elsewhere a window is not applied)
+    # The output head: "optional" (written only when not tied), "required" (its graph reads output.weight,
+    # so a tied head is written as a copy of the embedding) or "embedding" (its graph always uses the embedding)
+    head: str = "optional"
+    # A fused parameter llama.cpp reads as separate tensors: (suffix, parts), split in equal parts along the
+    # output rows (the experts' gate_up_proj, (E, 2I, H), is gate_proj's rows then up_proj's)
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Config values its graph assumes, as (key, the value it must have given the config)
+    requires: tuple[tuple[str, Callable], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,13 +63,7 @@ class Family:
     shared_prefix: bool = True
     kv_cache: bool = True  # every layer's cache is attention keys and values (prefix tuning writes there)
     encoder: bool = False  # bidirectional (BERT and kin): its hidden states serve features; it predicts no next token
-    # GGUF: llama.cpp's architecture for the family (a gguf.MODEL_ARCH member's name; None: not written), and
-    # whether its RoPE rotates adjacent pairs (llama's graph), so that q/k rows are reordered from Hugging
-    # Face's halves, or halves as Hugging Face does (Qwen's)
-    gguf_arch: str | None = None
-    rope_pairs: bool = False
-    norm_shift: bool = False  # llama.cpp's graph multiplies by the norm weight where the model uses 1 + weight (Gemma)
-    gguf_act: str = "silu"  # the MLP's activation llama.cpp's graph computes for the family
+    gguf: Gguf | None = None  # how llama.cpp runs the family (None: it is not written as GGUF)
     known: bool = True
 
     def head_is_logits(self, config) -> bool:
@@ -67,15 +83,24 @@ def _llama_like(name: str, **kw) -> Family:
     return Family(name, gated_mlp=True, **kw)
 
 
-def _gemma(name: str, gguf_arch: str) -> Family:  # a GeGLU MLP (gelu-tanh), a softcap on the logits where configured
-    return Family(name, ia3=QWEN_IA3, head_transforms=("final_logit_softcapping",), gguf_arch=gguf_arch,
-                  norm_shift=True, gguf_act="gelu_pytorch_tanh")
+def _gemma(name: str, arch: str) -> Family:  # a GeGLU MLP (gelu-tanh), a softcap on the logits where configured
+    return Family(name, ia3=QWEN_IA3, head_transforms=("final_logit_softcapping",),
+                  gguf=Gguf(arch, act="gelu_pytorch_tanh", norm_shift=True, windowed=arch != "GEMMA",
+                            head="embedding" if arch != "GEMMA3" else "optional"))
 
 
-def _moe(name: str, experts: tuple[str, ...] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) -> Family:
+EXPERTS_SPLIT = (("experts.gate_up_proj", ("experts.gate_proj", "experts.up_proj")),)
+
+
+def _moe(name: str, gguf: Gguf | None = None) -> Family:
     # The experts are 3-D parameters, not modules: IA3 scales attention only, and the adapter sits on
     # the whole MoE block's output.
-    return Family(name, ia3=("k_proj", "v_proj"), ia3_feedforward=(), mlp_output=("mlp",), experts=experts)
+    return Family(name, ia3=("k_proj", "v_proj"), ia3_feedforward=(), mlp_output=("mlp",),
+                  experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), gguf=gguf)
+
+
+def _no_rope_every_fourth(config) -> list[int]:  # llama.cpp's smollm3 graph: every 4th layer has no RoPE
+    return [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
 
 
 def _neox(name: str, attn_output: str) -> Family:  # fused query_key_value, 4h MLP
@@ -84,24 +109,29 @@ def _neox(name: str, attn_output: str) -> Family:  # fused query_key_value, 4h M
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    *(_llama_like(n, gguf_arch="LLAMA", rope_pairs=True) for n in ("llama", "mistral")),
-    *(_llama_like(n) for n in ("smollm3", "olmo2", "stablelm")),
-    _llama_like("qwen2", ia3=QWEN_IA3, gguf_arch="QWEN2"), _llama_like("qwen3", ia3=QWEN_IA3, gguf_arch="QWEN3"),
+    *(_llama_like(n, gguf=Gguf("LLAMA", rope_pairs=True)) for n in ("llama", "mistral")),
+    _llama_like("smollm3", gguf=Gguf("SMOLLM3", rope_pairs=True,
+                                     requires=(("no_rope_layers", _no_rope_every_fourth),))),
+    _llama_like("olmo2", gguf=Gguf("OLMO2", head="required")),
+    _llama_like("stablelm"),
+    _llama_like("qwen2", ia3=QWEN_IA3, gguf=Gguf("QWEN2")), _llama_like("qwen3", ia3=QWEN_IA3, gguf=Gguf("QWEN3")),
     # Qwen 3.5's linear-attention layers keep a recurrent state, which a cache cannot repeat to a batch
     _llama_like("qwen3_5_text", ia3=QWEN_IA3, attn_output=("o_proj", "linear_attn.out_proj"), shared_prefix=False,
                 kv_cache=False),
     _gemma("gemma", "GEMMA"), _gemma("gemma2", "GEMMA2"), _gemma("gemma3_text", "GEMMA3"),
-    _moe("qwen3_moe"), _moe("mixtral"), _moe("gpt_oss"),
+    _moe("qwen3_moe", Gguf("QWEN3MOE", split=EXPERTS_SPLIT, requires=(
+        ("norm_topk_prob", lambda c: True), ("decoder_sparse_step", lambda c: 1), ("mlp_only_layers", lambda c: [])))),
+    _moe("mixtral", Gguf("LLAMA", rope_pairs=True, split=EXPERTS_SPLIT)), _moe("gpt_oss"),
     Family("phi", lora=("q_proj", "v_proj", "fc1", "fc2"), ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",),
            attn_output=("dense",), mlp_output=("fc2",)),
-    Family("phi3", lora=("qkv_proj",), ia3=("qkv_proj", "down_proj"), gguf_arch="PHI3"),
+    Family("phi3", lora=("qkv_proj",), ia3=("qkv_proj", "down_proj"), gguf=Gguf("PHI3")),
     Family("gpt2", lora=("c_attn",), ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
-           attn_output=("attn.c_proj",), mlp_output=("mlp.c_proj",)),
+           attn_output=("attn.c_proj",), mlp_output=("mlp.c_proj",), gguf=Gguf("GPT2", act="gelu_new")),
     _neox("gpt_neox", "attention.dense"), _neox("falcon", "self_attention.dense"),
     Family("opt", ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",), attn_output=("out_proj",),
            mlp_output=("fc2",)),
     Family("starcoder2", ia3=("k_proj", "v_proj", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
-           mlp_output=("mlp.c_proj",), gguf_arch="STARCODER2", gguf_act="gelu_pytorch_tanh"),
+           mlp_output=("mlp.c_proj",), gguf=Gguf("STARCODER2", act="gelu_pytorch_tanh")),
     # Encoders load as "causal" heads too (BertLMHeadModel), but their attention sees the whole text
     *(Family(n, encoder=True) for n in ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert",
                                         "electra", "deberta", "deberta-v2", "modernbert")),
