@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: one file for llama.cpp, the adapter merged; gguf-lora: the LoRA adapter alone as a "
                         "GGUF adapter file; hf: a Hugging Face model directory (what `merge` writes)")
     p.add_argument("--out", required=True, help="the file (gguf, gguf-lora) or folder (hf) to write")
-    p.add_argument("--dtype", default="f32", help="f32 (default), f16, bf16, or q8_0 (GGUF only)")
+    p.add_argument("--dtype", default="f32", help="f32 (default), f16, bf16; GGUF also q8_0, q5_1, q5_0, q4_1, q4_0")
     p.add_argument("--ollama", action="store_true",
                    help="also write an Ollama Modelfile beside the GGUF (ollama create NAME -f Modelfile)")
     p.add_argument("--overwrite", action="store_true", help="replace an output that exists")

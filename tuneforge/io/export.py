@@ -156,18 +156,26 @@ def export(model_spec: str, out: str | Path, fmt: str = "gguf", adapter_dir: str
 
 
 def gradient_adapter(model: nn.Module, adapter_dir: str | Path, force: bool) -> Injected:
-    """Load the adapter onto ``model``; a feature classifier, which has no weights to export, is refused."""
+    """Load the adapter onto ``model`` to be folded in or exported; a method whose change is no change of
+    weights (a feature classifier, a bottleneck adapter, a prefix, a soft prompt) is refused, naming
+    where it can be served instead."""
     loaded = load_adapter(model, adapter_dir, force=force)
     if not isinstance(loaded, Injected):
         raise UserError("a feature classifier reads the model's hidden states; there are no weights to merge or "
                         "export", str(adapter_dir), fix="use it with tuneforge eval --adapter")
+    if not loaded.method.MERGES:
+        served = ("serve the base (tuneforge export --format hf, without --adapter) with this folder beside it, which "
+                  "PEFT loads in transformers, or" if loaded.method.PEFT_TYPE else "serve it with")
+        raise UserError(f"a {loaded.method.NAME} adapter is no change of the model's weights, so it cannot be folded "
+                        "into a model file (GGUF or a merged folder)", str(adapter_dir),
+                        fix=f"{served} tuneforge generate --adapter {adapter_dir}")
     return loaded
 
 
 def lora_form(handle: Injected, model: nn.Module, adapter_dir: str | Path) -> dict:
     """The adapter's per-layer (A, B, scale), or a UserError naming the formats that can hold it: only a
-    method with a ``lora_form`` (LoRA, rsLoRA, QLoRA) has one, and DoRA has none."""
-    fix = "export it merged with --format gguf, or as a model directory with --format hf"
+    method with a ``lora_form`` (LoRA, rsLoRA, QLoRA) has one; DoRA and IA3 export merged only."""
+    fix = "it exports merged only: --format gguf (one GGUF file), or --format hf (a model folder)"
     try:
         return handle.lora_form(model)
     except UserError as exc:

@@ -28,7 +28,7 @@ from tuneforge.methods._shared import (Injected, MethodModule, before_inject, de
                                        no_lora_form, prefixed_hooks, same_config, wrap)
 from tuneforge.methods.configs import AdapterConfig as Config
 
-NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "adapter", "gradient", None, False
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "adapter", "gradient", None, False, False
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 

@@ -12,7 +12,7 @@ from tuneforge.errors import UserError
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
 from tuneforge.methods.configs import FullConfig as Config
 
-NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "full", "gradient", None, True
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "full", "gradient", None, True, True
 
 
 class Trained(nn.Module, MethodModule):

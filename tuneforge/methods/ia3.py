@@ -24,7 +24,7 @@ from tuneforge.methods._shared import (Injected, MethodModule, base_weight, befo
 from tuneforge.methods.configs import IA3Config as Config
 from tuneforge.quant.nf4 import NF4Linear
 
-NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "ia3", "gradient", "IA3", False
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "ia3", "gradient", "IA3", False, True
 WRAPPABLE = (*targets.LINEAR, NF4Linear)
 
 

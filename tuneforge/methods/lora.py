@@ -32,7 +32,7 @@ from tuneforge.methods._shared import (Injected, MethodModule, base_weight, befo
 from tuneforge.methods.configs import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
 
-NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "lora", "gradient", "LORA", False
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "lora", "gradient", "LORA", False, True
 WRAPPABLE = (*targets.LINEAR, NF4Linear)  # layer types LoRA attaches to (QLoRA: quantize first, then this)
 
 

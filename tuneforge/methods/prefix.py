@@ -37,7 +37,7 @@ from tuneforge.methods import _virtual
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, check_state, injected, no_lora_form
 from tuneforge.methods.configs import PrefixConfig as Config
 
-NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "prefix", "gradient", "PREFIX_TUNING", False
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prefix", "gradient", "PREFIX_TUNING", False, False
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:

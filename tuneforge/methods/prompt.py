@@ -28,7 +28,7 @@ from tuneforge.methods import _virtual
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
 from tuneforge.methods.configs import PromptConfig as Config
 
-NAME, KIND, PEFT_TYPE, WHOLE_MODEL = "prompt", "gradient", "PROMPT_TUNING", False
+NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prompt", "gradient", "PROMPT_TUNING", False, False
 
 
 class SoftPrompt(nn.Module, MethodModule):

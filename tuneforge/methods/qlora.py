@@ -24,7 +24,7 @@ from tuneforge.methods._shared import Injected, before_inject, injected, prefixe
 from tuneforge.methods.configs import QLoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
 
-NAME, KIND, WHOLE_MODEL = "qlora", "gradient", False
+NAME, KIND, WHOLE_MODEL, MERGES = "qlora", "gradient", False, True
 PEFT_TYPE = "LORA"  # the adapter is LoRA's; how the base is held in memory is not part of it
 
 
