@@ -41,6 +41,29 @@ $(LLAMA_STAMP): $(STAMP)
 	  $(BIN)/python -m pip install -q -e ".[llama-cpp]" "$(TORCH)"
 	touch $(LLAMA_STAMP)
 
+# llama.cpp's own converter, the reference that tests/test_gguf_reference.py compares tuneforge's GGUF files
+# with: convert_hf_to_gguf.py and what it imports, conversion/ and its own gguf-py (newer than the installed
+# gguf), from the source distribution the llama-cpp target builds (the version pyproject.toml pins; pip
+# keeps the download). Nothing is installed: the families tested need neither sentencepiece nor
+# mistral_common. Where it cannot be had the test is skipped, except under CI; no stamp, so `make test`
+# tries again.
+CONVERTER       := $(VENV)/llama.cpp-converter
+CONVERTER_STAMP := $(VENV)/.llama-cpp-converter-stamp
+LLAMA_CPP_PIN   := $(shell sed -n 's/.*"\(llama-cpp-python==[^"]*\)".*/\1/p' pyproject.toml)
+CONVERTER_FILES := convert_hf_to_gguf.py conversion gguf-py
+.PHONY: llama-cpp-converter
+llama-cpp-converter: $(CONVERTER_STAMP)
+test: llama-cpp-converter
+
+$(CONVERTER_STAMP): $(STAMP)
+	@rm -rf $(CONVERTER) && mkdir -p $(CONVERTER) && tmp=$$(mktemp -d) && \
+	  if $(BIN)/python -m pip download -q --no-deps --no-binary :all: -d $$tmp "$(LLAMA_CPP_PIN)" && \
+	     tar -xzf $$tmp/*.tar.gz -C $(CONVERTER) --strip-components=3 --wildcards \
+	       $(foreach f,$(CONVERTER_FILES),'*/vendor/llama.cpp/$(f)'); \
+	  then rm -rf $$tmp && touch $@; \
+	  else rm -rf $$tmp $(CONVERTER); echo "no converter from $(LLAMA_CPP_PIN): tests/test_gguf_reference.py is skipped"; \
+	       [ -z "$$CI" ] || exit 1; fi
+
 # LoRA on movie-review sentiment in a few minutes of CPU: accuracy before and after, then one
 # generation with the adapter. Each run starts afresh in runs/demo-lora.
 DEMO_REVIEW := A gorgeous, funny and deeply moving film: the best thing I have seen all year.
