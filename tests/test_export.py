@@ -424,40 +424,53 @@ def greedy(llm, ids: list[int], eos: int, n: int) -> list[int]:
     return out
 
 
+QUESTION = "Is the sentiment of this text positive or negative? Answer with one word: positive or negative."
+PROMPTS = [(QUESTION, "Text: A gorgeous, funny and deeply moving film."),
+           (QUESTION, "Text: A joyless, plodding mess that I regret seeing."),
+           (None, "What is the capital of France?")]
+
+
+def assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(spec: str, base, tmp_path: Path, lora_base: Path | None,
+                                                            *settings: str) -> None:
+    """``spec`` LoRA-tuned on sentiment (configs/sentiment-lora.yaml with ``settings``, for a few steps at a
+    rate high enough that the answers change), exported merged as f32, and as a GGUF LoRA applied to
+    ``lora_base`` (None: the base exported as f32): each of PROMPTS gets in llama.cpp the tokens
+    `tuneforge generate --adapter` gives. ``base``: the model and tokenizer of ``spec``, untouched."""
+    run = tmp_path / "run"
+    sets = [f"model={spec}", f"train.output_dir={run}", "train.save_steps=0", "train.eval_at_start=false",
+            "data.max_eval_examples=8", *settings]
+    assert cli.main(["train", str(REPO / "configs" / "sentiment-lora.yaml"),
+                     *(arg for value in sets for arg in ("--set", value))]) == 0
+    adapter = run / "final"
+    model, tokenizer = load_model(spec)
+    load_adapter(model, adapter)
+    exports = [["--adapter", str(adapter), "--out", str(tmp_path / "merged.gguf")],
+               ["--adapter", str(adapter), "--format", "gguf-lora", "--out", str(tmp_path / "lora.gguf")]]
+    if lora_base is None:
+        exports.append(["--out", str(tmp_path / "base.gguf")])
+        lora_base = tmp_path / "base.gguf"
+    for argv in exports:
+        assert cli.main(["export", "--model", spec, *argv]) == 0
+    with llama(tmp_path / "merged.gguf") as merged, llama(lora_base, tmp_path / "lora.gguf") as lora:
+        changed = 0
+        for system, prompt in PROMPTS:
+            ids = encode_prompt(tokenizer, prompt, system=system)["input_ids"][0].tolist()
+            expected = generate(model, tokenizer, prompt, system=system, max_new_tokens=8)
+            changed += expected != generate(base[0], base[1], prompt, system=system, max_new_tokens=8)
+            for llm in (merged, lora):
+                assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+                got = greedy(llm, ids, tokenizer.eos_token_id, 8)
+                assert tokenizer.decode(got, skip_special_tokens=True) == expected, (prompt, expected)
+        assert changed  # the adapter matters, so the comparison can fail
+
+
 @needs_llama_cpp
 @pytest.mark.real
-def test_default_model_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(real_model, tmp_path, capsys):
-    """The default model, LoRA-tuned on sentiment (the shipped recipe for a few steps, at a rate high
-    enough that the answers change), exported merged as f32, and as a GGUF LoRA applied to the base
-    exported as f32 (the shipped base is Q4_1): each prompt gets the tokens `tuneforge generate
-    --adapter` gives."""
-    run = tmp_path / "run"
-    assert cli.main(["train", str(REPO / "configs" / "sentiment-lora.yaml"), "--set", f"train.output_dir={run}",
-                     "--set", "train.max_steps=12", "--set", "train.learning_rate=1e-3", "--set", "train.save_steps=0",
-                     "--set", "train.eval_at_start=false", "--set", "data.max_eval_examples=8"]) == 0
-    adapter = run / "final"
-    model, tokenizer = load_model("smollm2-135m")
-    load_adapter(model, adapter)
-    for argv in (["--adapter", str(adapter), "--out", str(tmp_path / "merged.gguf")],
-                 ["--out", str(tmp_path / "base.gguf")],
-                 ["--adapter", str(adapter), "--format", "gguf-lora", "--out", str(tmp_path / "lora.gguf")]):
-        assert cli.main(["export", *argv]) == 0
+def test_default_model_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(real_model, tmp_path):
+    """The default model; its LoRA file applies to the base exported as f32 (the shipped base is Q4_1),
+    which carries the shipped GGUF's tokenizer and descriptive keys."""
+    assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp("smollm2-135m", real_model, tmp_path, None,
+                                                            "train.max_steps=12", "train.learning_rate=1e-3")
     fields = gguf.GGUFReader(tmp_path / "base.gguf").fields
     assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # carried from the shipped GGUF
     assert fields["general.organization"].contents() == "HuggingFaceTB"
-    base = real_model[0]
-    question = "Is the sentiment of this text positive or negative? Answer with one word: positive or negative."
-    prompts = [(question, "Text: A gorgeous, funny and deeply moving film."),
-               (question, "Text: A joyless, plodding mess that I regret seeing."),
-               (None, "What is the capital of France?")]
-    with llama(tmp_path / "merged.gguf") as merged, llama(tmp_path / "base.gguf", tmp_path / "lora.gguf") as lora:
-        changed = 0
-        for system, prompt in prompts:
-            ids = encode_prompt(tokenizer, prompt, system=system)["input_ids"][0].tolist()
-            expected = generate(model, tokenizer, prompt, system=system, max_new_tokens=12)
-            changed += expected != generate(base, tokenizer, prompt, system=system, max_new_tokens=12)
-            for llm in (merged, lora):
-                assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
-                got = greedy(llm, ids, tokenizer.eos_token_id, 12)
-                assert tokenizer.decode(got, skip_special_tokens=True) == expected, (prompt, expected)
-        assert changed  # the adapter matters, so the comparison can fail

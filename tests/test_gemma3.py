@@ -62,3 +62,16 @@ def test_gemma3_loss_on_plain_english_is_low(gemma):
     with torch.no_grad():
         loss = model(**ids, labels=ids["input_ids"]).loss.item()
     assert loss < 4.0, loss
+
+
+def test_gemma3_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(gemma, tmp_path):
+    """Gemma 3 270M LoRA-tuned on sentiment (a few steps at a high rate), exported merged as f32 and as a
+    GGUF LoRA file applied to the Q4_K_M file the model ships as: llama.cpp gives the greedy tokens
+    `tuneforge generate --adapter` gives, for three prompts."""
+    from test_export import assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp, needs_llama_cpp
+
+    if needs_llama_cpp.args[0]:
+        pytest.skip(needs_llama_cpp.kwargs["reason"])
+    assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(
+        "gemma3-270m", gemma, tmp_path, load.find_named_gguf("gemma3-270m"), "train.max_steps=4",
+        "train.batch_size=4", "train.learning_rate=1e-3", "data.max_examples=40", "data.max_length=64")
