@@ -120,8 +120,8 @@ def test_merged_lora_f32_reads_back_in_transformers_with_the_adapter_logits(base
 
 
 # Measured on the tiny model, whose logits reach 0.66: f16 1.6e-3, bf16 8.9e-3, q8_0 4.2e-2, q4_0 0.53 (a
-# random 64-wide model has no outliers for 4 bits to spare: tests/test_export.py's real-model test shows
-# what q4_0 keeps of a trained one).
+# random 64-wide model has no outliers for 4 bits to spare; docs/export.md has what q4_0 keeps of the
+# default model).
 @pytest.mark.parametrize("dtype,tolerance", [("f16", 5e-3), ("bf16", 3e-2), ("q8_0", 0.1), ("q4_0", 1.0)])
 def test_smaller_dtypes_stay_within_their_tolerance(base_dir, lora_dir, tmp_path, dtype, tolerance):
     out = tmp_path / f"model-{dtype}.gguf"

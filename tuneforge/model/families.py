@@ -14,6 +14,9 @@ the model's own computation:
   prefix the rows of a batch share may run once and be repeated to the batch (``kv_cache`` says the
   same for prefix tuning, which an unknown family may still try).
 
+``gguf`` says how llama.cpp runs the family (``Gguf``), which is what the GGUF writer
+(``io/gguf_export.py``) reads; a family without one is not written as GGUF.
+
 A model type that is not in the table is run through its own forward, with none of these: correct
 first, then fast. ``family_of`` says so once per model type.
 """
