@@ -42,6 +42,17 @@ def _config(args: argparse.Namespace) -> None:
     print(config.to_yaml(config.from_yaml(args.config, args.set)), end="")
 
 
+def _data(args: argparse.Namespace) -> None:
+    from tuneforge.data import load_datasets
+    from tuneforge.data.show import describe
+    from tuneforge.io.load import load_tokenizer
+
+    cfg = config.from_yaml(args.config, args.set)
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    print(describe(data, tokenizer, count=args.examples, split=args.split, color=sys.stdout.isatty()), end="")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from tuneforge.io.export import merge_adapter
 
@@ -354,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the address to listen on; any but 127.0.0.1 or localhost needs the access token printed "
                         "at start in every request")
     p.set_defaults(run=_ui)
+
+    p = sub.add_parser("data", help="what a run learns from its data: the counts, and examples with the tokens "
+                                    "that carry loss marked")
+    _config_args(p)
+    p.add_argument("--examples", type=int, default=1, help="how many examples to show (default 1)")
+    p.add_argument("--split", choices=("train", "eval"), default="train", help="which split's examples to show")
+    p.set_defaults(run=_data)
 
     p = sub.add_parser("config", help="check a run configuration and print it with every default filled in")
     _config_args(p)
