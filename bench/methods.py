@@ -63,7 +63,7 @@ def run_config(method: str, keys: dict, workload: str, steps: int):
 
     w = WORKLOADS[workload]
     sets = [*w["set"], f"train.max_steps={steps}", f"data.max_examples={steps * 8}", f"train.learning_rate={w['lr']}",
-            "train.lr_schedule=constant", "data.packing=true", "train.warmup_steps=0", "train.logging_steps=1",
+            "train.lr_schedule=constant", "data.group_by_length=true", "train.warmup_steps=0", "train.logging_steps=1",
             f"train.device={DEVICE}"]
     raw = config.to_dict(config.from_yaml(REPO / w["config"], sets))
     return config.from_dict({**raw, "method": {"name": method, **keys}})

@@ -86,7 +86,7 @@ def test_the_longest_batch_and_its_shared_prefix_come_from_the_data(tiny_tokeniz
 def test_cli_estimate_writes_json_and_train_refuses_what_cannot_fit(tmp_path, tiny_dir, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(12))
     raw = {"model": str(tiny_dir), "method": {"name": "lora", "r": 4},
-           "data": {"path": str(data), "format": "classification", "packing": True},
+           "data": {"path": str(data), "format": "classification", "group_by_length": True},
            "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 4, "device": "cpu"}}
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(raw))

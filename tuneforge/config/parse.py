@@ -81,7 +81,8 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
             try:
                 return _coerce(value, arg, key, where)
             except UserError:
-                continue
+                if _shaped(value, arg):  # a list for the list type, a mapping for the mapping: its own error says more
+                    raise
         raise wrong
     if origin is Literal:
         value = str(value) if isinstance(value, FromCli) else value
@@ -129,6 +130,15 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
             raise UserError(f"expected a mapping of {tp.__name__} keys, got {value!r}", where(key))
         return build(tp, value, where, prefix=key + ".")
     raise TypeError(f"config type {tp!r} is not supported")  # a tuneforge bug, not a user error
+
+
+def _shaped(value: Any, tp) -> bool:
+    """Whether ``value`` has the container shape of ``tp`` (a list for a list type, a mapping for a
+    dataclass or dict), so that an error inside it is the one to report."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, list):
+        return origin in (list, tuple)
+    return isinstance(value, dict) and (origin is dict or dataclasses.is_dataclass(tp))
 
 
 def build(cls, raw: Mapping[str, Any], where: Where | None = None, prefix: str = ""):

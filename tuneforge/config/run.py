@@ -10,6 +10,7 @@ help. Nothing here imports torch: a config is checked before any model code load
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -30,10 +31,36 @@ class MethodCfg:
 
 
 @dataclass(frozen=True)
+class SourceCfg:
+    """One source of a data mixture (``data.path`` as a list); a key left unset is data's own."""
+
+    path: str  # a data file or `datasets` folder, as data.path takes one
+    format: str | None = None  # this source's data.format; instruction and completion sources mix
+    columns: list[str] | None = None  # this source's data.columns (a CSV/TSV file without a header row)
+    text_column: str | None = None  # this source's data.text_column
+    weight: float = 1.0  # this source's share of the training examples: weight / the sum of the weights
+    max_rows: int | None = None  # read at most this many of its rows (a seeded sample) before mixing
+
+    def __post_init__(self):
+        at_least(self, "weight", 0, "data.path", above=True)
+        at_least(self, "max_rows", 1, "data.path")
+        formats = typing.get_args(typing.get_type_hints(DataCfg)["format"])
+        if self.format is not None and self.format not in formats:
+            raise UserError(f"{self.format!r} is not allowed", "data.path.format",
+                            fix=f"use one of {', '.join(formats)}")
+
+
+@dataclass(frozen=True)
 class DataCfg:
-    path: str | None = None  # training file: .jsonl, .csv, .tsv or plain text
+    # training data: a file (.jsonl, .json, .csv, .tsv, .parquet, .arrow or plain text), a folder written by
+    # `datasets`' save_to_disk, or a list of sources ({path, weight, max_rows, format, columns, text_column})
+    # mixed by weight: docs/formats.md
+    path: str | list[SourceCfg] | None = None
     eval_path: str | None = None  # held-out file; without it a val_fraction of `path` is held out
-    format: Literal["text", "instruction", "completion", "classification"] = "text"
+    # instruction covers every chat form (Alpaca, OpenAI messages, ShareGPT, TRL's conversational
+    # prompt/completion), detected from the rows; preference rows (prompt/chosen/rejected) are read for
+    # preference tuning
+    format: Literal["text", "instruction", "completion", "classification", "preference"] = "text"
     text_column: str = "text"  # the text of a row (classification, completion prompts fall back to it)
     label_column: str = "label"  # classification label (or a numeric score, with score_thresholds)
     prompt_column: str = "prompt"  # completion format: the prompt
@@ -46,9 +73,15 @@ class DataCfg:
     val_fraction: float = 0.1  # share held out for validation when eval_path is not given
     max_examples: int | None = None  # use at most this many training examples (after the split)
     max_eval_examples: int | None = None  # evaluate on at most this many held-out examples
-    packing: bool = False  # supervised data in batches of similar length (little padding); raw text is always packed
+    # supervised examples packed several to a row up to max_length, each attending only to itself (position
+    # ids restart at each); raw text is always packed into blocks
+    packing: bool = False
+    group_by_length: bool = False  # supervised batches of examples of similar length (little padding)
     chat_template: bool = True  # render prompts with the tokenizer's chat template when it has one
     train_on_prompt: bool = False  # also put loss on the prompt tokens
+    train_on_turns: Literal["all", "last"] = "all"  # which assistant turns of a conversation carry loss
+    mask_reasoning: bool = False  # keep reasoning spans (<think>...</think>) of an answer out of the loss
+    roles: dict[str, str] | None = None  # ShareGPT's role names -> user/assistant/system/tool (merged with the usual)
 
     def __post_init__(self):
         at_least(self, "max_length", 2, "data")

@@ -12,6 +12,8 @@ writes everything in it; each process trains its share on its device (``training
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -24,10 +26,11 @@ from transformers import AutoConfig
 from tuneforge import config as config_mod
 from tuneforge.atomic import atomic_path, write_text
 from tuneforge.config import RunCfg
-from tuneforge.data import Collator, Datasets, length_grouped_batches, load_datasets
+from tuneforge.data import Collator, Datasets, Example, length_grouped_batches, load_datasets
+from tuneforge.data.collate import PackingCollator, packed_batches, padded_positions
 from tuneforge.errors import UserError
 from tuneforge.devices import available_memory, resolve_device
-from tuneforge.estimate import Estimate, batch_shapes, estimate
+from tuneforge.estimate import Estimate, Shape, batch_shapes, estimate
 from tuneforge.eval.evaluator import make_evaluator
 from tuneforge.io import feature_cache
 from tuneforge.io.export import save_model
@@ -130,6 +133,8 @@ def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, in
             if report.truncated or report.dropped:
                 print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
                       f"{report.dropped} dropped", file=sys.stderr)
+            if report.sources:  # a mixture: each source's examples in this split
+                print(f"tuneforge: {split}: {report.line()}", file=sys.stderr)
     if method.KIND == "gradient":  # the cost first, before the model loads
         error = None
         if main:
@@ -153,6 +158,7 @@ def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, in
         result = _train(method, model, tokenizer, data, cfg, out, injected, resume, progress, d)
     if main:
         result["artifact_bytes"] = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
+        result["data"] = {split: dataclasses.asdict(report) for split, report in data.report.items()}
         write_text(out / "summary.json", json.dumps(result, indent=1))
     return result
 
@@ -182,8 +188,15 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
         say(f"tuneforge: {d.world} processes ({'nccl' if d.device.type == 'cuda' else 'gloo'}, "
             f"{'FSDP2' if shard else 'DDP'}): global batch {t.batch_size * t.grad_accum * d.world} = batch_size "
             f"{t.batch_size} x grad_accum {t.grad_accum} x {d.world} processes", file=sys.stderr)
-    order = batch_order(cfg, data)
-    summary = train(wrapped, params, data.train, Collator(tokenizer.pad_token_id), cfg.train, out,
+    order, packing = batch_order(cfg, data), None
+    if cfg.data.packing:
+        check_packing(model, injected.name)
+        packing = packing_report(cfg, data)
+        say(f"tuneforge: packing: {packing['examples']} examples in {packing['rows']} rows of at most "
+            f"{cfg.data.max_length} tokens, {packing['batches']} batches of {cfg.train.batch_size} rows an epoch "
+            f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
+            f"{packing['padding_packed']:,} token positions an epoch", file=sys.stderr)
+    summary = train(wrapped, params, data.train, collator(cfg, tokenizer), cfg.train, out,
                     batch_order=order, evaluator=make_evaluator(tokenizer, data, cfg), resume=resume,
                     progress=progress, dist=d)
     _save_final(model, injected, tokenizer, cfg, out, d)
@@ -195,6 +208,8 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
               **summary.as_dict()}
     if summary.final_eval and summary.best_eval.get("step") != summary.final_eval.get("step"):
         result["best"] = _numbers(summary.best_eval)
+    if packing:
+        result["packing"] = packing
     for key in ("best_eval", "first_eval", "final_eval"):
         result.pop(key)
     if main:
@@ -239,17 +254,88 @@ def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path,
 
 
 def batch_order(cfg: RunCfg, data: Datasets):
-    """epoch -> the lists of example indices the loop takes as micro-batches."""
-    if cfg.data.packing:  # batches of similar length waste little on padding
-        lengths = [len(e.input_ids) for e in data.train]
+    """epoch -> the lists of example indices the loop takes as micro-batches; with ``data.packing`` each
+    list holds the examples of ``train.batch_size`` packed rows, row after row, for ``collator`` to cut."""
+    lengths = [len(e.input_ids) for e in data.train]
+    if cfg.data.packing:  # several examples to a row: next to no padding (cached: the loop asks every batch)
+        return functools.lru_cache(maxsize=2)(lambda epoch: packed_batches(
+            lengths, cfg.data.max_length, cfg.train.batch_size, cfg.train.seed, epoch))
+    if cfg.data.group_by_length:  # batches of similar length waste little on padding
         return lambda epoch: length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)
     return shuffled_batches(len(data.train), cfg.train.batch_size, cfg.train.seed)
 
 
+def collator(cfg: RunCfg, tokenizer):
+    """What turns ``batch_order``'s lists of examples into a batch: packed rows, or padded examples."""
+    if cfg.data.packing:
+        return PackingCollator(tokenizer.pad_token_id, cfg.data.max_length)
+    return Collator(tokenizer.pad_token_id)
+
+
+def packing_report(cfg: RunCfg, data: Datasets) -> dict:
+    """What packing saves in an epoch (the first): the padding of the batches the run would make unpacked
+    (length-grouped with ``data.group_by_length``, else shuffled), against that of its packed rows."""
+    lengths = [len(e.input_ids) for e in data.train]
+    unpacked = batch_order(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=False)), data)(0)
+    packed = batch_order(cfg, data)(0)
+    padding_unpacked, _ = padded_positions(lengths, unpacked)
+    padding_packed, rows = padded_positions(lengths, packed, cfg.data.max_length)
+    return {"examples": len(lengths), "rows": rows, "tokens": sum(lengths), "batches": len(packed),
+            "batches_unpacked": len(unpacked), "padding_unpacked": padding_unpacked, "padding_packed": padding_packed}
+
+
+PROBE_LENGTHS, PROBE_WIDTH = (6, 5, 4, 7), 12  # two rows of two examples
+
+
+def check_packing(model, method: str, tolerance: float = 1e-2) -> None:
+    """Refuse packing where the examples of a row would see each other: a probe's random examples, packed
+    two to a row, must score as they do alone. Where attention is masked to each example this holds to
+    rounding; where it is not (a model whose masks ignore restarting positions, a method's virtual tokens
+    or prefix, a recurrent layer's state), the second example of a row sees the first, and scores apart."""
+    from tuneforge.eval.lm import label_logprobs
+
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    examples = []
+    for n in PROBE_LENGTHS:
+        ids = torch.randint(3, vocab, (n,), generator=generator).tolist()
+        examples.append(Example(ids, ids))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = {k: v.to(device) for k, v in PackingCollator(0, PROBE_WIDTH)(examples).items()}
+            packed, _ = label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       position_ids=batch["position_ids"])
+            alone = []
+            for e in examples:
+                ids = torch.tensor([e.input_ids], device=device)  # (1, n)
+                alone.append(label_logprobs(model, ids, torch.ones_like(ids), ids)[0])
+    finally:
+        model.train(was_training)
+    gap = (packed.float() - torch.cat(alone).float()).abs().max().item()
+    if not gap <= tolerance:
+        name = family_of(model).name
+        raise UserError(f"packed rows are not exact on this model ({name}, method {method}): examples packed two to "
+                        f"a row scored {gap:.3g} away from the same examples alone, so the examples of a row would "
+                        "see each other (its attention is not masked by restarting positions, or a method's virtual "
+                        "tokens or a recurrent state spans the row)", "data.packing",
+                        fix="set data.packing: false (data.group_by_length: true keeps the padding low)")
+
+
 def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None) -> Estimate:
     """The estimate of this run, from the batches its data will make (the longest for memory)."""
-    shapes = batch_shapes(data.train, batch_order(cfg, data)(0), tokenizer.pad_token_id)
-    return estimate(cfg, shapes, n_examples=len(data.train), model_config=model_config)
+    batches = batch_order(cfg, data)(0)
+    if not cfg.data.packing:
+        shapes = batch_shapes(data.train, batches, tokenizer.pad_token_id)
+        return estimate(cfg, shapes, n_examples=len(data.train), model_config=model_config)
+    collate, shapes = collator(cfg, tokenizer), []
+    for indices in batches:  # packed rows share no prefix: each starts its own example
+        batch = collate([data.train[i] for i in indices])
+        shapes.append(Shape(*batch["input_ids"].shape, 0, int((batch["labels"][:, 1:] != -100).sum())))
+    rows = sum(s.rows for s in shapes)  # an epoch's steps count rows, not examples
+    return estimate(cfg, shapes, n_examples=rows, model_config=model_config)
 
 
 def _estimate_or_none(cfg: RunCfg, data: Datasets, tokenizer, model) -> Estimate | None:

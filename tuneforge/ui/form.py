@@ -154,6 +154,8 @@ def error_key(where: str | None) -> str | None:
 def path_values(cfg: RunCfg) -> dict[str, str]:
     """The keys of ``cfg`` that name files or folders (each must lie inside the folders the server was
     given), with their values (unset ones left out)."""
-    flat = {"model": cfg.model, "data.path": cfg.data.path, "data.eval_path": cfg.data.eval_path,
-            "method.tokenizer_name_or_path": cfg.method.args.get("tokenizer_name_or_path")}
+    sources = cfg.data.path if isinstance(cfg.data.path, list) else []  # a mixture names a file per source
+    flat = {"model": cfg.model, "data.path": None if sources else cfg.data.path, "data.eval_path": cfg.data.eval_path,
+            "method.tokenizer_name_or_path": cfg.method.args.get("tokenizer_name_or_path"),
+            **{f"data.path[{i}].path": source.path for i, source in enumerate(sources)}}
     return {k: v for k, v in flat.items() if v}

@@ -199,7 +199,7 @@ class App:
     def examples(self, cfg: RunCfg) -> int | None:
         """About how many training examples the run will have (rows after the split and the cap), so
         the estimate can give the time per run; None for raw text, which is cut into blocks."""
-        if cfg.data.format == "text" or not cfg.data.path:
+        if cfg.data.format == "text" or not isinstance(cfg.data.path, str):  # a mixture is sized when it is built
             return None
         from tuneforge.data.readers import read_rows, split_rows
 
