@@ -1,22 +1,33 @@
-"""Supervised rows (instructions, chats, completions) to examples with the prompt masked out of the loss.
+"""Supervised rows (instructions, chats, completions) to examples whose loss is on what users mean.
 
-Every row becomes a conversation (a list of {role, content} messages), rendered either with the
-tokenizer's chat template or with a plain "### Instruction / ### Response" template. The loss
-goes on each assistant turn and on its end-of-turn token, so the model learns to answer and to
-stop. The prompt/answer boundary comes from the template itself: the conversation up to a turn,
-rendered with the generation prompt, must be a prefix of the conversation including that turn;
-the tokens in between are the answer. Each piece is tokenized on its own, exactly as generation
-will see it: the prompt's tokens first, then whatever the model produces.
+Every row becomes one or more conversations (``chat.py`` reads each published form), rendered with
+the tokenizer's chat template or, without one, a plain "### Instruction / ### Response" layout. The
+loss goes on each answer (an assistant turn, tool calls included, and its end-of-turn token) so
+the model learns to answer and to stop; never on tool results, on turns of weight 0, or (with
+``mask_reasoning``) on <think>...</think> spans. With ``train_on_turns: last`` only the last answer
+is trained; with ``train_on_prompt`` everything but the never-trained pieces is.
+
+The prompt/answer boundary comes from the template itself: the conversation up to a turn, rendered
+with the generation prompt, must be a prefix of the conversation including that turn; the text in
+between is the answer. Each piece is tokenized on its own, exactly as generation will see it: the
+prompt's tokens first, then whatever the model produces.
 """
 
 from __future__ import annotations
 
+import json
+import re
+
+from tuneforge.data.chat import PROMPT_FIELD, Conversation, conversations, form, prompt_completion
 from tuneforge.data.collate import IGNORE, Example
 from tuneforge.data.readers import Row, field
 from tuneforge.data.text import eos_id
 from tuneforge.errors import UserError
 
-Pieces = list[tuple[list[int], bool]]  # (token ids, is_answer) in order; answers carry the loss
+# What a piece's tokens do for the loss. False and True (what classify.py passes) read as PROMPT and ANSWER.
+PROMPT, ANSWER, NEVER = 0, 1, 2  # trained only with train_on_prompt / always / never
+Pieces = list[tuple[list[int], int]]  # (token ids, loss kind) in order
+REASONING = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 def uses_template(tokenizer, chat_template: bool) -> bool:
@@ -34,71 +45,158 @@ def special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
 
 
-def render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+def render(tokenizer, messages: list[dict], generation_prompt: bool, where: str, tools: list | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     except Exception as exc:  # a template raises its own errors (roles must alternate, ...)
         raise UserError(f"the chat template cannot render this conversation: {exc}", where,
                         fix="check the roles and their order, or set data.chat_template: false") from None
 
 
-def split_end_of_turn(ids: list[int], specials: set[int]) -> Pieces:
+def split_end_of_turn(ids: list[int], specials: set[int], kind: int = ANSWER) -> Pieces:
     """An assistant turn's tokens as (answer up to and including the last special token, the rest).
 
     What follows the end-of-turn token (a template's newline) is layout, not something to learn.
     """
     ends = [i for i, t in enumerate(ids) if t in specials]
     cut = ends[-1] + 1 if ends else len(ids)
-    return [(ids[:cut], True), (ids[cut:], False)]
+    return [(ids[:cut], kind), (ids[cut:], PROMPT)]
 
 
-def template_pieces(tokenizer, messages: list[dict], where: str) -> Pieces:
-    full = render(tokenizer, messages, False, where)
-    specials, pieces, cursor = special_ids(tokenizer), [], 0
+def turn_losses(conv: Conversation, train_on_turns: str) -> list[int]:
+    """Per message: ANSWER for the assistant turns that are trained, NEVER for weight-0 ones, else PROMPT."""
+    answers = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant" and i >= conv.start]
+    out = []
+    for i, message in enumerate(conv.messages):
+        if message["role"] == "assistant" and conv.weights[i] == 0:
+            out.append(NEVER)
+        elif i in answers and (train_on_turns == "all" or i == answers[-1]):
+            out.append(ANSWER)
+        else:
+            out.append(PROMPT)
+    return out
+
+
+def answer_pieces(tokenizer, text: str, kind: int, mask_reasoning: bool) -> Pieces:
+    """An assistant turn's text, its reasoning spans (tags included) NEVER when masked.
+
+    The text is split at the span edges and each piece tokenized on its own, so the boundary is
+    exact whatever the tokenizer merges (offsets would leave a token straddling an edge to guess).
+    """
+    if not mask_reasoning:
+        return [(tokens(tokenizer, text), kind)]
+    pieces, at = [], 0
+    for span in REASONING.finditer(text):
+        pieces += [(tokens(tokenizer, text[at:span.start()]), kind), (tokens(tokenizer, span.group()), NEVER)]
+        at = span.end()
+    return pieces + [(tokens(tokenizer, text[at:]), kind)]
+
+
+def template_pieces(tokenizer, conv: Conversation, losses: list[int], mask_reasoning: bool,
+                    where: str) -> tuple[Pieces, int]:
+    """(pieces, how many come before the first answer at or after ``conv.start``)."""
+    messages, tools = conv.messages, conv.tools
+    check_tools_render(tokenizer, conv, where)
+    full = render(tokenizer, messages, False, where, tools)
+    specials, pieces, cursor, cut = special_ids(tokenizer), [], 0, None
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:turn], True, where)
-        upto = render(tokenizer, messages[:turn + 1], False, where)
+        prompt = render(tokenizer, messages[:turn], True, where, tools)
+        upto = render(tokenizer, messages[:turn + 1], False, where, tools)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise UserError("the chat template renders earlier turns differently once later turns follow, so the "
                             "answer cannot be located", where, fix="set data.chat_template: false")
-        pieces.append((tokens(tokenizer, full[cursor:len(prompt)]), False))
-        pieces += split_end_of_turn(tokens(tokenizer, upto[len(prompt):]), specials)
+        pieces.append((tokens(tokenizer, full[cursor:len(prompt)]), PROMPT))
+        if cut is None and turn >= conv.start:
+            cut = len(pieces)
+        answer = answer_pieces(tokenizer, upto[len(prompt):], losses[turn], mask_reasoning)
+        pieces += answer[:-1] + split_end_of_turn(answer[-1][0], specials, answer[-1][1])
         cursor = len(upto)
-    pieces.append((tokens(tokenizer, full[cursor:]), False))
-    return pieces
+    pieces.append((tokens(tokenizer, full[cursor:]), PROMPT))
+    return pieces, len(pieces) if cut is None else cut
 
 
-def plain_pieces(tokenizer, messages: list[dict]) -> Pieces:
-    """The Alpaca-style layout, for tokenizers without a chat template: the answer ends with EOS."""
-    pieces, context = [], ""
-    for message in messages:
+def check_tools_render(tokenizer, conv: Conversation, where: str) -> None:
+    """Refuse a template that leaves a tool call, a tool result or the tools out of the text (it renders
+    the conversation as if they were not there) or cannot render them: nothing is dropped silently."""
+    fix = "use a model whose chat template supports tools, or set data.chat_template: false (tool calls as JSON text)"
+    messages, tools = conv.messages, conv.tools
+    for turn, message in enumerate(messages):
+        if message.get("tool_calls"):
+            names = ", ".join(call["function"]["name"] for call in message["tool_calls"])
+            bare = {k: v for k, v in message.items() if k != "tool_calls"}
+            what = f"the tool call to {names}"
+        elif message["role"] == "tool":
+            bare, what = None, "a tool result"
+        else:
+            continue
+        try:
+            shown = tokenizer.apply_chat_template(messages[:turn + 1], tools=tools, tokenize=False)
+            hidden = tokenizer.apply_chat_template(messages[:turn] + ([bare] if bare else []), tools=tools,
+                                                   tokenize=False)
+        except Exception as exc:
+            raise UserError(f"the chat template cannot render {what}: {exc}", where, fix=fix) from None
+        if shown == hidden:
+            raise UserError(f"the chat template leaves out {what}", where, fix=fix)
+    if tools and render(tokenizer, messages, False, where, tools) == render(tokenizer, messages, False, where):
+        raise UserError("the chat template leaves out the row's 'tools'", where, fix=fix)
+
+
+def plain_text(message: dict) -> str:
+    """An assistant turn in the plain layout: its content, then each tool call as a JSON line."""
+    calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+             for c in message.get("tool_calls") or []]
+    return "\n".join(([message["content"]] if message["content"] else []) + calls)
+
+
+def plain_pieces(tokenizer, conv: Conversation, losses: list[int], mask_reasoning: bool) -> tuple[Pieces, int]:
+    """The Alpaca-style layout, for tokenizers without a chat template: each answer ends with EOS."""
+    pieces, cut, context = [], None, ""
+    if conv.tools:
+        context = "### Tools:\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in conv.tools) + "\n\n"
+    for turn, (message, loss) in enumerate(zip(conv.messages, losses)):
         role, content = message["role"], message["content"]
         if role == "assistant":
-            pieces.append((tokens(tokenizer, context + "### Response:\n"), False))
-            pieces.append((tokens(tokenizer, content) + [eos_id(tokenizer)], True))
+            pieces.append((tokens(tokenizer, context + "### Response:\n"), PROMPT))
+            if cut is None and turn >= conv.start:
+                cut = len(pieces)
+            pieces += answer_pieces(tokenizer, plain_text(message), loss, mask_reasoning)
+            pieces.append(([eos_id(tokenizer)], loss))
             context = "\n\n"
         elif role == "system":
             context += f"{content}\n\n"
+        elif role == "tool":
+            context += f"### Tool result:\n{content}\n\n"
         else:
             context += f"### Instruction:\n{content}\n\n"
     if context.strip():  # trailing turns with no answer after them
-        pieces.append((tokens(tokenizer, context), False))
-    return pieces
+        pieces.append((tokens(tokenizer, context), PROMPT))
+    return pieces, len(pieces) if cut is None else cut
 
 
-def conversation_pieces(tokenizer, messages: list[dict], chat_template: bool, where: str) -> Pieces:
-    if uses_template(tokenizer, chat_template):
-        return template_pieces(tokenizer, messages, where)
-    return plain_pieces(tokenizer, messages)
+def conversation_pieces(tokenizer, conv: Conversation, cfg, where: str) -> tuple[Pieces, int]:
+    """(pieces, how many of them come before the first answer at or after ``conv.start``)."""
+    losses = turn_losses(conv, cfg.train_on_turns)
+    if uses_template(tokenizer, cfg.chat_template):
+        return template_pieces(tokenizer, conv, losses, cfg.mask_reasoning, where)
+    return plain_pieces(tokenizer, conv, losses, cfg.mask_reasoning)
+
+
+def labels_of(pieces: Pieces, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """(ids, labels): a token is labelled when it is an answer, or a prompt token under train_on_prompt."""
+    ids = [t for piece, _ in pieces for t in piece]
+    labels = [t if kind == ANSWER or (train_on_prompt and kind == PROMPT) else IGNORE
+              for piece, kind in pieces for t in piece]
+    return ids, labels
 
 
 def to_example(pieces: Pieces, max_length: int, train_on_prompt: bool, source: str = "") -> tuple[Example | None, bool]:
     """(the example, whether it was truncated); None when it has no answer or its last answer
     does not fit in ``max_length``. A long prompt is cut from the left so the answer survives."""
-    ids = [t for piece, _ in pieces for t in piece]
-    answer = [is_answer for piece, is_answer in pieces for _ in piece]
+    ids, labels = labels_of(pieces, train_on_prompt)
+    answer = [kind == ANSWER for piece, kind in pieces for _ in piece]
     if not any(answer):
         return None, False
     truncated = len(ids) > max_length
@@ -109,75 +207,39 @@ def to_example(pieces: Pieces, max_length: int, train_on_prompt: bool, source: s
             start -= 1
         if end - start > max_length:
             return None, True
-        ids, answer = ids[:end][-max_length:], answer[:end][-max_length:]
-    labels = list(ids) if train_on_prompt else [t if a else IGNORE for t, a in zip(ids, answer)]
+        ids, labels = ids[:end][-max_length:], labels[:end][-max_length:]
     return Example(ids, labels, source), truncated
 
 
-def user_content(instruction: str, extra: str | None) -> str:
-    return f"{instruction}\n\n{extra}" if extra else instruction
-
-
-def conversations(row: Row) -> list[list[dict]]:
-    """The conversations in one row: a chat (``messages``), one per Self-Instruct instance, or
-    one Alpaca triple (``instruction``, optional ``input``, ``output``)."""
-    if "messages" in row:
-        return [checked_messages(row["messages"], row.where)]
-    if "instruction" not in row:
-        raise UserError(f"missing field 'instruction' (the row has: {', '.join(map(str, row)) or 'none'})", row.where,
-                        fix="give each row 'instruction' and 'output' (optionally 'input' or 'instances'), "
-                            "or 'messages'")
-    instruction = str(row["instruction"])
-    if "instances" in row:
-        instances = row["instances"]
-        if not isinstance(instances, list):
-            raise UserError("'instances' must be a list of {input, output}", row.where)
-        out = []
-        for k, instance in enumerate(instances):
-            if not isinstance(instance, dict) or "output" not in instance:
-                raise UserError(f"missing field 'instances[{k}].output'", row.where,
-                                fix="give every instance an 'output' (and optionally an 'input')")
-            out.append(_pair(instruction, instance.get("input"), instance["output"]))
-        return out
-    return [_pair(instruction, row.get("input"), field(row, "output"))]
-
-
-def _pair(instruction: str, extra, output) -> list[dict]:
-    return [{"role": "user", "content": user_content(instruction, str(extra or ""))},
-            {"role": "assistant", "content": str(output)}]
-
-
-def checked_messages(messages, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError("'messages' must be a non-empty list of {role, content}", where)
-    for k, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise UserError(f"messages[{k}] needs a string 'role' and a string 'content'", where,
-                            fix="write each message as {\"role\": \"user\", \"content\": \"...\"}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def completion_pieces(row: Row, tokenizer, prompt_column: str, completion_column: str,
-                      text_column: str) -> Pieces:
+def completion_pieces(tokenizer, prompt, completion) -> Pieces:
     """A raw prompt then its completion and EOS; the loss is on the completion and EOS."""
-    column = prompt_column if prompt_column in row or text_column not in row else text_column
-    prompt, completion = field(row, column), field(row, completion_column)
-    return [(tokens(tokenizer, str(prompt)), False),
-            (tokens(tokenizer, str(completion)) + [eos_id(tokenizer)], True)]
+    return [(tokens(tokenizer, str(prompt)), PROMPT),
+            (tokens(tokenizer, str(completion)) + [eos_id(tokenizer)], ANSWER)]
+
+
+def row_pieces(row: Row, tokenizer, cfg) -> list[Pieces]:
+    """Each example of one row, as pieces."""
+    if cfg.format == "completion":
+        column = cfg.prompt_column if cfg.prompt_column in row or cfg.text_column not in row else cfg.text_column
+        prompt, completion = field(row, column), field(row, cfg.completion_column)
+    elif form(row) == "prompt_completion":
+        prompt, completion = row[PROMPT_FIELD], row["completion"]
+    else:
+        return [conversation_pieces(tokenizer, conv, cfg, row.where)[0] for conv in conversations(row, cfg.roles)]
+    if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
+        return [conversation_pieces(tokenizer, prompt_completion(row, prompt, completion), cfg, row.where)[0]]
+    return [completion_pieces(tokenizer, prompt, completion)]
 
 
 def supervised_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Example], int, int]:
     """(examples, dropped, truncated) for the instruction and completion formats."""
+    if cfg.format == "preference":
+        raise UserError("preference rows (prompt/chosen/rejected) are read, but no method trains on them yet",
+                        "data.format", fix="train on the chosen answers: write them as 'messages' with "
+                                           "data.format: instruction")
     examples, dropped, truncated = [], 0, 0
     for row in rows:
-        if cfg.format == "completion":
-            all_pieces = [completion_pieces(row, tokenizer, cfg.prompt_column, cfg.completion_column,
-                                            cfg.text_column)]
-        else:
-            all_pieces = [conversation_pieces(tokenizer, messages, cfg.chat_template, row.where)
-                          for messages in conversations(row)]
-        for pieces in all_pieces:
+        for pieces in row_pieces(row, tokenizer, cfg):
             example, was_truncated = to_example(pieces, cfg.max_length, cfg.train_on_prompt, row.where)
             truncated += was_truncated and example is not None
             if example is None:
