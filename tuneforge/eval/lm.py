@@ -66,30 +66,40 @@ def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
-def _own_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, targets: Tensor) -> Tensor:
+def _own_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, keep: Tensor, targets: Tensor,
+                  position_ids: Tensor | None = None) -> Tensor:
     """The model's own forward, head and whatever it applies after the head (a softcap, a scale), shown
     only the kept positions (``logits_to_keep`` as a boolean mask), then the targets' log-probabilities."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    packed = {} if position_ids is None else {"position_ids": position_ids}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep,
+                   **packed).logits
     return torch.log_softmax(logits.float(), dim=-1).gather(1, targets)  # (n_kept, vocab) -> (n_kept, k)
 
 
 def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, targets: Tensor,
-                   share_prefix: bool = True, stats: dict | None = None) -> Tensor:
+                   share_prefix: bool = True, stats: dict | None = None, position_ids: Tensor | None = None) -> Tensor:
     """(n_kept, k) log-probabilities of ``targets`` (n_kept, k) at the positions where ``keep``
     (batch, seq) is True (row-major order). ``stats["shared_tokens"]`` counts the token positions a
     shared prefix saved. ``model`` may be under DistributedDataParallel, which then runs the forwards.
 
     The speed-ups (the head shortcut, the shared prefix) run where the model's family allows them
-    (``model.families``); any other model runs its own forward, head and all."""
+    (``model.families``); any other model runs its own forward, head and all.
+
+    ``position_ids`` given, the rows are packed (``data.collate.PackingCollator``): the model gets them and
+    no padding mask, so that transformers masks attention to each example's block, which it finds where
+    the positions restart (a 2-D mask would turn that off); no prefix is shared across examples."""
+    packed = {} if position_ids is None else {"position_ids": position_ids}
+    if packed:
+        attention_mask, share_prefix = None, False
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     family = family_of(inner)
     if not family.head_shortcut(inner.config):
-        return _own_logprobs(model, input_ids, attention_mask, keep, targets)
+        return _own_logprobs(model, input_ids, attention_mask, keep, targets, position_ids)
     share = share_prefix and family.shared_prefix and not _checkpointing(inner)
     n = shared_prefix(input_ids, attention_mask, keep) if share else 0
     if not n:
         with _targets_at(inner, keep, targets):
-            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed).logits
     batch, keyword = input_ids.shape[0], _cache_keyword(inner)
     none = torch.zeros((1, n), dtype=torch.bool, device=keep.device)
     with _targets_at(inner, none, targets[:0]):  # the prefix predicts no target: no head work at all
@@ -104,7 +114,8 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 
 def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                   stats: dict | None = None, share_prefix: bool = True) -> tuple[Tensor, Tensor]:
+                   stats: dict | None = None, share_prefix: bool = True,
+                   position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Log-probability of each labelled token given what precedes it.
 
     Returns ``(logprobs, rows)``: both (n_labelled,), ``rows`` the batch row of each token.
@@ -113,15 +124,17 @@ def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE
     gold = targets[targets != IGNORE]
-    logprobs = token_logprobs(model, input_ids, attention_mask, keep, gold[:, None], share_prefix, stats)[:, 0]
+    logprobs = token_logprobs(model, input_ids, attention_mask, keep, gold[:, None], share_prefix, stats,
+                              position_ids)[:, 0]
     return logprobs, keep.nonzero()[:, 0]
 
 
 def label_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-               stats: dict | None = None, share_prefix: bool = True) -> tuple[Tensor, int]:
+               stats: dict | None = None, share_prefix: bool = True,
+               position_ids: Tensor | None = None) -> tuple[Tensor, int]:
     """Summed cross-entropy over labelled tokens and their count (the caller normalizes, so that
     gradient accumulation gives the exact token-level mean)."""
-    logprobs, _ = label_logprobs(model, input_ids, attention_mask, labels, stats, share_prefix)
+    logprobs, _ = label_logprobs(model, input_ids, attention_mask, labels, stats, share_prefix, position_ids)
     return -logprobs.sum(), logprobs.numel()
 
 

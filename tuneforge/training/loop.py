@@ -346,7 +346,7 @@ def _forward_backward(model, next_batch, cfg: TrainCfg, device, autocast, scaler
         with dist.no_sync(model, last=k == len(mine) - 1) if dist else contextlib.nullcontext():
             with autocast:
                 loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], stats,
-                                         share_prefix=share)
+                                         share_prefix=share, position_ids=batch.get("position_ids"))
             loss = loss_sum / max(n_loss, 1)
             value = loss.item()
             if not math.isfinite(value):
