@@ -188,8 +188,6 @@ def test_a_mixture_trains_and_the_summary_counts_each_source(tmp_path, tiny_dir)
     b = write_datasets_folder(tmp_path / "b", CHATS)
     summary = train(tmp_path, tiny_dir, [{"path": str(a), "weight": 2}, {"path": str(b)}], val_fraction=0.0)
     assert summary["train_examples"] == 18  # 12 of a, 6 of b: a is the scarce one at 2 of 3
-    if "data" not in summary:
-        pytest.xfail("training/run.py does not write data.report into summary.json yet")
     assert summary["data"]["train"]["sources"] == {str(a): 12, str(b): 6}
 
 
