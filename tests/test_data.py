@@ -131,6 +131,7 @@ def test_one_document_splits_by_block_deterministically(tmp_path, tiny_tokenizer
     assert not blocks(a.train) & blocks(a.eval)
     stream_blocks = (len(tiny_tokenizer(path.read_text())["input_ids"]) + 1) // 32
     assert len(a.train) + len(a.eval) == stream_blocks and a.report["train"].dropped == 1
+    assert a.report["train"].dropped_why == {"a partial last block": 1}
 
 
 # --- instructions ---
@@ -184,6 +185,7 @@ def test_long_prompt_cut_from_left_and_long_answer_dropped(tmp_path, tiny_tokeni
     assert len(data.train) == 1 and len(data.train[0].input_ids) == 64
     assert loss_text(tiny_tokenizer, data.train[0]) == "kept" + END
     assert data.report["train"].truncated == 1 and data.report["train"].dropped == 1
+    assert data.report["train"].dropped_why == {"its last answer does not fit in max_length": 1}
 
 
 def test_completion_loss_on_completion_and_eos(tmp_path, tiny_tokenizer):
@@ -221,6 +223,7 @@ def test_score_thresholds_cut_and_drop_the_middle(tmp_path, tiny_tokenizer):
     assert data.label_words == ["negative", "positive"]
     assert sorted(item.label for item in data.train_items) == [0, 0, 1, 1]
     assert data.report["train"].dropped == 3 and data.report["train"].rows == 7
+    assert "3 dropped (3 a score between the thresholds)" in data.report["train"].line()
     assert all('Text & "quote"' in item.text for item in data.train_items)
     for example, item in zip(data.train, data.train_items):
         word = data.label_words[item.label]

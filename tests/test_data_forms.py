@@ -59,7 +59,7 @@ def rows_of(*rows) -> list[Row]:
 
 def build(tok, *rows, **cfg) -> list[Example]:
     examples, dropped, _ = supervised_examples(rows_of(*rows), tok, DataCfg(**{"format": "instruction", **cfg}))
-    assert dropped == 0
+    assert not dropped
     return examples
 
 
@@ -245,7 +245,7 @@ def test_preference_string_forms(tiny_tokenizer):
     explicit = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
     implicit = {"chosen": "The sky is blue.", "rejected": "The sky is green."}
     (a, b), dropped, truncated = pairs_of(tiny_tokenizer, explicit, implicit)
-    assert (dropped, truncated) == (0, 0)
+    assert (sum(dropped.values()), truncated) == (0, 0)
     for pair in (a, b):
         assert tiny_tokenizer.decode(pair.prompt_ids) == "The sky is"
         assert spans(tiny_tokenizer, pair.chosen_ids, pair.chosen_labels) == [" blue." + END]

@@ -13,6 +13,7 @@ keeps the weights without repeating an example.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tuneforge.data.classify import (ClassifyItem, answer_ids, classification_prompt, classify_examples, label_names,
@@ -36,15 +37,21 @@ class DataReport:
 
     rows: int  # rows (documents, for text) read into this split
     examples: int  # examples kept, after any max_examples cap
-    dropped: int  # rows or examples left out: answer too long, score between thresholds, partial last block
+    dropped: int  # rows or examples left out (dropped_why says why)
     truncated: int  # examples cut to max_length and kept
     tokens: int  # tokens in the kept examples
     loss_tokens: int  # of those, the ones with a label (the loss is on these)
     sources: dict[str, int] = field(default_factory=dict)  # a mixture: each source's examples in this split
     left_out: int = 0  # a mixture: the sources' examples the weights left out (none is repeated)
+    dropped_why: dict[str, int] = field(default_factory=dict)  # the dropped, by reason
+
+    def dropped_line(self) -> str:
+        """"N dropped", with how many for each reason."""
+        why = ", ".join(f"{n} {reason}" for reason, n in self.dropped_why.items())
+        return f"{self.dropped} dropped" + (f" ({why})" if why else "")
 
     def line(self) -> str:
-        text = (f"{self.rows} rows -> {self.examples} examples ({self.dropped} dropped, {self.truncated} truncated), "
+        text = (f"{self.rows} rows -> {self.examples} examples ({self.dropped_line()}, {self.truncated} truncated), "
                 f"{self.tokens} tokens, {self.loss_tokens} in the loss")
         if self.sources:
             text += "; from " + ", ".join(f"{name} {n}" for name, n in self.sources.items())
@@ -132,13 +139,21 @@ def _capped(examples: list, items: list | None, cap: int | None) -> tuple[list, 
     return examples[:cap], None if items is None else items[:cap]
 
 
-def _report(rows: int, examples: list[Example], dropped: int, truncated: int) -> DataReport:
-    return DataReport(rows=rows, examples=len(examples), dropped=dropped, truncated=truncated,
+PARTIAL = "a partial last block"  # raw text: what is left after the last full block
+
+
+def _report(rows: int, examples: list[Example], dropped: Counter, truncated: int) -> DataReport:
+    return DataReport(rows=rows, examples=len(examples), dropped=sum(dropped.values()), truncated=truncated,
                       tokens=sum(len(e.input_ids) for e in examples),
-                      loss_tokens=sum(t != IGNORE for e in examples for t in e.labels))
+                      loss_tokens=sum(t != IGNORE for e in examples for t in e.labels),
+                      dropped_why={reason: n for reason, n in dropped.items() if n})
 
 
-def _examples(rows: list[Row], cfg, tokenizer, names: list[str] | None) -> tuple[list, list | None, int, int]:
+def _partial(dropped: int) -> Counter:
+    return Counter({PARTIAL: dropped})
+
+
+def _examples(rows: list[Row], cfg, tokenizer, names: list[str] | None) -> tuple[list, list | None, Counter, int]:
     """(examples, items or None, dropped, truncated) of supervised rows, in ``cfg``'s format."""
     if cfg.format == "classification":
         return classify_examples(rows, tokenizer, cfg, names)
@@ -166,7 +181,7 @@ def _text(rows: list[Row], eval_rows: list[Row] | None, cfg, tokenizer, seed: in
     out, report = {}, {}
     for split, (examples, docs, dropped) in text_splits(rows, eval_rows, cfg, tokenizer, seed).items():
         out[split] = _capped(examples, None, caps[split])[0]
-        report[split] = _report(docs, out[split], dropped, 0)
+        report[split] = _report(docs, out[split], _partial(dropped), 0)
     return Datasets(train=out["train"], eval=out["eval"], train_items=None, eval_items=None, label_words=None,
                     report=report)
 
@@ -193,7 +208,7 @@ class _Part:
     examples: list[Example]
     items: list[ClassifyItem] | None
     rows: int
-    dropped: int
+    dropped: Counter
     truncated: int
 
 
@@ -232,11 +247,11 @@ def _text_parts(mixed: list, rows: list[list[Row]], eval_rows: list[Row] | None,
         _check_documents(source_rows, source.cfg.path, source.cfg)
         held = None if eval_rows is None else []  # an eval file: the source is all training text
         for split, (examples, docs, dropped) in text_splits(source_rows, held, source.cfg, tokenizer, seed).items():
-            parts[split].append(_Part(examples, None, docs, dropped, 0))
+            parts[split].append(_Part(examples, None, docs, _partial(dropped), 0))
     if eval_rows is not None:
         _check_documents(eval_rows, cfg.eval_path, cfg)
         examples, docs, dropped = text_splits([], eval_rows, cfg, tokenizer, seed)["eval"]
-        parts["eval"] = [_Part(examples, None, docs, dropped, 0)]
+        parts["eval"] = [_Part(examples, None, docs, _partial(dropped), 0)]
     return parts, None
 
 
@@ -276,7 +291,7 @@ def _mix(parts: list[_Part], names: list[str], weights: list[float] | None, cap:
     chosen = shuffled([(i, k) for i, n in enumerate(counts) for k in range(n)], seed)[:cap]
     examples = [parts[i].examples[k] for i, k in chosen]
     items = None if parts[0].items is None else [parts[i].items[k] for i, k in chosen]
-    report = _report(sum(p.rows for p in parts), examples, sum(p.dropped for p in parts),
+    report = _report(sum(p.rows for p in parts), examples, sum((p.dropped for p in parts), Counter()),
                      sum(p.truncated for p in parts))
     if weights is not None:
         report.sources = {name: sum(i == j for i, _ in chosen) for j, name in enumerate(names)}

@@ -171,18 +171,22 @@ def fitted_prompt(tokenizer, text: str, cfg, words: list[str], budget: int) -> t
 
 
 def classify_examples(rows: list[Row], tokenizer, cfg, names: list[str]
-                      ) -> tuple[list[Example], list[ClassifyItem], int, int]:
-    """(examples, items, dropped, truncated): one example and one item per kept row, aligned."""
+                      ) -> tuple[list[Example], list[ClassifyItem], Counter, int]:
+    """(examples, items, dropped (a count by reason), truncated): one example and one item per kept row,
+    aligned."""
     words = label_words(names, cfg.verbalizer)
     answers = [answer_ids(tokenizer, w, cfg.chat_template) for w in words]
     budget = cfg.max_length - max(len(a) for a in answers)  # the prompt must leave room for any answer
-    examples, items, dropped, truncated = [], [], 0, 0
+    examples, items, dropped, truncated = [], [], Counter(), 0
     for row in rows:
         label = label_of(row, cfg, names)
+        if label is None:
+            dropped["a score between the thresholds"] += 1
+            continue
         text = clean_text(str(field(row, cfg.text_column)))
-        prompt, cut = fitted_prompt(tokenizer, text, cfg, words, budget) if label is not None else (None, False)
+        prompt, cut = fitted_prompt(tokenizer, text, cfg, words, budget)
         if prompt is None:
-            dropped += 1
+            dropped["the question and an answer do not fit in max_length"] += 1
             continue
         truncated += cut
         example, _ = to_example([(prompt, False), (answers[label], True)], cfg.max_length, cfg.train_on_prompt,

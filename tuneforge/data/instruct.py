@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 from tuneforge.data.chat import PROMPT_FIELD, Conversation, conversations, form, prompt_completion
 from tuneforge.data.collate import IGNORE, Example
@@ -28,6 +29,9 @@ from tuneforge.errors import UserError
 PROMPT, ANSWER, NEVER = 0, 1, 2  # trained only with train_on_prompt / always / never
 Pieces = list[tuple[list[int], int]]  # (token ids, loss kind) in order
 REASONING = re.compile(r"<think>.*?</think>", re.DOTALL)
+# Why an example is dropped (counted by reason in the data report)
+TOO_LONG = "its last answer does not fit in max_length"
+NO_ANSWER = "no answer carries loss (no assistant turn, or only turns of weight 0)"
 
 
 def uses_template(tokenizer, chat_template: bool) -> bool:
@@ -231,19 +235,19 @@ def row_pieces(row: Row, tokenizer, cfg) -> list[Pieces]:
     return [completion_pieces(tokenizer, prompt, completion)]
 
 
-def supervised_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Example], int, int]:
-    """(examples, dropped, truncated) for the instruction and completion formats."""
+def supervised_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Example], Counter, int]:
+    """(examples, dropped (a count by reason), truncated) for the instruction and completion formats."""
     if cfg.format == "preference":
         raise UserError("preference rows (prompt/chosen/rejected) are read, but no method trains on them yet",
                         "data.format", fix="train on the chosen answers: write them as 'messages' with "
                                            "data.format: instruction")
-    examples, dropped, truncated = [], 0, 0
+    examples, dropped, truncated = [], Counter(), 0
     for row in rows:
         for pieces in row_pieces(row, tokenizer, cfg):
             example, was_truncated = to_example(pieces, cfg.max_length, cfg.train_on_prompt, row.where)
             truncated += was_truncated and example is not None
             if example is None:
-                dropped += 1
+                dropped[TOO_LONG if was_truncated else NO_ANSWER] += 1
             else:
                 examples.append(example)
     return examples, dropped, truncated

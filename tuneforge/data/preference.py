@@ -11,10 +11,11 @@ Only reading is here; no method trains on pairs yet.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from tuneforge.data.chat import PROMPT_FIELD, Conversation, chat_messages, tools_of
-from tuneforge.data.instruct import ANSWER, Pieces, conversation_pieces, labels_of, tokens
+from tuneforge.data.instruct import ANSWER, NO_ANSWER, TOO_LONG, Pieces, conversation_pieces, labels_of, tokens
 from tuneforge.data.readers import Row, field
 from tuneforge.data.text import eos_id
 from tuneforge.errors import UserError
@@ -98,9 +99,9 @@ def to_pair(prompt_ids: list[int], chosen: Pieces, rejected: Pieces, max_length:
     return PreferencePair(prompt_ids, chosen_ids, rejected_ids, chosen_labels, rejected_labels, source), truncated
 
 
-def preference_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[PreferencePair], int, int]:
-    """(pairs, dropped, truncated) for ``data.format: preference``."""
-    pairs, dropped, truncated = [], 0, 0
+def preference_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[PreferencePair], Counter, int]:
+    """(pairs, dropped (a count by reason), truncated) for ``data.format: preference``."""
+    pairs, dropped, truncated = [], Counter(), 0
     for row in rows:
         prompt, chosen, rejected = row_parts(row)
         prompt_ids, chosen_pieces = answer_split(row, prompt, chosen, "chosen", tokenizer, cfg)
@@ -112,7 +113,7 @@ def preference_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Preferenc
                                       cfg.train_on_prompt, row.where)
         truncated += was_truncated and pair is not None
         if pair is None:
-            dropped += 1
+            dropped[TOO_LONG if was_truncated else NO_ANSWER] += 1
         else:
             pairs.append(pair)
     return pairs, dropped, truncated

@@ -1,7 +1,7 @@
 """What a run will learn from its data, before it trains: ``tuneforge data CONFIG``.
 
 It builds the examples exactly as training does (``load_datasets``) and prints, for each split, the
-counts (rows, examples, tokens, trained tokens, truncated, dropped) and then whole examples as the
+counts (rows, examples, tokens, trained tokens, truncated, dropped and why) and then whole examples as the
 model sees them, with the tokens that carry loss marked. A user should not have to guess what the
 model learns.
 """

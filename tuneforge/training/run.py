@@ -132,7 +132,7 @@ def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, in
         for split, report in data.report.items():
             if report.truncated or report.dropped:
                 print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
-                      f"{report.dropped} dropped", file=sys.stderr)
+                      f"{report.dropped_line()}", file=sys.stderr)
             if report.sources:  # a mixture: each source's examples in this split
                 print(f"tuneforge: {split}: {report.line()}", file=sys.stderr)
     if method.KIND == "gradient":  # the cost first, before the model loads
