@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from typing import Any, Iterable
 
 from tuneforge.data.chat import PROMPT_FIELD, Conversation, conversations, form, prompt_completion
 from tuneforge.data.collate import IGNORE, Example
@@ -241,13 +242,18 @@ def supervised_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Example],
         raise UserError("preference rows (prompt/chosen/rejected) are read, but no method trains on them yet",
                         "data.format", fix="train on the chosen answers: write them as 'messages' with "
                                            "data.format: instruction")
-    examples, dropped, truncated = [], Counter(), 0
-    for row in rows:
-        for pieces in row_pieces(row, tokenizer, cfg):
-            example, was_truncated = to_example(pieces, cfg.max_length, cfg.train_on_prompt, row.where)
-            truncated += was_truncated and example is not None
-            if example is None:
-                dropped[TOO_LONG if was_truncated else NO_ANSWER] += 1
-            else:
-                examples.append(example)
-    return examples, dropped, truncated
+    return tally(to_example(pieces, cfg.max_length, cfg.train_on_prompt, row.where)
+                 for row in rows for pieces in row_pieces(row, tokenizer, cfg))
+
+
+def tally(built: Iterable[tuple[Any, bool]]) -> tuple[list, Counter, int]:
+    """(what was kept, the dropped by reason, how many kept were truncated) of (example or None,
+    whether it was truncated) pairs, as ``to_example`` gives them."""
+    kept, dropped, truncated = [], Counter(), 0
+    for item, was_truncated in built:
+        if item is None:
+            dropped[TOO_LONG if was_truncated else NO_ANSWER] += 1
+        else:
+            kept.append(item)
+            truncated += was_truncated
+    return kept, dropped, truncated

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tuneforge.data.chat import PROMPT_FIELD, Conversation, chat_messages, tools_of
-from tuneforge.data.instruct import ANSWER, NO_ANSWER, TOO_LONG, Pieces, conversation_pieces, labels_of, tokens
+from tuneforge.data.instruct import ANSWER, Pieces, conversation_pieces, labels_of, tally, tokens
 from tuneforge.data.readers import Row, field
 from tuneforge.data.text import eos_id
 from tuneforge.errors import UserError
@@ -101,19 +101,15 @@ def to_pair(prompt_ids: list[int], chosen: Pieces, rejected: Pieces, max_length:
 
 def preference_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[PreferencePair], Counter, int]:
     """(pairs, dropped (a count by reason), truncated) for ``data.format: preference``."""
-    pairs, dropped, truncated = [], Counter(), 0
-    for row in rows:
-        prompt, chosen, rejected = row_parts(row)
-        prompt_ids, chosen_pieces = answer_split(row, prompt, chosen, "chosen", tokenizer, cfg)
-        rejected_prompt, rejected_pieces = answer_split(row, prompt, rejected, "rejected", tokenizer, cfg)
-        if rejected_prompt != prompt_ids:
-            raise UserError("the chat template renders the prompt differently before the chosen and the rejected "
-                            "answer", row.where, fix="set data.chat_template: false")
-        pair, was_truncated = to_pair(prompt_ids, chosen_pieces, rejected_pieces, cfg.max_length,
-                                      cfg.train_on_prompt, row.where)
-        truncated += was_truncated and pair is not None
-        if pair is None:
-            dropped[TOO_LONG if was_truncated else NO_ANSWER] += 1
-        else:
-            pairs.append(pair)
-    return pairs, dropped, truncated
+    return tally(pair_of(row, tokenizer, cfg) for row in rows)
+
+
+def pair_of(row: Row, tokenizer, cfg) -> tuple[PreferencePair | None, bool]:
+    """One row's pair and whether it was truncated (None: it does not fit, or has no answer)."""
+    prompt, chosen, rejected = row_parts(row)
+    prompt_ids, chosen_pieces = answer_split(row, prompt, chosen, "chosen", tokenizer, cfg)
+    rejected_prompt, rejected_pieces = answer_split(row, prompt, rejected, "rejected", tokenizer, cfg)
+    if rejected_prompt != prompt_ids:
+        raise UserError("the chat template renders the prompt differently before the chosen and the rejected "
+                        "answer", row.where, fix="set data.chat_template: false")
+    return to_pair(prompt_ids, chosen_pieces, rejected_pieces, cfg.max_length, cfg.train_on_prompt, row.where)
