@@ -183,6 +183,40 @@ def test_tool_calls_without_a_template_are_json_text(tiny_tokenizer):
     assert loss_spans(tiny_tokenizer, example) == [call + END, "18C and sunny." + END]
 
 
+@pytest.mark.parametrize("template", [True, False], ids=["template", "plain"])
+def test_tool_results_carry_no_loss_even_with_train_on_prompt(tiny_tokenizer, template):
+    tok = tool_tokenizer() if template else tiny_tokenizer
+    example, = build(tok, {"messages": weather_chat(None), "tools": [WEATHER_TOOL]}, train_on_prompt=True,
+                     chat_template=template)
+    trained = "".join(loss_spans(tok, example))
+    assert "Weather in Paris?" in trained and "18C and sunny." in trained  # the prompt and the answers
+    assert "18C, sunny" in text(tok, example) and "18C, sunny" not in trained  # never the tool's words
+
+
+def test_message_keys_that_are_not_read_are_refused_not_dropped(tiny_tokenizer):
+    for key, words in (("reasoning_content", "<think>"), ("function_call", "tool_calls"), ("audio", "remove")):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo.", key: {"x": 1}}]
+        message = refusal(tiny_tokenizer, {"messages": messages})
+        assert message.startswith(f"d.jsonl:1: messages[1] has '{key}'") and words in message
+    assert build(tiny_tokenizer, {"messages": [{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": "Yo.", "refusal": None}]})
+
+
+def test_a_template_that_renders_only_the_first_of_several_calls_refuses(tiny_tokenizer):
+    tok = tool_tokenizer()
+    tok.chat_template = tok.chat_template.replace("message['tool_calls'] or []", "(message['tool_calls'] or [])[:1]")
+    messages = weather_chat(None)
+    messages[2]["tool_calls"] = messages[2]["tool_calls"] * 2
+    assert "(message['tool_calls'] or [])[:1]" in tok.chat_template
+    assert refusal(tok, {"messages": messages, "tools": [WEATHER_TOOL]}).startswith(
+        "d.jsonl:1: the chat template leaves out the tool call to get_weather")
+
+
+def test_a_null_field_is_missing_never_the_text_none(tiny_tokenizer):
+    message = refusal(tiny_tokenizer, {"instruction": "Say hi.", "output": None})
+    assert message.startswith("d.jsonl:1: field 'output' is null")
+
+
 def test_weight_zero_turn_carries_no_loss_even_with_train_on_prompt(tiny_tokenizer):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away.", "weight": 0},
                 {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!", "weight": 1}]
@@ -192,6 +226,18 @@ def test_weight_zero_turn_carries_no_loss_even_with_train_on_prompt(tiny_tokeniz
     assert "Go away." not in "".join(loss_spans(tiny_tokenizer, everything))
     assert "Hi?" in "".join(loss_spans(tiny_tokenizer, everything))
     assert "weight must be 0 or 1" in refusal(tiny_tokenizer, {"messages": [messages[0], {**messages[1], "weight": 2}]})
+
+
+def test_mask_reasoning_when_the_generation_prompt_opens_think(tiny_tokenizer):
+    # A template whose generation prompt opens <think> (as some reasoning models' do): the answer text
+    # has no opening tag, and its reasoning up to </think> is still kept out of the loss.
+    tok = make_tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>'")
+    assert "assistant\n<think>" in tok.chat_template
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "<think>2 and 2 make 4.</think>The answer is 4."}]}
+    masked, = build(tok, row, mask_reasoning=True)
+    assert loss_spans(tok, masked) == ["The answer is 4." + END]
 
 
 def test_train_on_turns_last(tiny_tokenizer):

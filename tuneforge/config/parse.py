@@ -77,6 +77,11 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
             return None
         if value is None and type(None) in args:
             return None
+        if isinstance(value, FromCli) and value.lstrip().startswith(("[", "{")):  # a list or mapping, not a string
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise wrong from None
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key, where)

@@ -88,6 +88,9 @@ class DataCfg:
         fraction(self, "val_fraction", "data")
         at_least(self, "max_examples", 1, "data")
         at_least(self, "max_eval_examples", 1, "data")
+        if self.packing and self.group_by_length:
+            raise UserError("packing and group_by_length are two ways to little padding, and a run takes one",
+                            "data.group_by_length", fix="set one of data.packing and data.group_by_length")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class TrainCfg:
     output_dir: str = "runs/run"  # config.yaml, metrics.jsonl, checkpoints/ and final/ go here
     max_steps: int | None = None  # optimizer steps; when set it wins over epochs
     epochs: float = 1.0  # passes over the training data
-    batch_size: int = 8  # examples per micro-batch
+    batch_size: int = 8  # examples per micro-batch (with data.packing: packed rows of up to data.max_length tokens)
     grad_accum: int = 1  # micro-batches per optimizer step
     learning_rate: float = 2e-4
     weight_decay: float = 0.0  # applied to matrices only, never to biases, norms or vectors

@@ -30,6 +30,11 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "observation": "tool", "function_call": "tool_call"}
 ROLE_TARGETS = ("user", "assistant", "system", "tool", "tool_call")
 
+# The keys of an OpenAI chat message that are read; any other (not null) is refused, naming what to do
+MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "weight"}
+THINK_FIX = "fold it into 'content' as <think>...</think> (data.mask_reasoning keeps it out of the loss)"
+UNKNOWN_FIX = {"reasoning_content": THINK_FIX, "thinking": THINK_FIX, "reasoning": THINK_FIX,
+               "function_call": "write it as 'tool_calls': [{\"type\": \"function\", \"function\": {...}}]"}
 PROMPT_FIELD = "prompt"  # a row's prompt (TRL's forms); a constant, as "prompt" is also a method's name
 
 
@@ -67,8 +72,9 @@ def conversations(row: Row, roles: dict[str, str] | None = None) -> list[Convers
         messages, weights = chat_messages(row["messages"], "messages", row.where)
         return [Conversation(messages, weights, 0, tools_of(row))]
     if kind == "preference":
-        raise UserError("this is a preference row (chosen/rejected), not a conversation to imitate", row.where,
-                        fix="set data.format: preference, or give rows 'messages'")
+        raise UserError("this is a preference row (chosen/rejected), not a conversation to imitate; tuneforge reads "
+                        "such rows (data.format: preference) but no method trains on them yet", row.where,
+                        fix="to imitate the chosen answers, write them as 'messages' rows")
     if kind == "prompt_completion":
         return [prompt_completion(row, row[PROMPT_FIELD], row["completion"])]
     return alpaca(row)
@@ -94,7 +100,7 @@ def alpaca(row: Row) -> list[Conversation]:
         raise UserError("'instances' must be a list of {input, output}", row.where)
     out = []
     for k, instance in enumerate(instances):
-        if not isinstance(instance, dict) or "output" not in instance:
+        if not isinstance(instance, dict) or instance.get("output") is None:
             raise UserError(f"missing field 'instances[{k}].output'", row.where,
                             fix="give every instance an 'output' (and optionally an 'input')")
         out.append(_pair(instruction, instance.get("input"), instance["output"]))
@@ -116,6 +122,10 @@ def chat_messages(messages: Any, key: str, where: str) -> tuple[list[dict], list
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise UserError(f"{at} needs a string 'role' and a string 'content'", where,
                             fix="write each message as {\"role\": \"user\", \"content\": \"...\"}")
+        unknown = [name for name, value in message.items() if name not in MESSAGE_KEYS and value is not None]
+        if unknown:  # read nothing silently: a key left out here would be left out of training
+            raise UserError(f"{at} has '{unknown[0]}', which tuneforge does not train on", where,
+                            fix=UNKNOWN_FIX.get(unknown[0], f"remove '{unknown[0]}', or fold it into 'content'"))
         role, calls = message["role"], message.get("tool_calls")
         if calls is not None and role != "assistant":
             raise UserError(f"{at} is a {role} message with 'tool_calls'; only assistant messages call tools", where)

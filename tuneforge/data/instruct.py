@@ -83,8 +83,9 @@ def turn_losses(conv: Conversation, train_on_turns: str) -> list[int]:
     return out
 
 
-def answer_pieces(tokenizer, text: str, kind: int, mask_reasoning: bool) -> Pieces:
-    """An assistant turn's text, its reasoning spans (tags included) NEVER when masked.
+def answer_pieces(tokenizer, text: str, kind: int, mask_reasoning: bool, opened: bool = False) -> Pieces:
+    """An assistant turn's text, its reasoning spans (tags included) NEVER when masked; ``opened``: the
+    prompt before it ends inside a <think> (a template whose generation prompt opens one).
 
     The text is split at the span edges and each piece tokenized on its own, so the boundary is
     exact whatever the tokenizer merges (offsets would leave a token straddling an edge to guess).
@@ -92,7 +93,10 @@ def answer_pieces(tokenizer, text: str, kind: int, mask_reasoning: bool) -> Piec
     if not mask_reasoning:
         return [(tokens(tokenizer, text), kind)]
     pieces, at = [], 0
-    for span in REASONING.finditer(text):
+    if opened and "</think>" in text:  # the generation prompt opened <think>: the answer starts inside it
+        at = text.index("</think>") + len("</think>")
+        pieces.append((tokens(tokenizer, text[:at]), NEVER))
+    for span in REASONING.finditer(text, at):
         pieces += [(tokens(tokenizer, text[at:span.start()]), kind), (tokens(tokenizer, span.group()), NEVER)]
         at = span.end()
     return pieces + [(tokens(tokenizer, text[at:]), kind)]
@@ -113,14 +117,36 @@ def template_pieces(tokenizer, conv: Conversation, losses: list[int], mask_reaso
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise UserError("the chat template renders earlier turns differently once later turns follow, so the "
                             "answer cannot be located", where, fix="set data.chat_template: false")
-        pieces.append((tokens(tokenizer, full[cursor:len(prompt)]), PROMPT))
+        pieces += prompt_pieces(tokenizer, conv, full, cursor, len(prompt), turn, where)
         if cut is None and turn >= conv.start:
             cut = len(pieces)
-        answer = answer_pieces(tokenizer, upto[len(prompt):], losses[turn], mask_reasoning)
+        opened = prompt.rfind("<think>") > prompt.rfind("</think>")
+        answer = answer_pieces(tokenizer, upto[len(prompt):], losses[turn], mask_reasoning, opened)
         pieces += answer[:-1] + split_end_of_turn(answer[-1][0], specials, answer[-1][1])
         cursor = len(upto)
-    pieces.append((tokens(tokenizer, full[cursor:]), PROMPT))
+    pieces += prompt_pieces(tokenizer, conv, full, cursor, len(full), len(messages), where)
     return pieces, len(pieces) if cut is None else cut
+
+
+def prompt_pieces(tokenizer, conv: Conversation, full: str, cursor: int, end: int, before: int, where: str) -> Pieces:
+    """The prompt text ``full[cursor:end]``, each tool result in it (of the messages before ``before``) a
+    piece of its own that is never trained, not even with train_on_prompt: a result is the tool's
+    words, not the model's."""
+    pieces = []
+    for k, message in enumerate(conv.messages[:before]):
+        if message["role"] != "tool":
+            continue
+        stop = render(tokenizer, conv.messages[:k + 1], False, where, conv.tools)
+        if len(stop) <= cursor:
+            continue  # an earlier answer's prompt held it
+        head = render(tokenizer, conv.messages[:k], False, where, conv.tools)
+        if not (full.startswith(head) and full.startswith(stop) and cursor <= len(head) and len(stop) <= end):
+            raise UserError("the chat template renders a tool result differently once later turns follow, so it "
+                            "cannot be kept out of the loss", where, fix="set data.chat_template: false")
+        pieces += [(tokens(tokenizer, full[cursor:len(head)]), PROMPT),
+                   (tokens(tokenizer, full[len(head):len(stop)]), NEVER)]
+        cursor = len(stop)
+    return pieces + [(tokens(tokenizer, full[cursor:end]), PROMPT)]
 
 
 def check_tools_render(tokenizer, conv: Conversation, where: str) -> None:
@@ -130,9 +156,11 @@ def check_tools_render(tokenizer, conv: Conversation, where: str) -> None:
     messages, tools = conv.messages, conv.tools
     for turn, message in enumerate(messages):
         if message.get("tool_calls"):
-            names = ", ".join(call["function"]["name"] for call in message["tool_calls"])
-            bare = {k: v for k, v in message.items() if k != "tool_calls"}
-            what = f"the tool call to {names}"
+            calls = message["tool_calls"]
+            # Without its last call: a template that renders only some of a turn's calls shows no change
+            bare = {**message, "tool_calls": calls[:-1]} if len(calls) > 1 else \
+                {k: v for k, v in message.items() if k != "tool_calls"}
+            what = f"the tool call to {calls[-1]['function']['name']}"
         elif message["role"] == "tool":
             bare, what = None, "a tool result"
         else:
@@ -172,8 +200,10 @@ def plain_pieces(tokenizer, conv: Conversation, losses: list[int], mask_reasonin
             context = "\n\n"
         elif role == "system":
             context += f"{content}\n\n"
-        elif role == "tool":
-            context += f"### Tool result:\n{content}\n\n"
+        elif role == "tool":  # never trained (see prompt_pieces)
+            result = f"### Tool result:\n{content}\n\n"
+            pieces += [(tokens(tokenizer, context), PROMPT), (tokens(tokenizer, result), NEVER)]
+            context = ""
         else:
             context += f"### Instruction:\n{content}\n\n"
     if context.strip():  # trailing turns with no answer after them

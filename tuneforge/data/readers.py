@@ -46,11 +46,13 @@ class Row(dict):
 
 
 def field(row: Row, name: str) -> Any:
-    """``row[name]``, or a UserError that names the line and the fields the row does have."""
-    if name not in row:
-        present = ", ".join(map(str, row)) or "none"
-        raise UserError(f"missing field '{name}' (the row has: {present})", row.where,
-                        fix=f"add '{name}' to every row, or point the config at the right column")
+    """``row[name]``, or a UserError that names the line and the fields the row does have. A null is
+    missing too (Parquet and Arrow tables fill a key a row lacks with null): never the text "None"."""
+    if row.get(name) is None:
+        present = ", ".join(str(key) for key, value in row.items() if value is not None) or "none"
+        what = f"field '{name}' is null" if name in row else f"missing field '{name}'"
+        raise UserError(f"{what} (the row has: {present})", row.where,
+                        fix=f"give '{name}' a value in every row, or point the config at the right column")
     return row[name]
 
 

@@ -42,7 +42,8 @@ def describe(data: Datasets, tokenizer, count: int = 1, split: str = "train", co
     if not examples:
         return "\n".join(lines + [f"the {split} split has no examples"]) + "\n"
     how = f"are {start}marked{end}" if color else f"are between {start} and {end}"
-    lines.append(f"\n{min(count, len(examples))} of {len(examples)} {split} examples; the tokens that carry loss {how}:")
+    shown = min(count, len(examples))
+    lines.append(f"\n{shown} of {len(examples)} {split} examples; the tokens that carry loss {how}:")
     for example in examples[:count]:
         trained = sum(label != IGNORE for label in example.labels)
         lines += [f"\n--- {example.source or 'example'} ({len(example.input_ids)} tokens, {trained} trained)",
