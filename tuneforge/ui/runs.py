@@ -227,7 +227,7 @@ class Runs:
         seconds = summary.get("seconds", next((r["seconds"] for r in reversed(records) if "seconds" in r), None))
         steps = summary.get("steps", records[-1]["step"] if records else None)
         return {"name": name, "method": method.get("name") if isinstance(method, dict) else method,
-                "data": Path(str(data.get("path"))).name if data.get("path") else None, "status": status,
+                "data": data_name(data.get("path")), "status": status,
                 "detail": detail, "steps": steps, "max_steps": (cfg.get("train") or {}).get("max_steps"),
                 "best": best, "seconds": seconds, "classification": data.get("format") == "classification",
                 "has_result": (self.folder(name) / "final").is_dir()}
@@ -317,3 +317,10 @@ class Runs:
         while self.launches(name) and self.launches(name)[-1].get("exit") is None and time.monotonic() < deadline:
             time.sleep(0.02)  # the reaper writes launch.json just after the exit
         return code
+
+
+def data_name(path) -> str | None:
+    """The training data as the run list shows it: a file's name, or a mixture's file names joined."""
+    if isinstance(path, list):  # a mixture: each source's path
+        return " + ".join(Path(str(source.get("path") if isinstance(source, dict) else source)).name for source in path)
+    return Path(str(path)).name if path else None
