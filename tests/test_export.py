@@ -235,7 +235,7 @@ def test_bad_requests_get_one_line_and_exit_2(base_dir, lora_dir, tmp_path, caps
 
 
 @pytest.mark.parametrize("name,changes,words", [
-    ("opt", {}, "llama.cpp has no graph tuneforge writes for 'opt' (GGUF is written for gemma, "),
+    ("opt", {}, "llama.cpp has no graph tuneforge writes for 'opt' (GGUF is written for falcon, gemma, "),
     ("qwen3_moe", {"norm_topk_prob": False}, "qwen3moe graph assumes norm_topk_prob = True"),
     ("smollm3", {}, "smollm3 graph assumes no_rope_layers = [1, 1], and this model has [1, 0]"),
     ("gemma2", {"tie_word_embeddings": False}, "gemma2 graph uses the embedding as the output head"),
@@ -379,6 +379,7 @@ GGUF_FAMILIES = {"llama3": {}, "mistral": {"sliding_window": None}, "qwen2": {"u
                  "qwen3": {"use_sliding_window": False}, "gemma": {}, "gemma2": {}, "gemma3_text": {},
                  "phi3": {"sliding_window": None}, "starcoder2": {"sliding_window": None},
                  "qwen3_moe": {"norm_topk_prob": True}, "mixtral": {"sliding_window": None}, "gpt2": {},
+                 "stablelm": {}, "phi": {}, "gpt_neox": {}, "falcon": {},
                  "olmo2": {"tie_word_embeddings": True}, "smollm3": {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0]}}
 
 
@@ -387,7 +388,8 @@ GGUF_FAMILIES = {"llama3": {}, "mistral": {"sliding_window": None}, "qwen2": {"u
 # measured over these families (logits reach 0.5 to 0.7): f16 1.1e-3 to 3.8e-3, bf16 8.6e-3 to 4.6e-2, q8_0
 # 2.5e-2 to 0.14 (llama.cpp rounds the activations to 8 bits as well as the weights).
 SMALLER = {"f16": 1e-2, "bf16": 0.1, "q8_0": 0.25}
-GELU_TOLERANCE = {"gemma": 1e-3, "gemma2": 1e-3, "gemma3_text": 1e-3, "starcoder2": 1e-3, "gpt2": 1e-3}
+GELU_TOLERANCE = {"gemma": 1e-3, "gemma2": 1e-3, "gemma3_text": 1e-3, "starcoder2": 1e-3, "gpt2": 1e-3, "phi": 1e-3,
+                  "gpt_neox": 1e-3, "falcon": 1e-3}
 
 
 @needs_llama_cpp

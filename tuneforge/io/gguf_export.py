@@ -81,7 +81,7 @@ def form(config) -> Gguf:
                         f"{', '.join(written())})", "--model", fix=KEEP_HF)
     graph = f"llama.cpp's {shape.arch.lower()} graph"
     rope = full_rope(config)
-    act = next((getattr(config, k) for k in ("hidden_activation", "hidden_act", "activation_function")
+    act = next((getattr(config, k) for k in ("hidden_activation", "activation", "activation_function", "hidden_act")
                 if getattr(config, k, None)), "silu")
     if rope.get("rope_type", "default") not in ROPE_TYPES:
         raise UserError(f"this {family.name} scales RoPE as {rope['rope_type']!r}, which tuneforge does not write for "
@@ -131,12 +131,16 @@ def hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(first(config, "intermediate_size", "n_inner", default=4 * config.hidden_size))
+    writer.add_feed_forward_length(first(config, "intermediate_size", "ffn_hidden_size", "n_inner",
+                                              default=4 * config.hidden_size))
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(first(config, "num_key_value_heads", default=config.num_attention_heads))
+    writer.add_head_count_kv(first(config, "num_key_value_heads", "num_kv_heads", default=config.num_attention_heads))
     if rope:  # else learned positions (GPT-2's position_embd)
         writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        writer.add_rope_dimension_count(head_dim(config))
+        # a partial rotary (StableLM, Phi-2, GPT-NeoX) turns the first part of each head's dimensions
+        writer.add_rope_dimension_count(int(head_dim(config) * rope.get("partial_rotary_factor", 1.0)))
+    if getattr(config, "use_parallel_residual", None) is not None:  # GPT-NeoX: attention and MLP side by side
+        writer.add_parallel_residual(bool(config.use_parallel_residual))
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
@@ -173,8 +177,16 @@ def rope_rows(rows: Tensor, heads: int) -> Tensor:
 
 
 def permuted(path: str, rows: Tensor, config) -> Tensor:
-    """``rows`` (a weight, a bias or a LoRA's B of the layer at ``path``) as llama.cpp's RoPE reads them."""
-    if not form(config).rope_pairs:
+    """``rows`` (a weight, a bias or a LoRA's B of the layer at ``path``) in the order llama.cpp reads
+    them: a fused q/k/v stored head by head regrouped as q, k, v; q and k rows in adjacent pairs where
+    its RoPE rotates pairs."""
+    shape = form(config)
+    if shape.qkv_by_head and path.endswith(shape.qkv_by_head) and (groups := shape.qkv_groups(config)):
+        per = config.num_attention_heads // groups  # queries a group: (groups, per + 2, d, ...) -> q, k, v
+        grouped = rows.reshape(groups, per + 2, rows.shape[0] // groups // (per + 2), *rows.shape[1:])
+        return torch.cat([grouped[:, :per].flatten(0, 2), grouped[:, per].flatten(0, 1),
+                          grouped[:, per + 1].flatten(0, 1)])
+    if not shape.rope_pairs:
         return rows
     if path.endswith("self_attn.q_proj"):
         return rope_rows(rows, config.num_attention_heads)

@@ -50,6 +50,11 @@ class Gguf:
     split: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Config values its graph assumes, as (key, the value it must have given the config)
     requires: tuple[tuple[str, Callable], ...] = ()
+    # A fused q/k/v projection whose rows go group by group (each group's queries, then its key and value:
+    # GPT-NeoX's groups are its heads, new Falcon's its key/value heads), where llama.cpp reads all of q,
+    # then k, then v: the path's suffix, and the number of groups given the config (None: already q, k, v)
+    qkv_by_head: str | None = None
+    qkv_groups: Callable = lambda config: config.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -102,13 +107,22 @@ def _moe(name: str, gguf: Gguf | None = None) -> Family:
                   experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), gguf=gguf)
 
 
+def _falcon_groups(config) -> int | None:
+    """How Falcon's fused q/k/v rows are grouped: by key/value head (the new decoder), all queries then one
+    key and one value (multi-query: already as llama.cpp reads them), or head by head."""
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return None if config.multi_query else config.num_attention_heads
+
+
 def _no_rope_every_fourth(config) -> list[int]:  # llama.cpp's smollm3 graph: every 4th layer has no RoPE
     return [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
 
 
-def _neox(name: str, attn_output: str) -> Family:  # fused query_key_value, 4h MLP
+def _neox(name: str, attn_output: str, gguf: Gguf | None = None) -> Family:  # fused query_key_value, 4h MLP
     return Family(name, lora=("query_key_value",), ia3=("query_key_value", "dense_4h_to_h"),
-                  ia3_feedforward=("dense_4h_to_h",), attn_output=(attn_output,), mlp_output=("dense_4h_to_h",))
+                  ia3_feedforward=("dense_4h_to_h",), attn_output=(attn_output,), mlp_output=("dense_4h_to_h",),
+                  gguf=gguf)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -116,7 +130,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     _llama_like("smollm3", gguf=Gguf("SMOLLM3", rope_pairs=True,
                                      requires=(("no_rope_layers", _no_rope_every_fourth),))),
     _llama_like("olmo2", gguf=Gguf("OLMO2", head="required")),
-    _llama_like("stablelm"),
+    _llama_like("stablelm", gguf=Gguf("STABLELM", head="required")),
     _llama_like("qwen2", ia3=QWEN_IA3, gguf=Gguf("QWEN2")), _llama_like("qwen3", ia3=QWEN_IA3, gguf=Gguf("QWEN3")),
     # Qwen 3.5's linear-attention layers keep a recurrent state, which a cache cannot repeat to a batch
     _llama_like("qwen3_5_text", ia3=QWEN_IA3, attn_output=("o_proj", "linear_attn.out_proj"), shared_prefix=False,
@@ -126,11 +140,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         ("norm_topk_prob", lambda c: True), ("decoder_sparse_step", lambda c: 1), ("mlp_only_layers", lambda c: [])))),
     _moe("mixtral", Gguf("LLAMA", rope_pairs=True, split=EXPERTS_SPLIT)), _moe("gpt_oss"),
     Family("phi", lora=("q_proj", "v_proj", "fc1", "fc2"), ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",),
-           attn_output=("dense",), mlp_output=("fc2",)),
+           attn_output=("dense",), mlp_output=("fc2",), gguf=Gguf("PHI2", act="gelu_new", head="required")),
     Family("phi3", lora=("qkv_proj",), ia3=("qkv_proj", "down_proj"), gguf=Gguf("PHI3")),
     Family("gpt2", lora=("c_attn",), ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
            attn_output=("attn.c_proj",), mlp_output=("mlp.c_proj",), gguf=Gguf("GPT2", act="gelu_new")),
-    _neox("gpt_neox", "attention.dense"), _neox("falcon", "self_attention.dense"),
+    _neox("gpt_neox", "attention.dense",
+          Gguf("GPTNEOX", act="gelu", head="required", qkv_by_head="attention.query_key_value")),
+    _neox("falcon", "self_attention.dense",
+          Gguf("FALCON", act="gelu", qkv_by_head="self_attention.query_key_value", qkv_groups=_falcon_groups)),
     Family("opt", ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",), attn_output=("out_proj",),
            mlp_output=("fc2",)),
     Family("starcoder2", ia3=("k_proj", "v_proj", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
