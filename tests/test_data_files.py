@@ -198,4 +198,6 @@ def test_mixture_config_parses_from_yaml_and_set(tmp_path):
     assert cfg.data.path == [SourceCfg("a.jsonl", weight=2.0), SourceCfg("b.parquet", max_rows=5)]
     assert from_yaml(path, ["data.path=x.jsonl"]).data.path == "x.jsonl"
     assert from_yaml(path, ["data.path=[{path: c.jsonl, weight: 3}]"]).data.path == [SourceCfg("c.jsonl", weight=3.0)]
+    both = from_yaml(path, ["data.path=[c.jsonl, {path: d.parquet, weight: 2}]"]).data.path  # a path alone is a source
+    assert both == [SourceCfg("c.jsonl"), SourceCfg("d.parquet", weight=2.0)]
     assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg  # a run's config.yaml reads back the same

@@ -53,9 +53,9 @@ class SourceCfg:
 @dataclass(frozen=True)
 class DataCfg:
     # training data: a file (.jsonl, .json, .csv, .tsv, .parquet, .arrow or plain text), a folder written by
-    # `datasets`' save_to_disk, or a list of sources ({path, weight, max_rows, format, columns, text_column})
+    # `datasets`' save_to_disk, or a list of sources ({path, weight, max_rows, format, columns, text_column}, or a path)
     # mixed by weight: docs/formats.md
-    path: str | list[SourceCfg] | None = None
+    path: str | list[SourceCfg | str] | None = None
     eval_path: str | None = None  # held-out file; without it a val_fraction of `path` is held out
     # instruction covers every chat form (Alpaca, OpenAI messages, ShareGPT, TRL's conversational
     # prompt/completion), detected from the rows; preference rows (prompt/chosen/rejected) are read for
@@ -84,6 +84,8 @@ class DataCfg:
     roles: dict[str, str] | None = None  # ShareGPT's role names -> user/assistant/system/tool (merged with the usual)
 
     def __post_init__(self):
+        if isinstance(self.path, list):  # a source given as its path alone takes every default
+            object.__setattr__(self, "path", [SourceCfg(s) if isinstance(s, str) else s for s in self.path])
         at_least(self, "max_length", 2, "data")
         fraction(self, "val_fraction", "data")
         at_least(self, "max_examples", 1, "data")
