@@ -7,6 +7,8 @@ was meant doubles it) and of the final weights."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import os
 import signal
 import subprocess
@@ -189,3 +191,14 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(tmp_path
     output.check_resume(config.from_yaml(path), out, world=1)
     with pytest.raises(UserError, match="global batch of 16"):
         output.check_resume(config.from_yaml(path, ["train.grad_accum=4"]), out, world=1)
+
+
+def test_an_epoch_sized_run_under_two_processes_is_estimated_at_the_steps_it_takes(tmp_path, tiny_dir):
+    """The estimate and the loop count an epoch's steps one way: two processes share each step's
+    micro-batches, so an epoch has half the steps of one process (the estimate once counted them all)."""
+    two = write_config(tmp_path, tiny_dir, "two", "lora", max_steps=None, epochs=1, grad_accum=1, save_steps=0)
+    err = finished(two_processes(two))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    steps = summary["steps"]
+    assert steps == math.ceil(math.ceil(summary["train_examples"] / 4) / 2)  # batches of 4, two a step
+    assert re.search(rf"min for {steps} steps \(per process, 2 processes\)", err), err[-2000:]

@@ -218,11 +218,12 @@ def _meta_model(cfg: RunCfg, model_config):
 
 
 def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | None = None,
-             flops_per_s: float | None = None, model_config=None) -> Estimate:
+             flops_per_s: float | None = None, model_config=None, world: int = 1) -> Estimate:
     """The cost of ``cfg``. ``shapes`` are the micro-batches of one epoch (``batch_shapes`` gives them
     from the data); without them every batch is taken to be full rows of ``data.max_length`` tokens
     with loss on every token, no prefix shared (an upper bound). ``model_config`` (a transformers
-    config) describes the model instead of ``cfg.model``."""
+    config) describes the model instead of ``cfg.model``; ``world``: the processes that share each step
+    (torchrun's), so that an epoch has as many steps as the loop will take."""
     model_config = model_config or AutoConfig.from_pretrained(resolve_spec(cfg.model))
     model, method, trainable = _meta_model(cfg, model_config)
     probe = method.KIND == "probe"
@@ -268,9 +269,7 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     flops = cfg.train.grad_accum * (computed * per_token + mean.loss_tokens * per_loss_token)
     rate = (flops_per_s or matmul_flops_per_s(device)) * STEP_EFFICIENCY[kind]
 
-    steps = cfg.train.max_steps
-    if steps is None and n_examples:
-        steps = max(1, math.ceil(cfg.train.epochs * math.ceil(n_examples / b) / cfg.train.grad_accum))
+    steps = cfg.train.steps(math.ceil(n_examples / b), world) if n_examples else cfg.train.max_steps
     return Estimate(n_total, n_trainable, parts, longest, int(cfg.train.grad_accum * mean.rows * mean.width),
                     float(flops), flops / rate, steps, device.type, basis)
 

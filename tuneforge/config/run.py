@@ -9,6 +9,8 @@ help. Nothing here imports torch: a config is checked before any model code load
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +127,13 @@ class TrainCfg:
     # fine-tuning always is), and how long a rank waits for the others before the run ends with an error
     fsdp: bool = False
     dist_timeout_s: float = 300.0
+
+    def steps(self, batches_per_epoch: int, world: int = 1) -> int:
+        """The run's optimizer steps: max_steps, or the epochs' micro-batches over grad_accum x world (each
+        step takes that many, each process its share). The loop and the estimate both count so."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * batches_per_epoch / (self.grad_accum * world)))
 
     def __post_init__(self):
         for key, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),

@@ -118,10 +118,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     torch.manual_seed(cfg.seed)
     batch_order = batch_order or shuffled_batches(len(examples), cfg.batch_size, cfg.seed)
     batches_per_epoch = len(batch_order(0))
-    if cfg.max_steps is not None:
-        total_steps = cfg.max_steps
-    else:
-        total_steps = max(1, math.ceil(cfg.epochs * batches_per_epoch / (cfg.grad_accum * world)))
+    total_steps = cfg.steps(batches_per_epoch, world)
 
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -141,7 +141,7 @@ def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, in
             try:
                 if force:
                     print("tuneforge: the estimate is skipped (--force)", file=sys.stderr)
-                elif est := _estimate_or_none(cfg, data, tokenizer, model):
+                elif est := _estimate_or_none(cfg, data, tokenizer, model, d.world if d else 1):
                     check_fits(est, force, d.local_world if d and d.device.type == "cpu" else 1)
             except Exception as exc:
                 error = exc
@@ -331,24 +331,25 @@ def check_packing(model, method: str, tolerance: float | None = None) -> None:
                         fix="set data.packing: false (data.group_by_length: true keeps the padding low)")
 
 
-def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None) -> Estimate:
-    """The estimate of this run, from the batches its data will make (the longest for memory)."""
+def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None, world: int = 1) -> Estimate:
+    """The estimate of this run, from the batches its data will make (the longest for memory), its
+    steps shared by ``world`` processes."""
     batches = batch_order(cfg, data)(0)
     if not cfg.data.packing:
         shapes = batch_shapes(data.train, batches, tokenizer.pad_token_id)
-        return estimate(cfg, shapes, n_examples=len(data.train), model_config=model_config)
+        return estimate(cfg, shapes, n_examples=len(data.train), model_config=model_config, world=world)
     collate, shapes = collator(cfg, tokenizer), []
     for indices in batches:  # packed rows share no prefix: each starts its own example
         batch = collate([data.train[i] for i in indices])
         shapes.append(Shape(*batch["input_ids"].shape, 0, int((batch["labels"][:, 1:] != -100).sum())))
     rows = sum(s.rows for s in shapes)  # an epoch's steps count rows, not examples
-    return estimate(cfg, shapes, n_examples=rows, model_config=model_config)
+    return estimate(cfg, shapes, n_examples=rows, model_config=model_config, world=world)
 
 
-def _estimate_or_none(cfg: RunCfg, data: Datasets, tokenizer, model) -> Estimate | None:
+def _estimate_or_none(cfg: RunCfg, data: Datasets, tokenizer, model, world: int = 1) -> Estimate | None:
     """The run's estimate, or None (said in one line) where it cannot be made: an estimate never blocks a run."""
     try:
-        return run_estimate(cfg, data, tokenizer, model.config if model is not None else None)
+        return run_estimate(cfg, data, tokenizer, model.config if model is not None else None, world)
     except UserError:
         raise
     except Exception as exc:  # a model the estimate does not understand: the run itself may still work
