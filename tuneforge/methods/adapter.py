@@ -64,7 +64,12 @@ class AdaptedOutput(nn.Module, MethodModule):
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+    """A normalization layer, known by its structure rather than its class name: a leaf whose parameters
+    are a 1-D weight (and bias) and which keeps an epsilon (LayerNorm's and Gemma's ``eps``, Llama's
+    RMSNorm's ``variance_epsilon``)."""
+    params = dict(module.named_parameters(recurse=False))
+    return (next(module.children(), None) is None and "weight" in params and params["weight"].dim() == 1
+            and set(params) <= {"weight", "bias"} and any(hasattr(module, k) for k in ("eps", "variance_epsilon")))
 
 
 def _per_block(model: nn.Module, names: list[str], key: str) -> list[str]:
