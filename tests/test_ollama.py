@@ -138,12 +138,17 @@ def stop_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("PARAMETER stop")]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_one_turn_renders_as_the_chat_template(name):
+def modelfiles(name: str):
+    """(family, tokenizer, system, Modelfile text) for the family's template, with and without a system message."""
     family = FAMILIES[name]
     tok = family_tokenizer(family)
     for system in (QUESTION, None):
-        text = ollama.modelfile(tok, "./m.gguf", system=system)
+        yield family, tok, system, ollama.modelfile(tok, "./m.gguf", system=system)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_turn_renders_as_the_chat_template(name):
+    for family, tok, system, text in modelfiles(name):
         template = modelfile_template(text)
         # Only the Go forms the renderer above knows, which Ollama's plain form reads the same way.
         assert "{{" not in re.sub(r"\{\{ (if \.\w+|\.\w+|end) \}\}", "", template)
@@ -157,10 +162,7 @@ def test_one_turn_renders_as_the_chat_template(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_turns_render_as_the_chat_template(name):
-    family = FAMILIES[name]
-    tok = family_tokenizer(family)
-    for system in (QUESTION, None):
-        text = ollama.modelfile(tok, "./m.gguf", system=system)
+    for family, tok, system, text in modelfiles(name):
         said = ollama_prompt(modelfile_template(text), modelfile_system(text), TEXT, ANSWER, NEXT_TEXT)
         assert said == jinja(tok, system, TEXT, ANSWER, NEXT_TEXT, left_out=family.left_out)
 
