@@ -36,6 +36,7 @@ from pathlib import Path
 import gguf
 
 from tuneforge.errors import UserError
+from tuneforge.io.ollama import added_ends
 
 # Keys a copied file describes itself with, which the new file states for itself.
 OWN_KEYS = ("general.architecture", "general.type", "general.file_type", "general.quantization_version",
@@ -274,6 +275,6 @@ def special_fields(writer: gguf.GGUFWriter, tokenizer) -> None:
                              (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None:
             set_id(token_id)
-    ids, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    writer.add_add_bos_token(len(ids) > len(plain) and ids[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(len(ids) > len(plain) and ids[-1] == tokenizer.eos_token_id)
+    adds_bos, adds_eos = added_ends(tokenizer)
+    writer.add_add_bos_token(adds_bos)
+    writer.add_add_eos_token(adds_eos)

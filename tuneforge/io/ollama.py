@@ -109,12 +109,19 @@ def _cut(text: str, *marks: str) -> list[str]:
     return pieces + [text]
 
 
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts BOS before a text; the export writes this as the GGUF's add_bos_token."""
-    if getattr(tokenizer, "bos_token_id", None) is None:
-        return False
+def added_ends(tokenizer) -> tuple[bool, bool]:
+    """Whether the tokenizer puts BOS before a text and EOS after it, seen by encoding a word with and
+    without its special tokens (what its post-processor does); the GGUF export writes them as
+    add_bos_token and add_eos_token."""
     ids, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    return len(ids) > len(plain) and ids[0] == tokenizer.bos_token_id
+    added = len(ids) > len(plain)
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    return added and bos is not None and ids[0] == bos, added and eos is not None and ids[-1] == eos
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before a text (the runtime then adds it to a Modelfile's prompt)."""
+    return added_ends(tokenizer)[0]
 
 
 def _jinja(tokenizer, messages: list[tuple[str, str]], generation: bool = True, **kwargs) -> str:
