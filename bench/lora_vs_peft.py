@@ -55,7 +55,7 @@ def child_reference(steps: int, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tuneforge import config
+    from tuneforge.core import config
     from tuneforge.data import load_datasets
     from tuneforge.io.load import load_tokenizer, resolve_spec
     from tuneforge.training.run import batch_order
@@ -83,7 +83,7 @@ def child_reference(steps: int, out: Path) -> None:
 
 def child_score(steps: int, adapter: Path) -> None:
     """Both sides' adapters scored the same way: tuneforge's evaluator on every unseen snippet."""
-    from tuneforge import config
+    from tuneforge.core import config
     from tuneforge.eval.run import evaluate_unseen
     from tuneforge.io.load import load_model
     from tuneforge.io.peft_format import load_adapter

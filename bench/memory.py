@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.report import write_section
-    from tuneforge import config
+    from tuneforge.core import config
     from tuneforge.data import Collator, load_datasets
     from tuneforge.eval.lm import label_loss
     from tuneforge.io.load import load_model

@@ -59,7 +59,7 @@ DEVICE = "cpu"  # --device: cuda for bench/gpu.sh
 
 def run_config(method: str, keys: dict, workload: str, steps: int):
     """The run config of one row: the workload's data and batch, the row's method, ``steps`` steps."""
-    from tuneforge import config
+    from tuneforge.core import config
 
     w = WORKLOADS[workload]
     sets = [*w["set"], f"train.max_steps={steps}", f"data.max_examples={steps * 8}", f"train.learning_rate={w['lr']}",
@@ -198,8 +198,8 @@ def main() -> None:
         return
 
     from bench.report import machine, write_section
-    from tuneforge.devices import resolve_device
-    from tuneforge.estimate import matmul_flops_per_s
+    from tuneforge.model.devices import resolve_device
+    from tuneforge.training.estimate import matmul_flops_per_s
 
     rate = matmul_flops_per_s(resolve_device(args.device), size=2048)
     results = {}

@@ -58,7 +58,7 @@ def run(side: str, steps: int, root: Path, device: str) -> dict:
 
 def shuffled_padding(device: str) -> int:
     """The padding positions of an epoch of the recipe's data in plain shuffled batches (no grouping, no packing)."""
-    from tuneforge import config
+    from tuneforge.core import config
     from tuneforge.data import load_datasets
     from tuneforge.data.collate import padded_positions
     from tuneforge.io.load import load_tokenizer

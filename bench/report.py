@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.atomic import write_text
+from tuneforge.core.atomic import write_text
 
 PATH = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nWritten by the scripts under `bench/`; each section says the command that "

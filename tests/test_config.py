@@ -3,8 +3,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneforge import cli, compare, config
-from tuneforge.errors import UserError
+from tuneforge import cli
+from tuneforge.apps import compare
+from tuneforge.core import config
+from tuneforge.core.errors import UserError
 
 
 def write(tmp_path, text: str):

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.io.export import save_model
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods._shared import GradientMethod, Injected, ProbeMethod
-from tuneforge.methods.configs import CONFIGS
+from tuneforge.core.config.methods import CONFIGS
 from tuneforge.methods.registry import REGISTRY, get_method
 
 # Tiny llama: hidden 64, MLP 128, 2 layers, 4 query heads and 2 key/value heads of 16, 259 tokens (tied head).

@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_model
 from test_train import VOCAB, collate, synthetic_examples
-from tuneforge.config import TrainCfg
+from tuneforge.core.config import TrainCfg
 from tuneforge.eval.lm import label_loss
 from tuneforge.model.kernels import head_logprobs, lora_update, use_lean_mlps
 from tuneforge.methods import lora, qlora

@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from tuneforge.config import DataCfg
+from tuneforge.core.config import DataCfg
 from tuneforge.data import (IGNORE, Collator, Example, answer_ids, classification_prompt, length_grouped_batches,
                             load_datasets, read_rows)
 from tuneforge.data.classify import label_of
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 END = "<|im_end|>"  # the tiny tokenizer's end-of-turn token (and its EOS)
 

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from tuneforge import cli
-from tuneforge.config import DataCfg
-from tuneforge.config.run import SourceCfg, from_dict, from_yaml, to_yaml
+from tuneforge.core.config import DataCfg
+from tuneforge.core.config.run import SourceCfg, from_dict, from_yaml, to_yaml
 from tuneforge.data import load_datasets, mixture_counts, read_rows
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 CHATS = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} it is"}],
           "id": i} for i in range(12)]

@@ -10,12 +10,12 @@ import math
 import pytest
 
 from conftest import CHAT_TEMPLATE, make_tiny_model, make_tiny_tokenizer
-from tuneforge.config import DataCfg
+from tuneforge.core.config import DataCfg
 from tuneforge.data import IGNORE, Example
 from tuneforge.data.instruct import supervised_examples
 from tuneforge.data.preference import preference_examples
 from tuneforge.data.readers import Row
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 END = "<|im_end|>"  # the tiny tokenizer's end-of-turn token (and its EOS)
 
@@ -355,7 +355,7 @@ def tool_model_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", list(FORMS))
 def test_each_form_trains(name, tool_model_dir, tmp_path):
     import tuneforge
-    from tuneforge import config
+    from tuneforge.core import config
 
     rows = [json.loads(json.dumps(FORMS[name]).replace("{i}", str(i))) for i in range(6)]
     data = tmp_path / "d.jsonl"

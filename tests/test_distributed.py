@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from test_run import sentiment_rows, write_jsonl
-from tuneforge import cli, config
-from tuneforge.errors import UserError
+from tuneforge import cli
+from tuneforge.core import config
+from tuneforge.core.errors import UserError
 from tuneforge.training import checkpoint, output
 
 METHODS = {"lora": {"name": "lora", "r": 4, "lora_dropout": 0.0}, "full": {"name": "full"}}

@@ -8,9 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from test_run import sentiment_rows, write_jsonl
-from tuneforge import cli, config
+from tuneforge import cli
+from tuneforge.core import config
 from tuneforge.data import Collator
-from tuneforge.estimate import Shape, batch_shapes, estimate, saved_bytes
+from tuneforge.training.estimate import Shape, batch_shapes, estimate, saved_bytes
 from tuneforge.eval.lm import label_loss
 from tuneforge.model.kernels import use_lean_mlps
 from tuneforge.methods import lora
@@ -46,7 +47,7 @@ def test_saved_bytes_on_the_meta_device_are_what_the_real_step_keeps(tiny, share
     cfg = lora.Config(r=4, lora_dropout=0.1, target_modules="all-linear")
     lora.inject(model, cfg)
     use_lean_mlps(model)
-    from tuneforge.estimate import _meta_model
+    from tuneforge.training.estimate import _meta_model
 
     meta, _, _ = _meta_model(config.from_dict({"method": {"name": "lora", "r": 4, "lora_dropout": 0.1,
                                                            "target_modules": "all-linear"}}), model.config)

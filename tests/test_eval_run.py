@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tuneforge import config
+from tuneforge.core import config
 from tuneforge.data import load_datasets
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.run import evaluate_file, unseen_parts
 
 

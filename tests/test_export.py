@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from conftest import CHAT_TEMPLATE, REPO, make_tiny_model
-from tuneforge import cli, config
-from tuneforge.errors import UserError
+from tuneforge import cli
+from tuneforge.core import config
+from tuneforge.core.errors import UserError
 from tuneforge.eval.generate import encode_prompt, generate
 from tuneforge.io import gguf_export, ollama
 from tuneforge.io.export import export, source_gguf

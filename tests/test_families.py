@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from families import FAMILIES, tiny_model
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.lm import label_loss
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods.registry import get_method
@@ -175,7 +175,7 @@ def test_an_encoder_is_refused_for_gradient_methods_and_named_features(tmp_path,
     from transformers import BertConfig, BertLMHeadModel
 
     import tuneforge
-    from tuneforge import config
+    from tuneforge.core import config
 
     bert = BertLMHeadModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, intermediate_size=128))

@@ -15,9 +15,9 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import make_tiny_model
 from tuneforge import cli
-from tuneforge.config import from_dict
-from tuneforge.errors import UserError
-from tuneforge.io import feature_cache
+from tuneforge.core.config import from_dict
+from tuneforge.core.errors import UserError
+from tuneforge.methods import feature_cache
 from tuneforge.io.peft_format import load_adapter, save_probe
 from tuneforge.methods import features
 from tuneforge.methods.features import Config, FeatureClassifier, fit
@@ -140,7 +140,7 @@ def test_save_load_round_trip(tiny, tmp_path):
 
 
 def test_a_classifier_for_another_base_is_refused(tiny, tmp_path, tiny_dir):
-    from tuneforge.fingerprint import fingerprint
+    from tuneforge.model.fingerprint import fingerprint
 
     model, tok = tiny
     texts, labels = sentiment_task(20)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tuneforge.data import classification_prompt, word_ids
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.classify import score_labels
 from tuneforge.eval.fewshot import (build_prompt, calibrate, exact_match, rouge_l, run_generation_icl, run_icl,
                                     select_demos)
@@ -160,7 +160,7 @@ def test_generation_icl_is_greedy_decoding_scored_against_the_reference(tiny):
 
 @pytest.mark.real
 def test_zero_shot_on_movie_reviews(real_model, data_dir):
-    from tuneforge.config import DataCfg
+    from tuneforge.core.config import DataCfg
     from tuneforge.data.classify import clean_text, label_of
     from tuneforge.data.readers import read_rows, shuffled
 

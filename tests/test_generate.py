@@ -53,7 +53,7 @@ def test_cli_unknown_model_is_one_line_and_exit_2(capsys):
 
 
 def test_cli_debug_shows_the_traceback():
-    from tuneforge.errors import UserError
+    from tuneforge.core.errors import UserError
 
     with pytest.raises(UserError):
         cli.main(["--debug", "generate", "--model", "does-not-exist", "--prompt", "hi"])

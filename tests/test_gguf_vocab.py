@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import make_tiny_model
 from families import tiny_model
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.io import gguf_export, gguf_vocab
 
 try:

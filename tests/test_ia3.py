@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from tuneforge.config import TrainCfg
-from tuneforge.errors import UserError
+from tuneforge.core.config import TrainCfg
+from tuneforge.core.errors import UserError
 from tuneforge.eval.lm import evaluate_lm
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods import ia3

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.io import load
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from tuneforge.errors import UserError
-from tuneforge.fingerprint import fingerprint
+from tuneforge.core.errors import UserError
+from tuneforge.model.fingerprint import fingerprint
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods import lora
 from tuneforge.methods.lora import Config, LoRALinear

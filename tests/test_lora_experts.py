@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from families import tiny_model
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.lm import label_loss
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods import lora
-from tuneforge.methods.configs import QLoraConfig
+from tuneforge.core.config.methods import QLoraConfig
 from tuneforge.methods.lora import Config, LoRAExperts
 from tuneforge.model.families import family_of
 

@@ -15,7 +15,7 @@ import pytest
 from test_export import SMOL_TEMPLATE, bpe_tokenizer, go_render, modelfile_template
 from tokenizers.processors import TemplateProcessing
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.io import ollama
 
 QUESTION, TEXT, ANSWER, NEXT_TEXT = "Is it positive?", "Text: a fine film.", "positive", "Text: a dull one."

@@ -21,7 +21,7 @@ from families import tiny_model
 from tuneforge import cli
 from tuneforge.data import IGNORE, Collator, Example
 from tuneforge.data.collate import PackingCollator, best_fit_rows, next_fit_rows, packed_batches, padded_positions
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.lm import label_loss
 from tuneforge.training.loop import shuffled_batches
 from tuneforge.training.run import check_packing
@@ -140,7 +140,7 @@ def test_packed_batches_cover_each_example_once_in_rows_the_collator_finds_again
 def test_the_loop_takes_the_same_step_packed_or_one_batch_padded(tmp_path):
     """One step over all examples: packed rows (the loop passes the position ids) and padded rows give
     the same loss, tokens and loss tokens."""
-    from tuneforge.config import TrainCfg
+    from tuneforge.core.config import TrainCfg
     from tuneforge.methods import full
     from tuneforge.training.loop import train
 

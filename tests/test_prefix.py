@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from tuneforge.config import TrainCfg
-from tuneforge.errors import UserError
+from tuneforge.core.config import TrainCfg
+from tuneforge.core.errors import UserError
 from tuneforge.eval.lm import label_loss
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods import prefix

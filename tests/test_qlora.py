@@ -13,8 +13,8 @@ from safetensors import safe_open
 from torch import nn
 
 from tuneforge.model import targets
-from tuneforge.config import TrainCfg, from_dict
-from tuneforge.errors import UserError
+from tuneforge.core.config import TrainCfg, from_dict
+from tuneforge.core.errors import UserError
 from tuneforge.eval.lm import evaluate_lm
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods import lora, qlora

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from conftest import REPO, make_tiny_model
 from test_run import sentiment_rows, write_jsonl
 from tuneforge import cli
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods import lora
 from tuneforge.training import checkpoint

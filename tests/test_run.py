@@ -180,7 +180,7 @@ def test_the_python_api_trains_twice_in_one_process_and_takes_a_model_you_inject
     import tuneforge
     from safetensors.torch import load_file
 
-    from tuneforge import config
+    from tuneforge.core import config
 
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
 

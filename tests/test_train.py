@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tuneforge.config import TrainCfg
+from tuneforge.core.config import TrainCfg
 from tuneforge.eval.classify import classification_metrics, metrics_from_confusion, score_labels, wilson_interval
 from tuneforge.eval.lm import label_loss
 from tuneforge.eval.evaluator import Evaluator

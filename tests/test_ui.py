@@ -15,16 +15,17 @@ import pytest
 import yaml
 
 from test_run import sentiment_rows, write_jsonl
-from tuneforge import cli, config
-from tuneforge.errors import UserError
-from tuneforge.methods.configs import CONFIGS
+from tuneforge import cli
+from tuneforge.core import config
+from tuneforge.core.errors import UserError
+from tuneforge.core.config.methods import CONFIGS
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")  # the test client
 from starlette.testclient import TestClient  # noqa: E402
 
-from tuneforge.ui import form  # noqa: E402
-from tuneforge.ui.server import App, build, create_app  # noqa: E402
+from tuneforge.apps.ui import form  # noqa: E402
+from tuneforge.apps.ui.server import App, build, create_app  # noqa: E402
 
 LOCAL = "http://127.0.0.1"
 

@@ -20,8 +20,8 @@ import yaml
 
 from conftest import make_tiny_model, make_tiny_tokenizer
 from test_run import sentiment_rows, write_jsonl
-from tuneforge import config
-from tuneforge.estimate import estimate
+from tuneforge.core import config
+from tuneforge.training.estimate import estimate
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -98,7 +98,7 @@ def test_set_up_start_watch_compare_and_try_in_a_browser(served, monkeypatch):
         page.fill("#f-train-learning_rate", "0.002")
         expect(error).to_be_hidden()
         expect(page.locator("#yaml")).to_contain_text("output_dir: runs/lora-a")
-        # the estimate shown is tuneforge.estimate's for the resolved config
+        # the estimate shown is tuneforge.training.estimate's for the resolved config
         cfg = config.from_dict(yaml.safe_load(page.locator("#yaml").inner_text()))
         expected = estimate(cfg, flops_per_s=1e9)
         expect(page.locator('[data-figure="parameters"]')).to_contain_text(

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model  # noqa: E402
 from test_train import VOCAB, collate, synthetic_examples  # noqa: E402
 
-from tuneforge.config import TrainCfg  # noqa: E402
+from tuneforge.core.config import TrainCfg  # noqa: E402
 from tuneforge.methods import full  # noqa: E402
 from tuneforge.training.loop import train  # noqa: E402
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 __version__ = "0.1.0"
 

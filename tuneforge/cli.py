@@ -14,9 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
-from tuneforge import config
-from tuneforge.atomic import write_text
-from tuneforge.errors import UserError
+from tuneforge.core import config
+from tuneforge.core.atomic import write_text
+from tuneforge.core.errors import UserError
 from tuneforge.training.interrupts import Interrupted
 
 
@@ -221,7 +221,7 @@ def _write_json(args: argparse.Namespace, metrics: dict) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from tuneforge.compare import compare
+    from tuneforge.apps.compare import compare
 
     cfg = config.from_yaml(args.config, args.set)
     compare(cfg)
@@ -230,7 +230,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _ui(args: argparse.Namespace) -> None:
-    from tuneforge.ui import serve
+    from tuneforge.apps.ui import serve
 
     serve(args.runs, args.data, host=args.host, port=args.port)
 

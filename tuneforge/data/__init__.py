@@ -22,7 +22,7 @@ from tuneforge.data.collate import IGNORE, Collator, Example, length_grouped_bat
 from tuneforge.data.instruct import supervised_examples
 from tuneforge.data.readers import Row, file_kind, read_rows, shuffled, sources, split_rows
 from tuneforge.data.text import text_splits
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 __all__ = ["IGNORE", "ClassifyItem", "Collator", "DataReport", "Datasets", "Example", "answer_ids",
            "classification_prompt", "length_grouped_batches", "load_datasets", "load_eval", "mixture_counts",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneforge.data.readers import Row, field
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 # ShareGPT's role names (and those of the datasets derived from it) -> chat roles; "tool_call" makes
 # the turn an assistant message calling tools (its value is the call as JSON).

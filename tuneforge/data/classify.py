@@ -20,7 +20,7 @@ from tuneforge.data.collate import Example
 from tuneforge.data.instruct import render, special_ids, split_end_of_turn, to_example, tokens, uses_template
 from tuneforge.data.readers import Row, field
 from tuneforge.data.text import eos_id
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 # The binary sentiment task gets a question that names the task: a small model answers it far
 # more reliably than the generic wording.

@@ -24,7 +24,7 @@ from tuneforge.data.chat import PROMPT_FIELD, Conversation, conversations, form,
 from tuneforge.data.collate import IGNORE, Example
 from tuneforge.data.readers import Row, field
 from tuneforge.data.text import eos_id
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 # What a piece's tokens do for the loss. False and True (what classify.py passes) read as PROMPT and ANSWER.
 PROMPT, ANSWER, NEVER = 0, 1, 2  # trained only with train_on_prompt / always / never

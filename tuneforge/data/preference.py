@@ -18,7 +18,7 @@ from tuneforge.data.chat import PROMPT_FIELD, Conversation, chat_messages, tools
 from tuneforge.data.instruct import ANSWER, Pieces, conversation_pieces, labels_of, tally, tokens
 from tuneforge.data.readers import Row, field
 from tuneforge.data.text import eos_id
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}

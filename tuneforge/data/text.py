@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tuneforge.data.collate import Example
 from tuneforge.data.readers import Row, field, shuffled, split_rows
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 
 def eos_id(tokenizer) -> int:

@@ -15,11 +15,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tuneforge.config import RunCfg
+from tuneforge.core.config import RunCfg
 from tuneforge.data import Collator, Datasets, word_ids
 from tuneforge.eval.classify import classification_metrics, score_labels
 from tuneforge.eval.lm import evaluate_lm, perplexity
-from tuneforge.io import feature_cache
+from tuneforge.methods import feature_cache
 from tuneforge.methods._shared import Probe
 
 

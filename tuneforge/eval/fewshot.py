@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from tuneforge.data import load_datasets
 from tuneforge.data.classify import default_instruction, word_ids
 from tuneforge.data.instruct import render, tokens, uses_template
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.classify import classification_metrics, score_labels
-from tuneforge.io import feature_cache
+from tuneforge.methods import feature_cache
 from tuneforge.io.load import load_model
 from tuneforge.methods import features
 from tuneforge.model.families import context_length

@@ -6,9 +6,9 @@ import dataclasses
 
 import numpy as np
 
-from tuneforge.config import RunCfg
+from tuneforge.core.config import RunCfg
 from tuneforge.data import load_datasets, load_eval
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.classify import format_confusion, metrics_from_confusion
 from tuneforge.eval.evaluator import make_evaluator
 from tuneforge.eval.lm import perplexity

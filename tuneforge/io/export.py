@@ -12,12 +12,12 @@ import torch
 import yaml
 from torch import nn
 
-from tuneforge import config as config_mod
-from tuneforge.atomic import atomic_dir, write_text
+from tuneforge.core import config as config_mod
+from tuneforge.core.atomic import atomic_dir, write_text
 from tuneforge.data.classify import default_instruction, label_names, label_words
 from tuneforge.data.readers import read_rows
-from tuneforge.devices import resolve_dtype
-from tuneforge.errors import UserError
+from tuneforge.model.devices import resolve_dtype
+from tuneforge.core.errors import UserError
 from tuneforge.io import gguf_export, ollama
 from tuneforge.io.load import NAMED_MODELS, find_named_gguf, load_model
 from tuneforge.io.peft_format import load_adapter

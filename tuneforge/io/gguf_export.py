@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from tuneforge.atomic import atomic_path
-from tuneforge.errors import UserError
+from tuneforge.core.atomic import atomic_path
+from tuneforge.core.errors import UserError
 from tuneforge.io import gguf_vocab
 from tuneforge.model.families import FAMILIES, Gguf, family_of
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import gguf
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.io.ollama import added_ends
 
 # Keys a copied file describes itself with, which the new file states for itself.

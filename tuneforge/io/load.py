@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.atomic import atomic_dir, atomic_path
-from tuneforge.devices import resolve_device, resolve_dtype
-from tuneforge.errors import UserError
+from tuneforge.core.atomic import atomic_dir, atomic_path
+from tuneforge.model.devices import resolve_device, resolve_dtype
+from tuneforge.core.cache import cache_dir
+from tuneforge.core.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -56,10 +56,6 @@ NAMED_MODELS = {
                               "gemma-3-270m-q4_k_m.gguf", parts=tuple(_gemma3_part(i) for i in range(1, 5)),
                               sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TUNEFORGE_CACHE") or Path.home() / ".cache" / "tuneforge")
-
 
 def find_named_gguf(name: str) -> Path:
     """The GGUF file of a named model, found without importing its package (its import pulls

@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 SYSTEM, USER, ASSISTANT, NEXT = "SYSTEM-MARK-7f3", "USER-MARK-7f3", "ASSISTANT-MARK-7f3", "NEXT-MARK-7f3"
 BOS = "BOS-MARK-7f3"  # passed as bos_token, to tell the template's {{ bos_token }} from text that merely equals it

@@ -23,10 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from tuneforge.atomic import atomic_dir
-from tuneforge.config import Where, build
-from tuneforge.errors import UserError
-from tuneforge.fingerprint import check, tensor_hash
+from tuneforge.core.atomic import atomic_dir
+from tuneforge.core.config import Where, build
+from tuneforge.core.errors import UserError
+from tuneforge.model.fingerprint import check, tensor_hash
 from tuneforge.methods._shared import PEFT_PREFIX, GradientMethod, Injected, Probe, ProbeMethod
 from tuneforge.methods.registry import REGISTRY, by_peft_type, get_method
 

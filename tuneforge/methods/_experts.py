@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.methods._shared import MethodModule, modules_of
 from tuneforge.model import targets
 

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tuneforge.model import targets
-from tuneforge.errors import UserError
-from tuneforge.fingerprint import fingerprint
+from tuneforge.core.errors import UserError
+from tuneforge.model.fingerprint import fingerprint
 from tuneforge.quant.nf4 import NF4Linear
 
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module path in adapter_model.safetensors

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 CACHE_ARGS = ("cache", "past_key_values")  # transformers 5's name for the KV cache, and the older one
 MODEL_KEYS = ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")

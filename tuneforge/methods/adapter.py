@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from tuneforge.model import targets
 from tuneforge.model.families import family_of
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.methods._shared import (Injected, MethodModule, before_inject, device_of, injected, modules_of,
                                        no_lora_form, prefixed_hooks, same_config, wrap)
-from tuneforge.methods.configs import AdapterConfig as Config
+from tuneforge.core.config.methods import AdapterConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "adapter", "gradient", None, False, False
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -1,7 +1,7 @@
 """Feature-based fine-tuning (a linear probe): the model stays frozen and a logistic regression
 learns on its pooled hidden states. No gradient reaches the model, so this is a ``ProbeMethod``, not
 a gradient method: the run driver extracts the features (``extract``, cached on disk by
-``tuneforge.io.feature_cache`` so that a second fit or a layer search skips the model), ``fit``
+``tuneforge.methods.feature_cache`` so that a second fit or a layer search skips the model), ``fit``
 returns a ``FeatureClassifier``, and evaluation scores texts with its ``scores``.
 
 The features of a text at layer l are pool(h_l) over its tokens: h_0 is the embeddings, h_i block
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from tuneforge.model import targets
 from tuneforge.data.text import eos_id
-from tuneforge.errors import UserError
-from tuneforge.methods.configs import FeaturesConfig as Config
+from tuneforge.core.errors import UserError
+from tuneforge.core.config.methods import FeaturesConfig as Config
 
 NAME, KIND, PEFT_TYPE = "features", "probe", None
 TENSORS = ("coef", "intercept", "classes", "feature_mean", "feature_scale")  # the saved classifier

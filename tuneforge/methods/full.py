@@ -8,9 +8,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from tuneforge.model import targets
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
-from tuneforge.methods.configs import FullConfig as Config
+from tuneforge.core.config.methods import FullConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "full", "gradient", None, True, True
 

@@ -17,11 +17,11 @@ from transformers.pytorch_utils import Conv1D
 
 from tuneforge.model import targets
 from tuneforge.model.families import family_of
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, dense_copy, device_of,
                                        in_out, injected, leaf_names, modules_of, no_lora_form, prefixed_hooks,
                                        same_config, saved_modules, saved_parameters, wrap, write_weight)
-from tuneforge.methods.configs import IA3Config as Config
+from tuneforge.core.config.methods import IA3Config as Config
 from tuneforge.quant.nf4 import NF4Linear
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "ia3", "gradient", "IA3", False, True

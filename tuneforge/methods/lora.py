@@ -22,14 +22,14 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tuneforge.model import targets
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
 from tuneforge.model.kernels import lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, dense_copy, device_of,
                                        in_out, injected, leaf_names, modules_of, prefixed_hooks, same_config,
                                        saved_modules, saved_parameters, wrap, write_weight)
-from tuneforge.methods.configs import LoraConfig as Config
+from tuneforge.core.config.methods import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "lora", "gradient", "LORA", False, True

@@ -31,11 +31,11 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
 from tuneforge.methods import _virtual
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, check_state, injected, no_lora_form
-from tuneforge.methods.configs import PrefixConfig as Config
+from tuneforge.core.config.methods import PrefixConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prefix", "gradient", "PREFIX_TUNING", False, False
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tuneforge.methods import _virtual
 from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
-from tuneforge.methods.configs import PromptConfig as Config
+from tuneforge.core.config.methods import PromptConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prompt", "gradient", "PROMPT_TUNING", False, False
 

@@ -18,10 +18,10 @@ import warnings
 import torch
 from torch import nn
 
-from tuneforge.devices import resolve_dtype
+from tuneforge.model.devices import resolve_dtype
 from tuneforge.methods import lora
 from tuneforge.methods._shared import Injected, before_inject, injected, prefixed_hooks, same_config
-from tuneforge.methods.configs import QLoraConfig as Config
+from tuneforge.core.config.methods import QLoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
 
 NAME, KIND, WHOLE_MODEL, MERGES = "qlora", "gradient", False, True

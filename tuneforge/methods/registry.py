@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.methods import adapter, features, full, ia3, lora, prefix, prompt, qlora
 from tuneforge.methods._shared import GradientMethod, ProbeMethod
 

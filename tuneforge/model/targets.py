@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 LINEAR = (nn.Linear, Conv1D)  # linear-like layers: GPT-2's Conv1D is a linear layer with its weight stored (in, out)
 

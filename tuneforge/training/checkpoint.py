@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tuneforge.atomic import atomic_dir
-from tuneforge.errors import UserError
+from tuneforge.core.atomic import atomic_dir
+from tuneforge.core.errors import UserError
 
 PREFIX = "step-"
 STATE = "state.json"

@@ -36,8 +36,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from tuneforge.model import targets
-from tuneforge.devices import resolve_device
-from tuneforge.errors import UserError
+from tuneforge.model.devices import resolve_device
+from tuneforge.core.errors import UserError
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
 # The model's buffers (rotary frequencies) never change: DDP need not send them before each forward

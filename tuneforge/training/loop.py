@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tuneforge.config import TrainCfg
-from tuneforge.errors import RunStopped
+from tuneforge.core.config import TrainCfg
+from tuneforge.core.errors import RunStopped
 from tuneforge.eval.evaluator import Evaluator
 from tuneforge.eval.lm import label_loss
 from tuneforge.training import checkpoint, metrics

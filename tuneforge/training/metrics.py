@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from tuneforge.atomic import disk_error, write_text
+from tuneforge.core.atomic import disk_error, write_text
 
 
 def append(path: Path, record: dict) -> None:

@@ -17,10 +17,10 @@ import os
 import time
 from pathlib import Path
 
-from tuneforge import config as config_mod
-from tuneforge.atomic import recover
-from tuneforge.config import RunCfg
-from tuneforge.errors import UserError
+from tuneforge.core import config as config_mod
+from tuneforge.core.atomic import recover
+from tuneforge.core.config import RunCfg
+from tuneforge.core.errors import UserError
 from tuneforge.training import checkpoint
 
 LOCK = ".tuneforge.lock"

@@ -23,18 +23,18 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from tuneforge import config as config_mod
-from tuneforge.atomic import atomic_path, write_text
-from tuneforge.config import RunCfg
+from tuneforge.core import config as config_mod
+from tuneforge.core.atomic import atomic_path, write_text
+from tuneforge.core.config import RunCfg
 from tuneforge.data import Collator, Datasets, Example, length_grouped_batches, load_datasets
 from tuneforge.data.collate import PackingCollator, packed_batches, padded_positions
-from tuneforge.errors import UserError
-from tuneforge.devices import available_memory, resolve_device
-from tuneforge.estimate import Estimate, Shape, batch_shapes, estimate
+from tuneforge.core.errors import UserError
+from tuneforge.model.devices import available_memory, resolve_device
+from tuneforge.training.estimate import Estimate, Shape, batch_shapes, estimate
 from tuneforge.eval.evaluator import make_evaluator
-from tuneforge.io import feature_cache
+from tuneforge.methods import feature_cache
 from tuneforge.io.export import save_model
-from tuneforge.fingerprint import fingerprint
+from tuneforge.model.fingerprint import fingerprint
 from tuneforge.io.load import load_model, load_tokenizer, resolve_spec
 from tuneforge.io.peft_format import save_adapter, save_probe
 from tuneforge.model.families import family_of

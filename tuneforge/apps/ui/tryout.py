@@ -15,18 +15,18 @@ from typing import Any, Iterator
 
 import torch
 
-from tuneforge import config
-from tuneforge.config import RunCfg
+from tuneforge.core import config
+from tuneforge.core.config import RunCfg
 from tuneforge.data import classification_prompt, read_rows, word_ids
 from tuneforge.data.classify import clean_text, default_instruction, label_names, label_words
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 from tuneforge.eval.classify import score_labels
 from tuneforge.eval.generate import generate
-from tuneforge.io import feature_cache
+from tuneforge.methods import feature_cache
 from tuneforge.io.load import load_model
 from tuneforge.io.peft_format import CONFIG, load_adapter
 from tuneforge.methods._shared import Injected
-from tuneforge.ui.runs import Runs
+from tuneforge.apps.ui.runs import Runs
 
 
 @dataclass

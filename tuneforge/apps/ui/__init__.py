@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 
 def serve(runs_dir: str, data_dirs: list[str] | None, host: str, port: int) -> None:
-    """Start the page (see ``tuneforge.ui.server.serve``), once its extra is installed; without data
+    """Start the page (see ``tuneforge.apps.ui.server.serve``), once its extra is installed; without data
     folders named, ./data is one if it exists."""
     if data_dirs is None:
         data_dirs = ["data"] if Path("data").is_dir() else []
@@ -22,6 +22,6 @@ def serve(runs_dir: str, data_dirs: list[str] | None, host: str, port: int) -> N
     if missing:
         raise UserError(f"the web page needs {' and '.join(missing)}, which are not installed", "tuneforge ui",
                         fix='pip install "tuneforge[ui]"')
-    from tuneforge.ui.server import serve as run
+    from tuneforge.apps.ui.server import serve as run
 
     run(runs_dir, data_dirs, host=host, port=port)

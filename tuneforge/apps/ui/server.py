@@ -29,11 +29,11 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tuneforge import config
-from tuneforge.config import RunCfg
-from tuneforge.errors import UserError
-from tuneforge.ui import form
-from tuneforge.ui.runs import SIDE, Runs, inside
+from tuneforge.core import config
+from tuneforge.core.config import RunCfg
+from tuneforge.core.errors import UserError
+from tuneforge.apps.ui import form
+from tuneforge.apps.ui.runs import SIDE, Runs, inside
 
 STATIC = Path(__file__).with_name("static")
 LOCAL_NAMES = {"127.0.0.1", "localhost", "::1"}
@@ -81,7 +81,7 @@ class Gate:
 
 
 class Estimator:
-    """``tuneforge.estimate`` for the New run page: the device's matmul rate is measured once (the
+    """``tuneforge.training.estimate`` for the New run page: the device's matmul rate is measured once (the
     server starts that in the background, so the page's first estimate need not wait for torch to
     load), and estimates are kept by config, since the form asks again for every change."""
 
@@ -96,14 +96,14 @@ class Estimator:
     def _rate(self, device: str) -> float:
         with self._lock:
             if device not in self._rates:
-                from tuneforge.devices import resolve_device
-                from tuneforge.estimate import matmul_flops_per_s
+                from tuneforge.model.devices import resolve_device
+                from tuneforge.training.estimate import matmul_flops_per_s
 
                 self._rates[device] = matmul_flops_per_s(resolve_device(device))
             return self._rates[device]
 
     def __call__(self, cfg: RunCfg, n_examples: int | None) -> dict:
-        from tuneforge.estimate import estimate
+        from tuneforge.training.estimate import estimate
 
         key = config.to_yaml(cfg) + f"\n#{n_examples}"
         if key not in self._cache:
@@ -139,7 +139,7 @@ class App:
     @property
     def playground(self):
         if self._playground is None:
-            from tuneforge.ui.tryout import Playground
+            from tuneforge.apps.ui.tryout import Playground
 
             self._playground = Playground(self.runs)
         return self._playground
@@ -217,7 +217,7 @@ class App:
     # --- the Compare page --------------------------------------------------------------------
     def compare(self, names: list[str]) -> dict:
         """The table and chart `tuneforge compare` writes, from the chosen runs' summary.json files."""
-        from tuneforge.compare import COLUMNS, plot, write_tables
+        from tuneforge.apps.compare import COLUMNS, plot, write_tables
 
         rows, skipped = [], []
         for name in names:

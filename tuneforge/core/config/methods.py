@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from tuneforge.errors import UserError, at_least, fraction
+from tuneforge.core.errors import UserError, at_least, fraction
 
 REGEX_CHARS = set("*+?()[]{}|\\^$")
 

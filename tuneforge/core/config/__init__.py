@@ -2,8 +2,8 @@
 builds frozen dataclasses from YAML or plain data. Torch-free, so a config is checked in a fraction
 of a second, before any model code loads."""
 
-from tuneforge.config.parse import FromCli, Where, build, line_numbers
-from tuneforge.config.run import (
+from tuneforge.core.config.parse import FromCli, Where, build, line_numbers
+from tuneforge.core.config.run import (
                                   CompareCfg,
                                   DataCfg,
                                   EvalCfg,

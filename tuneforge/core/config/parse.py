@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 
 class FromCli(str):

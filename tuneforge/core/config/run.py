@@ -3,7 +3,7 @@
 A YAML file is data: it is read into these dataclasses, ``--set key.sub=value`` overrides a field
 with that field's own type, and an unknown key, a wrong type or a missing required field is a
 UserError naming the key and the file before any work starts. The ``method`` section is checked
-against the chosen method's own Config (``tuneforge.methods.configs``). Each field's comment is its
+against the chosen method's own Config (``tuneforge.core.config.methods``). Each field's comment is its
 help. Nothing here imports torch: a config is checked before any model code loads.
 """
 
@@ -19,14 +19,14 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from tuneforge.config.parse import FromCli, Where, build, line_numbers
-from tuneforge.errors import UserError, at_least, fraction
-from tuneforge.methods.configs import CONFIGS, DEFAULT_METHOD
+from tuneforge.core.config.parse import FromCli, Where, build, line_numbers
+from tuneforge.core.errors import UserError, at_least, fraction
+from tuneforge.core.config.methods import CONFIGS, DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
 class MethodCfg:
-    name: str = DEFAULT_METHOD  # the fine-tuning method: one of tuneforge.methods.configs.CONFIGS
+    name: str = DEFAULT_METHOD  # the fine-tuning method: one of tuneforge.core.config.methods.CONFIGS
     # The method's own keys (for LoRA PEFT's names: r, lora_alpha, target_modules, ...), checked
     # against that method's Config at parse time; in YAML they sit beside `name`.
     args: Mapping[str, Any] = field(default_factory=dict)

@@ -20,10 +20,10 @@ import time
 import traceback
 from pathlib import Path
 
-from tuneforge import config as config_mod
-from tuneforge.atomic import atomic_path, write_text
-from tuneforge.config import RunCfg
-from tuneforge.errors import UserError
+from tuneforge.core import config as config_mod
+from tuneforge.core.atomic import atomic_path, write_text
+from tuneforge.core.config import RunCfg
+from tuneforge.core.errors import UserError
 from tuneforge.eval.fewshot import evaluate_icl
 from tuneforge.eval.run import evaluate_file
 from tuneforge.io.peft_format import CONFIG

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
-from tuneforge import config as config_mod
-from tuneforge.config import RunCfg
-from tuneforge.devices import resolve_device
+from tuneforge.core import config as config_mod
+from tuneforge.core.config import RunCfg
+from tuneforge.model.devices import resolve_device
 from tuneforge.io.load import resolve_spec
 from tuneforge.data import Collator
 from tuneforge.model.families import family_of

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.atomic import write_text
-from tuneforge.errors import UserError
+from tuneforge.core.atomic import write_text
+from tuneforge.core.errors import UserError
 from tuneforge.training import metrics as metrics_mod
 from tuneforge.training.checkpoint import complete
 from tuneforge.training.output import LOCK

@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 import yaml
 
-from tuneforge import config
-from tuneforge.config import DataCfg, EvalCfg, FromCli, RunCfg, TrainCfg
-from tuneforge.config.parse import type_name
-from tuneforge.errors import UserError
-from tuneforge.methods.configs import CONFIGS
+from tuneforge.core import config
+from tuneforge.core.config import DataCfg, EvalCfg, FromCli, RunCfg, TrainCfg
+from tuneforge.core.config.parse import type_name
+from tuneforge.core.errors import UserError
+from tuneforge.core.config.methods import CONFIGS
 
 SOURCE = "the form"  # how the parser's errors name where a value came from
 # Keys the page sets itself: the run's folder is RUNS/<run name>; compare has a page of its own.

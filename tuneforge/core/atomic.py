@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from tuneforge.errors import RunStopped, UserError
+from tuneforge.core.errors import RunStopped, UserError
 
 
 def _umask() -> int:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from tuneforge.atomic import atomic_path
-from tuneforge.fingerprint import fingerprint, tensor_hash
-from tuneforge.io.load import cache_dir as default_cache_dir
+from tuneforge.core.atomic import atomic_path
+from tuneforge.core.cache import cache_dir as default_cache_dir
+from tuneforge.model.fingerprint import fingerprint, tensor_hash
 from tuneforge.methods import features
 from tuneforge.quant.nf4 import NF4Linear
 

@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from tuneforge.errors import UserError
+from tuneforge.core.errors import UserError
 
 SAMPLES = 4096
 VERSION = 2

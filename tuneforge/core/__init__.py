@@ -1,0 +1,1 @@
+"""The bottom layer, torch-free: errors, atomic writes and the typed configuration."""
