@@ -120,14 +120,14 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
 
 
 def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: dict, scheduler, progress: dict,
-         keep: int, rng: dict | None = None, scaler=None) -> Path:
+         keep: int, rng: dict | None, scaler) -> Path:
     """Write checkpoint ``step``: the trainable ``tensors`` (whole) and the ``named_optimizer`` state;
     ``rng`` is the generators' state to record (default: now). Then keep only the newest ``keep``."""
     path = Path(folder) / f"{PREFIX}{step:07d}"
     opt_tensors, opt_json = _optimizer_split(optimizer)
     rng_tensors, rng_json = _rng_split(rng or rng_state())
     state = {"progress": {"step": step, **progress}, "optimizer": opt_json, "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_json}
+             "scaler": scaler.state_dict(), "rng": rng_json}
     with atomic_dir(path) as tmp:
         _save_tensors(tensors, tmp / "trainable.safetensors")
         _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -197,7 +197,7 @@ def restore(saved: Saved, params: dict[str, torch.nn.Parameter], optimizer, sche
 def restore_rest(saved: Saved, scheduler, scaler=None) -> dict:
     """The schedule, the scaler and the generators of ``saved`` (a sharded run loads the tensors itself)."""
     scheduler.load_state_dict(saved.scheduler)
-    if scaler is not None and saved.scaler:
+    if saved.scaler and scaler is not None:  # an fp16 run's (a disabled scaler's state is empty)
         scaler.load_state_dict(saved.scaler)
     set_rng_state(saved.rng)
     return saved.progress

@@ -1,8 +1,9 @@
 """torch.distributed for a run, as torchrun starts it: one process per device, on one node or many.
 
 - ``from_env`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and
-  starts the process group: gloo on CPU, nccl on CUDA, each process on its local device. Without
-  that environment there is no ``Dist`` and the run is a single process.
+  starts the process group: gloo on CPU, nccl on CUDA, each process on its local device.
+  The run driver imports this module only then; one process runs as ``Local`` (``runtime.py``), whose
+  questions ``Distributed`` answers across processes.
 - ``wrap``: an adapter method trains under DistributedDataParallel, which buckets only the tensors
   that train; full fine-tuning (or ``train.fsdp``) shards every block, then the root, with FSDP2
   (``fully_shard``, on a device mesh of the ranks: a CPU mesh under gloo).
@@ -11,7 +12,7 @@
   ranks is complete, every shard in place.
 
 Only rank 0 writes files; every rank reads the same data in the same order and takes its share of
-each step's micro-batches (``Dist.mine``), so a step sees the same global batch as one process with
+each step's micro-batches (``Distributed.mine``), so a step sees the same global batch as one process with
 ``grad_accum`` times as many micro-batches. What crosses between ranks is tensors and UTF-8 text
 (JSON), never a pickle.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,9 +35,11 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from tuneforge.core.errors import UserError
 from tuneforge.model import targets
 from tuneforge.model.devices import resolve_device
-from tuneforge.core.errors import UserError
+from tuneforge.training import checkpoint
+from tuneforge.training.runtime import Local
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
 # The model's buffers (rotary frequencies) never change: DDP need not send them before each forward
@@ -47,17 +49,12 @@ NO_BUFFER_SYNC = {"forward_sync_buffers" if "forward_sync_buffers" in _DDP_KEYWO
 
 
 @dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    local_world: int
-    device: torch.device
-    owned: bool  # this run started the process group (and ends it)
+class Distributed(Local):
+    """``Local``'s questions, answered across torchrun's processes."""
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    owned: bool = False  # this run started the process group (and ends it)
+    stops_alone: bool = False  # the others would wait for this process's gradients
+    immediate_signals: bool = False  # every process stops at the same step boundary
 
     def mine(self, index: int) -> bool:
         """Whether this rank takes the step's ``index``-th micro-batch (of grad_accum x world)."""
@@ -126,64 +123,76 @@ class Dist:
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                        **NO_BUFFER_SYNC)
 
-    @staticmethod
-    def unwrap(model: nn.Module) -> nn.Module:
+    def unwrap(self, model: nn.Module) -> nn.Module:
         """The model inside DDP's wrapper (an FSDP2 model is its own module)."""
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def sharded(self, model: nn.Module) -> bool:
         return isinstance(self.unwrap(model), FSDPModule)
 
-    @staticmethod
-    def no_sync(model: nn.Module, last: bool):
+    def no_sync(self, model: nn.Module, last: bool):
         """DDP's all-reduce only on a step's last micro-batch; FSDP2 reduces as it goes."""
         if isinstance(model, DistributedDataParallel) and not last:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    @staticmethod
-    def local(t: torch.Tensor) -> torch.Tensor:
+    def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``t``: its shard of a DTensor, else ``t`` itself."""
         return t.to_local() if isinstance(t, DTensor) else t
 
-    @staticmethod
-    def value(t: torch.Tensor) -> float:
+    def value(self, t: torch.Tensor) -> float:
         """A reduced scalar (the norm of sharded gradients is a DTensor) as a number."""
         return (t.full_tensor() if isinstance(t, DTensor) else t).item()
 
-    @staticmethod
-    def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def whole(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` with every DTensor gathered whole (a collective: every rank calls it, in one order)."""
         return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
 
-    def full_params(self, model: nn.Module, names) -> dict[str, torch.Tensor]:
-        """The parameters ``names`` whole on rank 0's CPU ({} elsewhere), from every shard (a collective)."""
-        state = get_model_state_dict(self.unwrap(model), options=FULL)
-        return {k: state[k] for k in names} if state else {}
-
-    def full_model(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model's state on rank 0's CPU ({} elsewhere), one name per tensor (a tied head is
-        its embedding, as one process saves it): a collective."""
+    def full_model(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """A sharded model's whole state on rank 0's CPU ({} elsewhere), one name per tensor (a tied head
+        is its embedding, as one process saves it): a collective. None for a model that is not sharded."""
+        if not self.sharded(model):
+            return None
         model = self.unwrap(model)
         tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
         return {k: v for k, v in get_model_state_dict(model, options=FULL).items() if k not in tied}
 
-    def full_optimizer(self, model: nn.Module, optimizer) -> dict:
-        """The optimizer's state keyed by parameter name, whole, on rank 0 ({} elsewhere): a collective."""
-        return get_optimizer_state_dict(self.unwrap(model), optimizer, options=FULL)
+    def reseed(self, seed: int, step: int) -> None:
+        """Each process's dropout draws, a function of the step: a resumed run draws the same."""
+        torch.manual_seed((seed * 1_000_003 + step) * 1009 + self.rank)
 
-    def load_full(self, model: nn.Module, optimizer, params: dict[str, torch.Tensor], optim_state: dict) -> None:
-        """Every rank passes the same whole tensors; each keeps its shard."""
+    def checkpoint_state(self, model: nn.Module, params: dict[str, nn.Parameter], optimizer) -> tuple[dict, dict]:
+        """(the trainable tensors, the optimizer's state by name) whole on rank 0: a sharded model's
+        gathered from every shard (a collective; {} elsewhere)."""
+        if not self.sharded(model):
+            return params, checkpoint.named_optimizer(optimizer, params) if self.main else None
+        state = get_model_state_dict(self.unwrap(model), options=FULL)
+        tensors = {k: state[k] for k in params} if state else {}
+        return tensors, get_optimizer_state_dict(self.unwrap(model), optimizer, options=FULL)
+
+    def restore(self, model: nn.Module, saved: checkpoint.Saved, params, optimizer, scheduler, scaler) -> dict:
+        """Every process reads the whole tensors; a sharded model's keeps its shard."""
+        if not self.sharded(model):
+            return checkpoint.restore(saved, params, optimizer, scheduler, scaler)
         options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(self.unwrap(model), params, options=options)
-        set_optimizer_state_dict(self.unwrap(model), optimizer, optim_state, options=options)
+        set_model_state_dict(self.unwrap(model), saved.tensors, options=options)
+        set_optimizer_state_dict(self.unwrap(model), optimizer, saved.optimizer, options=options)
+        return checkpoint.restore_rest(saved, scheduler, scaler)
+
+    def describe(self, shard: bool, batch_size: int, grad_accum: int) -> str:
+        return (f"{self.world} processes ({'nccl' if self.device.type == 'cuda' else 'gloo'}, "
+                f"{'FSDP2' if shard else 'DDP'}): global batch {batch_size * grad_accum * self.world} = batch_size "
+                f"{batch_size} x grad_accum {grad_accum} x {self.world} processes")
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def from_env(device: str, timeout_s: float) -> Dist | None:
-    """The process group torchrun's environment describes; None for a single process. A collective
-    that waits longer than ``timeout_s`` (a rank died or hangs) ends the run with an error."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+def from_env(device: str, timeout_s: float) -> Distributed:
+    """The process group torchrun's environment describes (``run.runtime_from_env`` calls this only
+    for several processes). A collective that waits longer than ``timeout_s`` (a rank died or hangs) ends
+    the run with an error."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     where = resolve_device(device)
     if where.type == "cuda":
@@ -195,16 +204,5 @@ def from_env(device: str, timeout_s: float) -> Dist | None:
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-    return Dist(dist.get_rank(), dist.get_world_size(), local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), where,
-                owned)
-
-
-def close(d: Dist | None) -> None:
-    if d is not None and d.owned and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def say(d: Dist | None, *args) -> None:
-    """Print on rank 0 only (every rank would say the same)."""
-    if d is None or d.main:
-        print(*args, file=sys.stderr)
+    return Distributed(where, dist.get_rank(), dist.get_world_size(), local,
+                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")), owned=owned)

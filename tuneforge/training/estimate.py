@@ -30,15 +30,15 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
-from tuneforge.core import config as config_mod
 from tuneforge.core.config import RunCfg
 from tuneforge.model.devices import resolve_device
 from tuneforge.io.load import resolve_spec
 from tuneforge.data import Collator
 from tuneforge.model.families import family_of
-from tuneforge.model.kernels import HEAD_CHUNK, shared_prefix, use_lean_mlps
+from tuneforge.model.kernels import HEAD_CHUNK, shared_prefix
 from tuneforge.methods._shared import parameter_count
 from tuneforge.methods.registry import get_method
+from tuneforge.training.prepare import prepare
 
 # Measured on this project's reference machine (2-core CPU, fp32) with bench/estimate.py: the share
 # of the matmul rate a training step reaches, the process's own memory (python, torch, transformers,
@@ -212,18 +212,20 @@ def _meta_model(cfg: RunCfg, model_config):
     method = get_method(cfg.method.name)
     if method.KIND == "probe":
         return model, method, {}
-    trainable = method.inject(model, config_mod.method_config(cfg)).trainable(model)
-    use_lean_mlps(model)
+    _, trainable = prepare(model, method, cfg)  # as the run prepares it
     return model, method, trainable
 
 
 def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | None = None,
-             flops_per_s: float | None = None, model_config=None, world: int = 1) -> Estimate:
+             flops_per_s: float | None = None, model_config=None, world: int = 1,
+             batches_per_epoch: int | None = None) -> Estimate:
     """The cost of ``cfg``. ``shapes`` are the micro-batches of one epoch (``batch_shapes`` gives them
     from the data); without them every batch is taken to be full rows of ``data.max_length`` tokens
     with loss on every token, no prefix shared (an upper bound). ``model_config`` (a transformers
     config) describes the model instead of ``cfg.model``; ``world``: the processes that share each step
-    (torchrun's), so that an epoch has as many steps as the loop will take."""
+    (torchrun's). The run passes ``batches_per_epoch`` (its data's micro-batches); else an epoch is
+    ``n_examples`` in batches of ``train.batch_size``. The steps are counted as the loop counts them
+    (``TrainCfg.steps``)."""
     model_config = model_config or AutoConfig.from_pretrained(resolve_spec(cfg.model))
     model, method, trainable = _meta_model(cfg, model_config)
     probe = method.KIND == "probe"
@@ -269,7 +271,8 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     flops = cfg.train.grad_accum * (computed * per_token + mean.loss_tokens * per_loss_token)
     rate = (flops_per_s or matmul_flops_per_s(device)) * STEP_EFFICIENCY[kind]
 
-    steps = cfg.train.steps(math.ceil(n_examples / b), world) if n_examples else cfg.train.max_steps
+    batches_per_epoch = batches_per_epoch or (math.ceil(n_examples / b) if n_examples else None)
+    steps = cfg.train.steps(batches_per_epoch, world) if batches_per_epoch else cfg.train.max_steps
     return Estimate(n_total, n_trainable, parts, longest, int(cfg.train.grad_accum * mean.rows * mean.width),
                     float(flops), flops / rate, steps, device.type, basis)
 

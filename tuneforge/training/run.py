@@ -7,7 +7,7 @@ It reads the data, writes OUTPUT_DIR/config.yaml and prints the estimate, then
 and writes summary.json with the same keys for both ("after": the held-out figures of the result).
 
 Under torchrun (WORLD_SIZE > 1) every process runs this driver: rank 0 claims the output folder and
-writes everything in it; each process trains its share on its device (``training/dist.py``).
+writes everything in it; each process trains its share on its device (``training/runtime.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig
 
 from tuneforge.core import config as config_mod
@@ -38,11 +40,32 @@ from tuneforge.model.fingerprint import fingerprint
 from tuneforge.io.load import load_model, load_tokenizer, resolve_spec
 from tuneforge.io.peft_format import save_adapter, save_probe
 from tuneforge.model.families import family_of
-from tuneforge.model.kernels import use_lean_mlps
-from tuneforge.methods._shared import Injected, parameter_count
+from tuneforge.methods._shared import GradientMethod, Injected, ProbeMethod, parameter_count
 from tuneforge.methods.registry import get_method
 from tuneforge.training import checkpoint, output
 from tuneforge.training.loop import shuffled_batches, train
+from tuneforge.training.prepare import prepare
+from tuneforge.training.runtime import Local
+
+
+@dataclass
+class RunContext:
+    """One run, built once: its config and method, where its processes are, its output folder, and
+    how it was started. The model and tokenizer are the caller's, or None until loaded."""
+
+    cfg: RunCfg
+    method: GradientMethod | ProbeMethod
+    runtime: Local
+    out: Path
+    resume: bool
+    progress: bool
+    force: bool
+    model: nn.Module | None = None
+    tokenizer: object = None
+    injected: Injected | None = None
+
+    def say(self, line: str) -> None:
+        self.runtime.say(f"tuneforge: {line}")
 
 
 def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None, tokenizer=None,
@@ -60,146 +83,155 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
     if (model is None) != (tokenizer is None):
         raise UserError("model= and tokenizer= go together", fix="pass both, or neither to load cfg.model")
     method = get_method(cfg.method.name)
-    if method.KIND == "probe" and cfg.data.format != "classification":
-        raise UserError(f"the {method.NAME} method fits a classifier and needs classification data, not "
-                        f"{cfg.data.format!r}", "data.format",
-                        fix="set data.format: classification (with text_column and label_column)")
-    if method.KIND == "gradient":
+    path = PATHS[method.KIND]  # the one place a run asks: gradient or probe
+    path.check(cfg, method, model, resume)
+    runtime = runtime_from_env(cfg.train.device, cfg.train.dist_timeout_s)
+    try:
+        out = Path(cfg.train.output_dir)
+        lock = runtime.first(lambda: _claim(cfg, out, resume, overwrite, runtime.world))  # rank 0 claims it
+        try:
+            return _run(path, RunContext(cfg, method, runtime, out, resume, progress, force, model, tokenizer,
+                                         injected))
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        runtime.close()
+
+
+def runtime_from_env(device: str, timeout_s: float) -> Local:
+    """The runtime this process was started in: torchrun's process group (WORLD_SIZE > 1), or one
+    process on ``device``; never None. A collective that waits longer than ``timeout_s`` ends the run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Local(resolve_device(device))
+    from tuneforge.training import dist  # torch.distributed's modules load only for several processes
+
+    return dist.from_env(device, timeout_s)
+
+
+def _claim(cfg: RunCfg, out: Path, resume: bool, overwrite: bool, world: int) -> output.Claim:
+    lock = output.claim(out, resume, overwrite)
+    try:
+        if resume:
+            if not checkpoint.complete(out / "checkpoints"):
+                raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"),
+                                fix="start the run again without --resume (with --overwrite to move this one aside)")
+            output.check_resume(cfg, out, world)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _run(path, ctx: RunContext) -> dict:
+    cfg, runtime = ctx.cfg, ctx.runtime
+    ctx.tokenizer = ctx.tokenizer or load_tokenizer(cfg.model)
+    data = load_datasets(cfg.data, ctx.tokenizer, seed=cfg.train.seed)
+    if runtime.main:
+        write_text(ctx.out / "config.yaml", config_mod.to_yaml(cfg))
+        for split, report in data.report.items():
+            if report.truncated or report.dropped:
+                ctx.say(f"{split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
+                        f"{report.dropped_line()}")
+            if report.sources:  # a mixture: each source's examples in this split
+                ctx.say(f"{split}: {report.line()}")
+    path.before_loading(ctx, data)
+    if ctx.model is None:
+        ctx.model, _ = load_model(cfg.model, dtype="float32", device=str(runtime.device),
+                                  allow_pickle=cfg.allow_pickle)
+    result = path.result(ctx, data)
+    if runtime.main:
+        result["artifact_bytes"] = sum(f.stat().st_size for f in (ctx.out / "final").rglob("*") if f.is_file())
+        result["data"] = {split: dataclasses.asdict(report) for split, report in data.report.items()}
+        write_text(ctx.out / "summary.json", json.dumps(result, indent=1))
+    return result
+
+
+class Gradient:
+    """A gradient method's run: the cost first, then prepare, train, save."""
+
+    @staticmethod
+    def check(cfg: RunCfg, method, model, resume: bool) -> None:
         family = family_of(model.config if model is not None else AutoConfig.from_pretrained(resolve_spec(cfg.model)))
         if family.encoder:
             raise UserError(f"{family.name} is an encoder: its attention reads the whole text at once, so it cannot "
                             "learn to predict the next token", "method.name",
                             fix="use method.name: features (a classifier on its hidden states), or a causal LM")
-    if resume and method.KIND == "probe":
-        raise UserError(f"the {method.NAME} method fits in one go and keeps no checkpoints to resume from",
-                        "--resume", fix="run it again (its features are cached) in a new train.output_dir")
-    d = _dist(cfg, method)
-    try:
-        return _claimed(cfg, method, resume, progress, model, tokenizer, injected, overwrite, force, d)
-    finally:
-        if d is not None:
-            from tuneforge.training import dist
 
-            dist.close(d)
+    @staticmethod
+    def before_loading(ctx: RunContext, data: Datasets) -> None:
+        """The estimate, printed before the model loads; a run it says will not fit is refused."""
+        if ctx.force:
+            ctx.say("the estimate is skipped (--force)")
+            return
+        runtime = ctx.runtime
 
+        def check() -> None:
+            if est := _estimate_or_none(ctx.cfg, data, ctx.tokenizer, ctx.model, runtime.world):
+                check_fits(est, ctx.force, runtime.local_world if runtime.device.type == "cpu" else 1)
 
-def _dist(cfg: RunCfg, method):
-    """The process group when torchrun started this process (torch.distributed loads only then)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if method.KIND == "probe":
-        raise UserError(f"the {method.NAME} method fits a classifier in one process", "torchrun",
-                        fix="run it as a single process: tuneforge train, without torchrun or --nproc")
-    from tuneforge.training import dist
+        runtime.first(check)
 
-    return dist.from_env(cfg.train.device, cfg.train.dist_timeout_s)
+    @staticmethod
+    def result(ctx: RunContext, data: Datasets) -> dict:
+        return _train(ctx, data)
 
 
-def _claimed(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, injected, overwrite: bool,
-             force: bool, d) -> dict:
-    """``_run`` with the output folder claimed (by rank 0: the others learn whether it could be)."""
-    out = Path(cfg.train.output_dir)
-    lock, error = None, None
-    if d is None or d.main:
-        try:
-            lock = output.claim(out, resume, overwrite)
-            if resume:
-                if not checkpoint.complete(out / "checkpoints"):
-                    raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"),
-                                    fix="start the run again without --resume (with --overwrite to move this one "
-                                        "aside)")
-                output.check_resume(cfg, out, d.world if d else 1)
-        except Exception as exc:  # the other ranks wait to hear: they stop with rank 0's line
-            error = exc
-            if d is None:
-                raise
-    try:
-        if d is not None:
-            d.agree(error)
-        return _run(cfg, method, resume, progress, model, tokenizer, injected, out, force, d)
-    finally:
-        if lock is not None:
-            lock.release()
+class Probe:
+    """A probe method's run: extract the frozen model's features, fit, save; no steps, no estimate."""
+
+    @staticmethod
+    def check(cfg: RunCfg, method, model, resume: bool) -> None:
+        if cfg.data.format != "classification":
+            raise UserError(f"the {method.NAME} method fits a classifier and needs classification data, not "
+                            f"{cfg.data.format!r}", "data.format",
+                            fix="set data.format: classification (with text_column and label_column)")
+        if resume:
+            raise UserError(f"the {method.NAME} method fits in one go and keeps no checkpoints to resume from",
+                            "--resume", fix="run it again (its features are cached) in a new train.output_dir")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(f"the {method.NAME} method fits a classifier in one process", "torchrun",
+                            fix="run it as a single process: tuneforge train, without torchrun or --nproc")
+
+    @staticmethod
+    def before_loading(ctx: RunContext, data: Datasets) -> None:
+        pass
+
+    @staticmethod
+    def result(ctx: RunContext, data: Datasets) -> dict:
+        return _fit_probe(ctx, data)
 
 
-def _run(cfg: RunCfg, method, resume: bool, progress: bool, model, tokenizer, injected, out: Path,
-         force: bool, d) -> dict:
-    main = d is None or d.main
-    tokenizer = tokenizer or load_tokenizer(cfg.model)
-    data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
-    if main:
-        write_text(out / "config.yaml", config_mod.to_yaml(cfg))
-        for split, report in data.report.items():
-            if report.truncated or report.dropped:
-                print(f"tuneforge: {split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
-                      f"{report.dropped_line()}", file=sys.stderr)
-            if report.sources:  # a mixture: each source's examples in this split
-                print(f"tuneforge: {split}: {report.line()}", file=sys.stderr)
-    if method.KIND == "gradient":  # the cost first, before the model loads
-        error = None
-        if main:
-            try:
-                if force:
-                    print("tuneforge: the estimate is skipped (--force)", file=sys.stderr)
-                elif est := _estimate_or_none(cfg, data, tokenizer, model, d.world if d else 1):
-                    check_fits(est, force, d.local_world if d and d.device.type == "cpu" else 1)
-            except Exception as exc:
-                error = exc
-                if d is None:
-                    raise
-        if d is not None:
-            d.agree(error)
-    if model is None:
-        model, _ = load_model(cfg.model, dtype="float32", device=str(d.device) if d else cfg.train.device,
-                              allow_pickle=cfg.allow_pickle)
-    if method.KIND == "probe":
-        result = _fit_probe(method, model, tokenizer, data, cfg, out, progress)
-    else:
-        result = _train(method, model, tokenizer, data, cfg, out, injected, resume, progress, d)
-    if main:
-        result["artifact_bytes"] = sum(f.stat().st_size for f in (out / "final").rglob("*") if f.is_file())
-        result["data"] = {split: dataclasses.asdict(report) for split, report in data.report.items()}
-        write_text(out / "summary.json", json.dumps(result, indent=1))
-    return result
+PATHS = {"gradient": Gradient, "probe": Probe}
 
 
-def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, injected: Injected | None,
-           resume: bool, progress: bool, d=None) -> dict:
-    main = d is None or d.main
+def _train(ctx: RunContext, data: Datasets) -> dict:
+    cfg, runtime, model, tokenizer = ctx.cfg, ctx.runtime, ctx.model, ctx.tokenizer
     torch.manual_seed(cfg.train.seed)
-    if injected is None:
-        injected = method.inject(model, config_mod.method_config(cfg))
-    params = injected.trainable(model)
-    use_lean_mlps(model)  # the same math, with less kept for backward (tuneforge/model/kernels.py)
+    injected, params = prepare(model, ctx.method, cfg, ctx.injected)
     total, n_train = parameter_count(model), sum(p.numel() for p in params.values())
-    say = print if main else (lambda *a, **k: None)
-    say(f"tuneforge: {injected.name}: {n_train:,} trainable parameters of {total:,} "
-        f"({100 * n_train / total:.3f}%); {len(data.train)} training examples, {len(data.eval)} held out",
-        file=sys.stderr)
-    wrapped = model
-    if d is not None:
-        shard = injected.method.WHOLE_MODEL or cfg.train.fsdp
-        if shard and cfg.train.precision == "fp16":  # fp16's loss scaler would check each shard on its own
-            raise UserError("fp16 with FSDP2 sharding is not supported", "train.precision",
-                            fix="set train.precision to bf16 (or auto, bf16 on CUDA) for a sharded run")
-        wrapped = d.wrap(model, shard)
-        params = injected.trainable(model)  # sharding replaced the parameters with their shards
-        t = cfg.train
-        say(f"tuneforge: {d.world} processes ({'nccl' if d.device.type == 'cuda' else 'gloo'}, "
-            f"{'FSDP2' if shard else 'DDP'}): global batch {t.batch_size * t.grad_accum * d.world} = batch_size "
-            f"{t.batch_size} x grad_accum {t.grad_accum} x {d.world} processes", file=sys.stderr)
-    order, packing = batch_order(cfg, data), None
+    ctx.say(f"{injected.name}: {n_train:,} trainable parameters of {total:,} ({100 * n_train / total:.3f}%); "
+            f"{len(data.train)} training examples, {len(data.eval)} held out")
+    shard = runtime.world > 1 and (injected.method.WHOLE_MODEL or cfg.train.fsdp)
+    if shard and cfg.train.precision == "fp16":  # fp16's loss scaler would check each shard on its own
+        raise UserError("fp16 with FSDP2 sharding is not supported", "train.precision",
+                        fix="set train.precision to bf16 (or auto, bf16 on CUDA) for a sharded run")
+    wrapped = runtime.wrap(model, shard)
+    params = injected.trainable(model)  # sharding replaces the parameters with their shards
+    if line := runtime.describe(shard, cfg.train.batch_size, cfg.train.grad_accum):
+        ctx.say(line)
+    packing = None
     if cfg.data.packing:
         check_packing(model, injected.name)
         packing = packing_report(cfg, data)
-        say(f"tuneforge: packing: {packing['examples']} examples in {packing['rows']} rows of at most "
-            f"{cfg.data.max_length} tokens, {packing['batches']} batches of {cfg.train.batch_size} rows an epoch "
-            f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
-            f"{packing['padding_packed']:,} token positions an epoch", file=sys.stderr)
-    summary = train(wrapped, params, data.train, collator(cfg, tokenizer), cfg.train, out,
-                    batch_order=order, evaluator=make_evaluator(tokenizer, data, cfg), resume=resume,
-                    progress=progress, dist=d)
-    _save_final(model, injected, tokenizer, cfg, out, d)
+        ctx.say(f"packing: {packing['examples']} examples in {packing['rows']} rows of at most "
+                f"{cfg.data.max_length} tokens, {packing['batches']} batches of {cfg.train.batch_size} rows an epoch "
+                f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
+                f"{packing['padding_packed']:,} token positions an epoch")
+    summary = train(wrapped, params, data.train, collator(cfg, tokenizer), cfg.train, ctx.out,
+                    batch_order=batch_order(cfg, data), evaluator=make_evaluator(tokenizer, data, cfg),
+                    resume=ctx.resume, progress=ctx.progress, runtime=runtime)
+    _save_final(ctx, injected)
     result = {"method": injected.name, "trainable_parameters": n_train, "total_parameters": total,
               "train_examples": len(data.train), "eval_examples": len(data.eval),
               # "after" is the weights the run saved; "best" an earlier evaluation that scored higher, if any
@@ -212,30 +244,31 @@ def _train(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, inj
         result["packing"] = packing
     for key in ("best_eval", "first_eval", "final_eval"):
         result.pop(key)
-    if main:
-        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if runtime.main:
+        plot_losses(ctx.out / "metrics.jsonl", ctx.out / "loss.png")
     return result
 
 
-def _save_final(model, injected: Injected, tokenizer, cfg: RunCfg, out: Path, d) -> None:
-    """OUTPUT_DIR/final: the adapter, or the whole model; from a sharded model, gathered whole first."""
-    sharded = d is not None and d.sharded(model)
+def _save_final(ctx: RunContext, injected: Injected) -> None:
+    """OUTPUT_DIR/final: the adapter, or the whole model; from a sharded model, gathered whole first
+    (collectives: every process takes part, rank 0 writes)."""
+    model, runtime = ctx.model, ctx.runtime
     if injected.method.WHOLE_MODEL:
-        state = d.full_model(model) if sharded else None  # rank 0's CPU holds the whole model
-        if d is None or d.main:
-            save_model(model, tokenizer, out / "final", state_dict=state)
+        state = runtime.full_model(model)  # a sharded model's, on rank 0's CPU; else the model's own
+        if runtime.main:
+            save_model(model, ctx.tokenizer, ctx.out / "final", state_dict=state)
         return
-    tensors = d.whole(injected.state_dict(model)) if sharded else None
-    if d is None or d.main:
-        save_adapter(model, injected, out / "final", base_model_name=cfg.model, tensors=tensors)
+    tensors = runtime.whole(injected.state_dict(model))
+    if runtime.main:
+        save_adapter(model, injected, ctx.out / "final", base_model_name=ctx.cfg.model, tensors=tensors)
 
 
-def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path, progress: bool) -> dict:
+def _fit_probe(ctx: RunContext, data: Datasets) -> dict:
     """Extract, fit, score and save a probe; its timings and layer choice go in the summary's "fit"."""
+    cfg, method, model, tokenizer = ctx.cfg, ctx.method, ctx.model, ctx.tokenizer
     method_cfg = config_mod.method_config(cfg)
-    if progress:
-        print(f"tuneforge: {method.NAME}: {len(data.train_items)} training texts, {len(data.eval_items)} held out",
-              file=sys.stderr)
+    if ctx.progress:
+        ctx.say(f"{method.NAME}: {len(data.train_items)} training texts, {len(data.eval_items)} held out")
     started = time.perf_counter()
     layers = method.layers(model, method_cfg)
     stack, hit = feature_cache.extract(model, tokenizer, [it.text for it in data.train_items], method_cfg, layers)
@@ -245,7 +278,7 @@ def _fit_probe(method, model, tokenizer, data: Datasets, cfg: RunCfg, out: Path,
     fitted = time.perf_counter()
     evaluator = make_evaluator(tokenizer, data, cfg, probe)
     after = {**evaluator.run(model), "seconds": time.perf_counter() - fitted} if evaluator else None
-    save_probe(method, probe, out / "final")
+    save_probe(method, probe, ctx.out / "final")
     return {"method": method.NAME, "trainable_parameters": probe.parameter_count(),
             "train_examples": len(data.train_items), "eval_examples": len(data.eval_items), "before": None,
             "after": _numbers(after), "seconds": fitted - started,
@@ -337,13 +370,12 @@ def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None, worl
     batches = batch_order(cfg, data)(0)
     if not cfg.data.packing:
         shapes = batch_shapes(data.train, batches, tokenizer.pad_token_id)
-        return estimate(cfg, shapes, n_examples=len(data.train), model_config=model_config, world=world)
+        return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
     collate, shapes = collator(cfg, tokenizer), []
     for indices in batches:  # packed rows share no prefix: each starts its own example
         batch = collate([data.train[i] for i in indices])
         shapes.append(Shape(*batch["input_ids"].shape, 0, int((batch["labels"][:, 1:] != -100).sum())))
-    rows = sum(s.rows for s in shapes)  # an epoch's steps count rows, not examples
-    return estimate(cfg, shapes, n_examples=rows, model_config=model_config, world=world)
+    return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
 
 
 def _estimate_or_none(cfg: RunCfg, data: Datasets, tokenizer, model, world: int = 1) -> Estimate | None:
