@@ -17,7 +17,7 @@ from tuneforge.core.errors import UserError
 from tuneforge.io.export import save_model
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods._shared import GradientMethod, Injected, ProbeMethod
-from tuneforge.core.config.methods import CONFIGS
+from tuneforge.core.config.methods import METHODS
 from tuneforge.methods.registry import REGISTRY, get_method
 
 # Tiny llama: hidden 64, MLP 128, 2 layers, 4 query heads and 2 key/value heads of 16, 259 tokens (tied head).
@@ -25,6 +25,7 @@ H, I, L, KV, VOCAB = 64, 128, 2, 32, 259  # KV: width of k_proj / v_proj outputs
 BLOCK = H * H + 2 * H * KV + H * H + 3 * H * I + 2 * H  # attention, MLP and two norms
 ALL_WEIGHTS = VOCAB * H + L * BLOCK + H  # embeddings (the head is tied to them), blocks, final norm
 LORA_PER_LAYER = 2 * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + I) + (I + H))  # r=2 on all seven linears
+VERA_PER_LAYER = (H + 2 * KV + H + 2 * I + H) + 7 * 4  # r=4 on all seven linears: lambda_b (out,), lambda_d (r,)
 
 CASES = {
     # name: (method config, expected trainable count, starts at identity, merge exists)
@@ -33,6 +34,7 @@ CASES = {
     "qlora": ({"r": 2, "target_modules": "all-linear"}, L * LORA_PER_LAYER, False, True),  # 4-bit base differs
     "adapter": ({"placement": "houlsby", "bottleneck_size": 4}, L * 2 * ((H * 4 + 4) + (4 * H + H)), True, False),
     "ia3": ({}, L * (KV + KV + I), True, True),
+    "vera": ({"r": 4, "target_modules": "all-linear"}, L * VERA_PER_LAYER, True, True),
     "prefix": ({"num_virtual_tokens": 4}, 4 * L * 2 * KV, False, False),
     "prompt": ({"num_virtual_tokens": 4}, 4 * H, False, False),
 }
@@ -45,13 +47,13 @@ PROBE_HOOKS = ("layers", "token_ids", "extract", "fit", "from_state_dict")
 def test_every_method_implements_its_whole_protocol():
     gradient = {n for n, m in REGISTRY.items() if m.KIND == "gradient"}
     assert gradient == set(CASES) and set(REGISTRY) - gradient == {"features"}
-    assert REGISTRY.keys() == CONFIGS.keys()
+    assert REGISTRY.keys() == METHODS.keys()
     for name, method in REGISTRY.items():
         hooks = GRADIENT_HOOKS if method.KIND == "gradient" else PROBE_HOOKS
         protocol = GradientMethod if method.KIND == "gradient" else ProbeMethod
         assert all(callable(getattr(method, hook, None)) for hook in hooks), name
         assert set(hooks) <= set(vars(protocol)), "the protocol lists every hook the package calls"
-        assert method.NAME == name and method.Config is CONFIGS[name]
+        assert method.NAME == name and method.Config is METHODS[name].config
     with pytest.raises(UserError, match="unknown method 'lorax'.*use one of full, lora"):
         get_method("lorax")
 

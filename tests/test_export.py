@@ -140,7 +140,8 @@ def test_smaller_dtypes_stay_within_their_tolerance(base_dir, lora_dir, tmp_path
     ("lora", {"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
     ("ia3", {}),
     ("qlora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"], "block_size": 32}),
-], ids=["rslora", "dora", "ia3", "qlora"])
+    ("vera", {"r": 8, "target_modules": "all-linear"}),
+], ids=["rslora", "dora", "ia3", "qlora", "vera"])
 def test_each_mergeable_method_exports_merged(base_dir, tmp_path, method, settings):
     adapter = make_adapter(base_dir, tmp_path / "adapter", method, **settings)
     out = tmp_path / "model.gguf"

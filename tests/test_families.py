@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
 # (method, config keys): every gradient method with its defaults, DoRA and Houlsby's placement besides
 METHODS = {"full": ("full", {}), "lora": ("lora", {}), "dora": ("lora", {"use_dora": True}), "qlora": ("qlora", {}),
-           "adapter": ("adapter", {"placement": "houlsby"}), "ia3": ("ia3", {}),
+           "adapter": ("adapter", {"placement": "houlsby"}), "ia3": ("ia3", {}), "vera": ("vera", {"r": 16}),
            "prefix": ("prefix", {"num_virtual_tokens": 4}), "prompt": ("prompt", {"num_virtual_tokens": 4})}
-PEFT_LOADS = {"lora", "dora", "ia3", "prefix", "prompt"}
+PEFT_LOADS = {"lora", "dora", "ia3", "vera", "prefix", "prompt"}
 OUTCOMES: dict[tuple[str, str], str] = {}
 
 

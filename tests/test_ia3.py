@@ -57,7 +57,7 @@ def test_layer_and_fold_equal_reference(feedforward):
     else:  # the output is scaled, bias included
         expected = (x @ base.weight.T + base.bias) * layer.ia3_l[:, 0]
     torch.testing.assert_close(layer(x), expected)
-    torch.testing.assert_close(layer.merged()(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.folded()(x), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_identity_right_after_inject(tiny, ids):

@@ -121,7 +121,7 @@ def test_the_checks_see_a_violation():
         layer_of("tuneforge.newpackage.module")
 
 
-METHOD_NAMES = ("full", "lora", "qlora", "adapter", "ia3", "prefix", "prompt", "features")
+METHOD_NAMES = ("full", "lora", "qlora", "adapter", "ia3", "vera", "prefix", "prompt", "features")
 
 
 def named_methods(tree: ast.AST) -> list[tuple[int, str]]:

@@ -18,7 +18,7 @@ from test_run import sentiment_rows, write_jsonl
 from tuneforge import cli
 from tuneforge.core import config
 from tuneforge.core.errors import UserError
-from tuneforge.core.config.methods import CONFIGS
+from tuneforge.core.config.methods import METHODS
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")  # the test client
@@ -50,7 +50,7 @@ def lora_form(**values) -> dict:
 
 def test_every_field_shows_its_type_default_and_the_comment_that_documents_it():
     schema = form.schema()
-    assert set(schema["methods"]) == set(CONFIGS)
+    assert set(schema["methods"]) == set(METHODS)
     lora = {f["key"]: f for f in schema["methods"]["lora"]}
     assert lora["method.r"] == {"key": "method.r", "type": "int", "kind": "text", "choices": None, "default": "8",
                                 "help": "rank of the update"}

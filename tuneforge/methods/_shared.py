@@ -1,7 +1,10 @@
 """What the methods share: the protocols they implement (``GradientMethod``, whose ``inject`` returns
 an ``Injected`` handle; ``ProbeMethod``, whose ``fit`` returns a ``Probe``) and the plumbing that would
-otherwise be written once per method (refusing a second inject, wrapping the targeted layers,
-modules_to_save, PEFT-keyed state dicts, a dense layer rebuilt from a quantized one).
+otherwise be written once per method: refusing a second inject, finding the trainable tensors (one walk
+over the modules a method added, ``method_parameters``), and for the methods that wrap their target
+layers (LoRA, IA3, VeRA, the bottleneck adapter) finding and wrapping the targets, modules_to_save,
+PEFT-keyed state dicts and config keys, folding an update into a layer (a dense layer rebuilt from a
+quantized one).
 """
 
 from __future__ import annotations
@@ -118,7 +121,14 @@ def injected(module_name: str, cfg, base: dict | None) -> Injected:
 
 class MethodModule:
     """Marks a module a method puts into a model (mixed into its nn.Module), so that a second
-    inject finds the first by the model's structure."""
+    inject finds the first by the model's structure, and says what in it trains."""
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """What the method trains in this module, by key under the module's path: every parameter but
+        those of the layer it wraps (``base_layer``). A module whose keys differ says so itself."""
+        base = getattr(self, "base_layer", None)
+        frozen = {id(p) for p in base.parameters()} if base is not None else set()
+        return {key: p for key, p in self.named_parameters() if id(p) not in frozen}
 
 
 def before_inject(model: nn.Module, quantized_too: bool = False) -> dict | None:
@@ -143,15 +153,91 @@ def modules_of(model: nn.Module, kind: type) -> dict[str, nn.Module]:
     return {path: m for path, m in model.named_modules() if isinstance(m, kind)}
 
 
+def method_parameters(model: nn.Module, kinds: tuple[type, ...]) -> dict[str, nn.Parameter]:
+    """What a method trains in the modules it added, found by type in one walk over the model: each module
+    of ``kinds`` gives its ``adapter_params()`` under its path. The modules of the first kind come first, then
+    the next kind's, each in model order: the names and order checkpoints and optimizer states are kept in."""
+    found: list[dict[str, nn.Parameter]] = [{} for _ in kinds]
+    for path, module in model.named_modules():
+        kind = next((i for i, k in enumerate(kinds) if isinstance(module, k)), None)
+        if kind is not None:
+            found[kind].update({f"{path}.{key}" if path else key: p for key, p in module.adapter_params().items()})
+    return {name: p for bucket in found for name, p in bucket.items()}
+
+
 def device_of(module: nn.Module) -> torch.device:
     return next(iter([*module.parameters(), *module.buffers()])).device
 
 
-def wrap(model: nn.Module, paths: list[str], make: Callable[[str, nn.Module], nn.Module]) -> None:
-    """Freeze the whole model, then put ``make(path, layer)`` where each targeted layer was."""
+# The wrap-the-targets methods: each target layer is replaced by the method's module holding it as
+# ``base_layer``. Their modules give ``adapter_params()`` (what trains) and ``folded()`` (the plain layer
+# with the update in its weight, for merge).
+
+WRAPPABLE = (*targets.LINEAR, NF4Linear)  # the layer types they attach to (QLoRA: quantize first, then LoRA)
+
+
+def find_targets(model: nn.Module, names, modules_to_save: list[str] | None, what: str,
+                 beside: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """The linear layers ``names`` selects (``targets.find``; ``[]``: none, where a Config allows it: LoRA on
+    the experts alone) and the paths of ``modules_to_save``, none inside or around a target or a path of
+    ``beside``: a UserError, with nothing changed, if either is wrong. ``what`` names the method in errors."""
+    wrapped = [] if names == [] else targets.find(model, names, types=WRAPPABLE)
+    return wrapped, saved_modules(model, modules_to_save, [*wrapped, *beside], what)
+
+
+def wrap(model: nn.Module, paths: list[str], make: Callable[[str, nn.Module], nn.Module],
+         saved: list[str] = ()) -> None:
+    """Freeze the whole model, put ``make(path, layer)`` where each targeted layer was, and unfreeze the
+    ``saved`` modules (modules_to_save), which train whole."""
     model.requires_grad_(False)
     for path in paths:
         targets.swap(model, path, lambda old: make(path, old))
+    for path in saved:
+        model.get_submodule(path).requires_grad_(True)
+
+
+def saved_paths(model: nn.Module, cfg) -> list[str]:
+    """The paths of the modules ``cfg.modules_to_save`` names, once they are in place."""
+    return targets.find(model, cfg.modules_to_save, types=(nn.Module,), key="modules_to_save") \
+        if cfg.modules_to_save else []
+
+
+def wrapper_hooks(kinds: tuple[type, ...], fix: str) -> tuple[Callable, Callable, Callable]:
+    """(trainable, state_dict, load_state_dict) of a method that wraps its targets in modules of ``kinds``
+    and may train whole modules (``cfg.modules_to_save``): its file holds exactly those tensors, PEFT's
+    keys; ``fix`` says which config keys to check when a file does not fit."""
+    def trainable(model: nn.Module, cfg) -> dict[str, nn.Parameter]:
+        return {**method_parameters(model, kinds), **saved_parameters(model, saved_paths(model, cfg))}
+
+    return (trainable, *prefixed_hooks(trainable, fix))
+
+
+def peft_keys(peft_type: str, model: nn.Module, kind: type, cfg) -> dict:
+    """The adapter_config.json keys PEFT writes for every wrap-the-targets method. target_modules lists the
+    leaf names of the wrapped layers when they select exactly those layers, else their full paths;
+    modules_to_save lists full paths, since PEFT matches those as bare suffixes ("norm" takes
+    "input_layernorm"); fan_in_fan_out says the bases store their weights (in, out), as GPT-2's Conv1D does."""
+    layers = modules_of(model, kind)
+    return {"peft_type": peft_type, "task_type": "CAUSAL_LM", "target_modules": leaf_names(model, list(layers)),
+            "fan_in_fan_out": any(stored_in_out(layer.base_layer) for layer in layers.values()),
+            "modules_to_save": saved_paths(model, cfg) or None, "inference_mode": True}
+
+
+@torch.no_grad()
+def merge_wrapped(model: nn.Module, kind: type) -> None:
+    """Put the plain layer back where each module of ``kind`` is, its update folded into the weights."""
+    for path, layer in modules_of(model, kind).items():
+        targets.swap(model, path, lambda _: layer.folded())
+
+
+@torch.no_grad()
+def fold(layer: nn.Module, weight: Tensor) -> nn.Module:
+    """``layer`` holding ``weight`` (out, in): written into it, or, for a quantized layer, which cannot hold
+    it, a dense copy."""
+    if isinstance(layer, NF4Linear):
+        return dense_copy(layer, weight)
+    write_weight(layer, weight)
+    return layer
 
 
 def saved_modules(model: nn.Module, names: list[str] | None, wrapped: list[str], what: str) -> list[str]:
@@ -181,11 +267,18 @@ def leaf_names(model: nn.Module, paths: list[str]) -> list[str]:
 def prefixed_hooks(trainable: Callable, fix: str) -> tuple[Callable, Callable]:
     """(state_dict, load_state_dict) for a method whose file holds exactly its trainable tensors under
     PEFT's keys; ``fix`` says which config keys to check when a file does not fit."""
+    return file_hooks(lambda model, cfg: {PEFT_PREFIX + key: p for key, p in trainable(model, cfg).items()}, fix)
+
+
+def file_hooks(tensors: Callable, fix: str) -> tuple[Callable, Callable]:
+    """(state_dict, load_state_dict) for a method whose file holds exactly ``tensors(model, cfg)``, a dict
+    from the key on disk to the tensor in the model; loading checks every key and shape (``fix``: what to
+    check when a file does not fit)."""
     def state_dict(model: nn.Module, cfg) -> dict[str, Tensor]:
-        return prefixed_state(trainable(model, cfg))
+        return {key: t.detach() for key, t in tensors(model, cfg).items()}
 
     def load_state_dict(model: nn.Module, cfg, sd: dict[str, Tensor]) -> None:
-        load_prefixed(trainable(model, cfg), sd, fix)
+        load_exact(tensors(model, cfg), sd, fix)
 
     return state_dict, load_state_dict
 
@@ -193,18 +286,6 @@ def prefixed_hooks(trainable: Callable, fix: str) -> tuple[Callable, Callable]:
 def same_config(cfg):
     """``for_loading`` of a method whose start reads nothing but its config: the config itself."""
     return cfg
-
-
-def prefixed_state(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    """A method's tensors under PEFT's keys: its state dict is its trainable tensors, prefixed."""
-    return {PEFT_PREFIX + key: p.detach() for key, p in params.items()}
-
-
-@torch.no_grad()
-def load_prefixed(params: dict[str, nn.Parameter], sd: dict[str, Tensor], fix: str) -> None:
-    """Copy ``sd`` (PEFT's keys) into ``params``; a missing, unexpected or misshapen tensor is a
-    UserError naming it, with ``fix`` saying which config setting to check."""
-    load_exact({PEFT_PREFIX + key: p for key, p in params.items()}, sd, fix)
 
 
 def check_state(shapes: dict[str, tuple], sd: dict[str, Tensor], fix: str) -> None:
@@ -225,6 +306,12 @@ def load_exact(params: dict[str, Tensor], sd: dict[str, Tensor], fix: str) -> No
     check_state({key: p.shape for key, p in params.items()}, sd, fix)
     for key, p in params.items():
         p.copy_(sd[key])
+
+
+def stored_in_out(layer: nn.Module) -> bool:
+    """Whether a linear-like layer stores its weight (in, out), PEFT's fan_in_fan_out: GPT-2's Conv1D, or
+    a layer quantized from one."""
+    return isinstance(layer, Conv1D) or getattr(layer, "fan_in_fan_out", False)
 
 
 def in_out(layer: nn.Module) -> tuple[int, int]:
@@ -255,7 +342,7 @@ def dense_copy(layer: nn.Module, weight: Tensor) -> nn.Module:
     merged model's state dict is the family's own."""
     dtype = layer.weight_dtype if isinstance(layer, NF4Linear) else layer.weight.dtype
     n_in, n_out = in_out(layer)
-    if getattr(layer, "fan_in_fan_out", False) or isinstance(layer, Conv1D):
+    if stored_in_out(layer):
         plain = Conv1D(n_out, n_in).to(device=weight.device, dtype=dtype)
         if layer.bias is None:
             plain.bias = None

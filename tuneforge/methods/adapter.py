@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from tuneforge.model import targets
 from tuneforge.model.families import family_of
 from tuneforge.core.errors import UserError
-from tuneforge.methods._shared import (Injected, MethodModule, before_inject, device_of, injected, modules_of,
-                                       no_lora_form, prefixed_hooks, same_config, wrap)
+from tuneforge.methods._shared import (Injected, MethodModule, before_inject, device_of, injected, method_parameters,
+                                       modules_of, no_lora_form, prefixed_hooks, same_config, wrap)
 from tuneforge.core.config.methods import AdapterConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "adapter", "gradient", None, False, False
@@ -109,9 +109,8 @@ def layers(model: nn.Module) -> dict[str, AdaptedOutput]:
 
 
 def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
-    params = {}
-    for path, layer in layers(model).items():
-        params.update({f"{path}.adapter.{key}": p for key, p in layer.adapter.named_parameters()})
+    """Each bottleneck's down and up projections, then with train_norms every norm's weight (and bias)."""
+    params = method_parameters(model, (AdaptedOutput,))
     if cfg.train_norms:
         for path, module in model.named_modules():
             if is_norm(module):

@@ -19,21 +19,19 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from tuneforge.model import targets
 from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
 from tuneforge.model.kernels import lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
-from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, dense_copy, device_of,
-                                       in_out, injected, leaf_names, modules_of, prefixed_hooks, same_config,
-                                       saved_modules, saved_parameters, wrap, write_weight)
+from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, find_targets,
+                                       fold, in_out, injected, merge_wrapped, modules_of, peft_keys, same_config,
+                                       saved_paths, wrap, wrapper_hooks, write_weight)
 from tuneforge.core.config.methods import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "lora", "gradient", "LORA", False, True
-WRAPPABLE = (*targets.LINEAR, NF4Linear)  # layer types LoRA attaches to (QLoRA: quantize first, then this)
 
 
 def scale(cfg: Config) -> float:
@@ -101,6 +99,12 @@ class LoRALinear(nn.Module, MethodModule):
         return (result + (g - 1) * base + g * lora).to(result.dtype)
 
     @torch.no_grad()
+    def folded(self) -> nn.Module:
+        """The plain layer with the adapter in its weight: the base itself, changed in place, or a dense copy
+        of a quantized base (a layer merged in place already is its base)."""
+        return self.base_layer if self.merged else fold(self.base_layer, self.merged_weight())
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``base_layer.weight`` in place; ``unmerge`` undoes it."""
         if self.merged:
@@ -131,25 +135,23 @@ def find(model: nn.Module, cfg: Config, params: list[tuple[str, str]] = ()) -> t
     """The layers to wrap and the whole modules to save (none around the modules of ``params``); a UserError,
     with nothing changed, if either is wrong. A rank above a layer's width warns: the update B A of such a
     layer can already be any matrix."""
-    names = family_of(model).lora if cfg.target_modules is None else cfg.target_modules
-    wrapped = [] if names == [] else targets.find(model, names, types=WRAPPABLE)  # []: the experts alone
+    names = family_of(model).lora if cfg.target_modules is None else cfg.target_modules  # []: the experts alone
+    wrapped, saved = find_targets(model, names, cfg.modules_to_save, "LoRA", beside=tuple(path for path, _ in params))
     widths = {path: min(in_out(model.get_submodule(path))) for path in wrapped}
     if narrow := sorted((w, path) for path, w in widths.items() if w < cfg.r):
         warnings.warn(f"r={cfg.r} is above the width of {len(narrow)} targeted layer(s) (the narrowest, "
                       f"{narrow[0][1]}, has {narrow[0][0]}): their extra rank adds parameters and nothing else; "
                       f"set method.r to at most {narrow[0][0]}", UserWarning, stacklevel=3)
-    return wrapped, saved_modules(model, cfg.modules_to_save, [*wrapped, *(path for path, _ in params)], "LoRA")
+    return wrapped, saved
 
 
 def attach(model: nn.Module, cfg: Config, wrapped: list[str], saved: list[str],
            params: list[tuple[str, str]] = ()) -> None:
     """Freeze the model, wrap each layer of ``wrapped`` and each module holding one of ``params``, and
     unfreeze the ``saved`` modules (QLoRA calls this after quantizing the same layers)."""
-    wrap(model, wrapped, lambda _, base: LoRALinear(base, cfg))
+    wrap(model, wrapped, lambda _, base: LoRALinear(base, cfg), saved)
     for path, name in params:  # a module's second parameter wraps the first one's wrapper, as PEFT nests them
         targets.swap(model, path, lambda old: LoRAExperts(old, name, cfg, scale(cfg)))
-    for path in saved:
-        model.get_submodule(path).requires_grad_(True)
 
 
 def inject(model: nn.Module, cfg: Config) -> Injected:
@@ -163,14 +165,9 @@ def layers(model: nn.Module) -> dict[str, LoRALinear]:
     return modules_of(model, LoRALinear)
 
 
-def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
-    adapters = {**layers(model), **expert_layers(model)}
-    params = {f"{path}.{key}": p for path, layer in adapters.items() for key, p in layer.adapter_params().items()}
-    return {**params, **saved_parameters(model, saved_modules(model, cfg.modules_to_save, [], "LoRA"))}
-
-
 FIX = "check that the adapter's config (r, target_modules, target_parameters, use_dora) matches its weights"
-state_dict, load_state_dict = prefixed_hooks(trainable, FIX)  # the file holds the trainable tensors, PEFT's keys
+# The layers' A, B (and DoRA's magnitudes), then the experts', then modules_to_save; the file holds them, PEFT's keys
+trainable, state_dict, load_state_dict = wrapper_hooks((LoRALinear, LoRAExperts), FIX)
 for_loading = same_config
 
 
@@ -179,13 +176,7 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
     """Fold every adapter into its base and put the plain layer back: a plain transformers model again.
     A quantized base becomes a dense layer holding the dequantized weight plus the update; an experts' parameter
     takes its per-expert updates and the model's own experts module goes back in place of the wrappers."""
-    for path, layer in layers(model).items():
-        if isinstance(layer.base_layer, NF4Linear):
-            plain = dense_copy(layer.base_layer, layer.merged_weight())
-        else:
-            layer.merge()
-            plain = layer.base_layer
-        targets.swap(model, path, lambda _: plain)
+    merge_wrapped(model, LoRALinear)
     nested = expert_layers(model)
     outermost = {path: wrapper for path, wrapper in nested.items()
                  if not isinstance(model.get_submodule(path.rpartition(".")[0]), LoRAExperts)}
@@ -204,13 +195,9 @@ def lora_form(model: nn.Module, cfg: Config) -> dict[str, tuple[Tensor, Tensor, 
         raise UserError(f"the adapter on the experts' parameters ({experts}) has one update per expert, which a "
                         "LoRA file of another runtime cannot hold", fix="merge it into the model and export that, "
                         "or train without target_parameters")
-    if saved := saved_modules(model, cfg.modules_to_save, [], "LoRA"):
+    if saved := saved_paths(model, cfg):
         raise UserError(f"the adapter holds whole modules beside its low-rank updates ({saved[0]})")
     return {path: (layer.lora_A.weight, layer.lora_B.weight, layer.scale) for path, layer in layers(model).items()}
-
-
-def _stored_in_out(layer: nn.Module) -> bool:  # PEFT's fan_in_fan_out: the base weight is stored (in, out)
-    return isinstance(layer, Conv1D) or getattr(layer, "fan_in_fan_out", False)
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
@@ -250,15 +237,10 @@ def combine(state_dicts: list[dict[str, Tensor]], weights: list[float], cfg: Con
 
 
 def file_config(model: nn.Module, cfg: Config) -> dict:
-    """PEFT's LoraConfig keys. target_modules lists the leaf names of the wrapped layers when they select
-    exactly those layers, else their full paths; modules_to_save lists full paths, since PEFT matches
-    those as bare suffixes ("norm" takes "input_layernorm")."""
+    """PEFT's LoraConfig keys."""
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
-    return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": alpha,
-            "lora_dropout": cfg.lora_dropout, "target_modules": leaf_names(model, list(layers(model))),
+    return {**peft_keys(PEFT_TYPE, model, LoRALinear, cfg), "r": cfg.r, "lora_alpha": alpha,
+            "lora_dropout": cfg.lora_dropout,
             "target_parameters": list(cfg.target_parameters) if cfg.target_parameters else None,
-            "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
-            "modules_to_save": saved_modules(model, cfg.modules_to_save, [], "LoRA") or None,
-            "bias": "none", "init_lora_weights": cfg.init_lora_weights,
-            "fan_in_fan_out": any(_stored_in_out(layer.base_layer) for layer in layers(model).values()),
-            "inference_mode": True}
+            "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": "none",
+            "init_lora_weights": cfg.init_lora_weights}

@@ -34,7 +34,8 @@ from transformers.utils import ModelOutput
 from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
 from tuneforge.methods import _virtual
-from tuneforge.methods._shared import Injected, MethodModule, before_inject, check_state, injected, no_lora_form
+from tuneforge.methods._shared import (Injected, MethodModule, before_inject, check_state, injected, method_parameters,
+                                       no_lora_form)
 from tuneforge.core.config.methods import PrefixConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prefix", "gradient", "PREFIX_TUNING", False, False
@@ -172,8 +173,7 @@ def for_loading(cfg: Config) -> Config:
 
 
 def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
-    return {f"{path}.{key}": p for path, m in model.named_modules() if isinstance(m, Prefix)
-            for key, p in m.named_parameters()}
+    return method_parameters(model, (Prefix,))
 
 
 def state_dict(model: nn.Module, cfg: Config) -> dict[str, Tensor]:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuneforge.methods import _virtual
-from tuneforge.methods._shared import Injected, MethodModule, before_inject, injected, load_exact, no_lora_form
+from tuneforge.methods._shared import (Injected, MethodModule, before_inject, injected, load_exact, method_parameters,
+                                       no_lora_form)
 from tuneforge.core.config.methods import PromptConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prompt", "gradient", "PROMPT_TUNING", False, False
@@ -105,8 +106,7 @@ def for_loading(cfg: Config) -> Config:
 
 
 def trainable(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter]:
-    return {f"{path}.{key}": p for path, m in model.named_modules() if isinstance(m, SoftPrompt)
-            for key, p in m.named_parameters()}
+    return method_parameters(model, (SoftPrompt,))
 
 
 def state_dict(model: nn.Module, cfg: Config) -> dict[str, Tensor]:

@@ -1,20 +1,39 @@
-"""Name -> method: the one table a name from a config file or an adapter's record is looked up in."""
+"""A method by name: the rows of ``core.config.methods.METHODS`` (the one table of methods), their modules
+imported on first use."""
 
 from __future__ import annotations
 
-from tuneforge.core.errors import UserError
-from tuneforge.methods import adapter, features, full, ia3, lora, prefix, prompt, qlora
-from tuneforge.methods._shared import GradientMethod, ProbeMethod
+import importlib
+from collections.abc import Iterator, Mapping
 
-REGISTRY: dict[str, GradientMethod | ProbeMethod] = {
-    m.NAME: m for m in (full, lora, qlora, adapter, ia3, prefix, prompt, features)}
+from tuneforge.core.config.methods import METHODS
+from tuneforge.core.errors import UserError
+from tuneforge.methods._shared import GradientMethod, ProbeMethod
 
 
 def get_method(name: str) -> GradientMethod | ProbeMethod:
     """The method called ``name`` (a module that implements GradientMethod, or ProbeMethod for features)."""
-    if name not in REGISTRY:
-        raise UserError(f"unknown method {name!r}", fix=f"use one of {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}", fix=f"use one of {', '.join(METHODS)}")
+    return importlib.import_module(METHODS[name].module)
+
+
+class _Modules(Mapping):
+    """``METHODS`` read as name -> module."""
+
+    def __getitem__(self, name: str) -> GradientMethod | ProbeMethod:
+        if name not in METHODS:
+            raise KeyError(name)
+        return get_method(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METHODS)
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+
+REGISTRY: Mapping[str, GradientMethod | ProbeMethod] = _Modules()  # a view of METHODS, not a second table
 
 
 def by_peft_type(peft_type: str | None) -> GradientMethod:

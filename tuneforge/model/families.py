@@ -61,6 +61,7 @@ class Gguf:
 class Family:
     name: str
     lora: tuple[str, ...] = ATTENTION  # LoRA's and QLoRA's target_modules
+    vera: tuple[str, ...] | None = None  # VeRA's target_modules; None: LoRA's (PEFT's choice but for phi)
     ia3: tuple[str, ...] = LLAMA_IA3  # IA3's target_modules
     ia3_feedforward: tuple[str, ...] = ("down_proj",)  # those of IA3's targets whose input is scaled
     attn_output: tuple[str, ...] = ("o_proj",)  # the adapter's attention output (houlsby)
@@ -139,8 +140,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     _moe("qwen3_moe", Gguf("QWEN3MOE", split=EXPERTS_SPLIT, requires=(
         ("norm_topk_prob", lambda c: True), ("decoder_sparse_step", lambda c: 1), ("mlp_only_layers", lambda c: [])))),
     _moe("mixtral", Gguf("LLAMA", rope_pairs=True, split=EXPERTS_SPLIT)), _moe("gpt_oss"),
-    Family("phi", lora=("q_proj", "v_proj", "fc1", "fc2"), ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",),
-           attn_output=("dense",), mlp_output=("fc2",), gguf=Gguf("PHI2", act="gelu_new", head="required")),
+    Family("phi", lora=("q_proj", "v_proj", "fc1", "fc2"), vera=ATTENTION, ia3=("q_proj", "v_proj", "fc2"),
+           ia3_feedforward=("fc2",), attn_output=("dense",), mlp_output=("fc2",),
+           gguf=Gguf("PHI2", act="gelu_new", head="required")),
     Family("phi3", lora=("qkv_proj",), ia3=("qkv_proj", "down_proj"), gguf=Gguf("PHI3")),
     Family("gpt2", lora=("c_attn",), ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",),
            attn_output=("attn.c_proj",), mlp_output=("mlp.c_proj",), gguf=Gguf("GPT2", act="gelu_new")),

@@ -26,7 +26,7 @@ from tuneforge.core import config
 from tuneforge.core.config import DataCfg, EvalCfg, FromCli, RunCfg, TrainCfg
 from tuneforge.core.config.parse import type_name
 from tuneforge.core.errors import UserError
-from tuneforge.core.config.methods import CONFIGS
+from tuneforge.core.config.methods import METHODS
 
 SOURCE = "the form"  # how the parser's errors name where a value came from
 # Keys the page sets itself: the run's folder is RUNS/<run name>; compare has a page of its own.
@@ -108,7 +108,7 @@ def fields_of(cls, prefix: str) -> list[dict]:
 def schema() -> dict:
     """Every field the form shows: the run's own keys, each section's, and each method's."""
     return {"run": fields_of(RunCfg, ""), "sections": {name: fields_of(cls, f"{name}.") for name, cls in SECTIONS.items()},
-            "methods": {name: fields_of(cls, "method.") for name, cls in CONFIGS.items()},
+            "methods": {name: fields_of(row.config, "method.") for name, row in METHODS.items()},
             "method_help": field_docs(config.MethodCfg)["name"]}
 
 

@@ -1,6 +1,7 @@
-"""Every method's configuration keys, as frozen dataclasses: one per method, named in ``CONFIGS``.
+"""Every method's configuration keys, as frozen dataclasses, and ``METHODS``: the one table of methods,
+from a name to the method's module (imported on first use) and its Config.
 
-They live apart from the methods' code so that a run configuration is checked (every key, type and
+The configs live apart from the methods' code so that a run configuration is checked (every key, type and
 range) without importing torch; each method module exposes its own as ``Config``. Keys follow PEFT's
 names where PEFT has the method, so an adapter_config.json reads straight into them. A field's
 comment is its documentation. A check names its key as ``method.<key>``, as a YAML file writes it.
@@ -21,6 +22,12 @@ def as_pattern(names):
     if isinstance(names, list) and len(names) == 1 and (names[0] == "all-linear" or REGEX_CHARS & set(names[0])):
         return names[0]
     return names
+
+
+def no_empty_targets(cfg, what: str) -> None:
+    if cfg.target_modules == []:
+        raise UserError(f"target_modules is empty, so {what} would train nothing", "method.target_modules",
+                        fix="name the layers to adapt, or null for the family's default")
 
 
 def _at_least(cfg, key: str, low: float, above: bool = False) -> None:
@@ -134,6 +141,31 @@ class IA3Config:
     def __post_init__(self):
         object.__setattr__(self, "target_modules", as_pattern(self.target_modules))
         object.__setattr__(self, "feedforward_modules", as_pattern(self.feedforward_modules))
+        no_empty_targets(self, "IA3")
+
+
+@dataclass(frozen=True)
+class VeraConfig:
+    # rank: rows of the shared random projections; a layer trains only r + out numbers, so r runs far above LoRA's
+    r: int = 256
+    # names, a regular expression over module paths, or "all-linear"; null: the model family's, as PEFT picks
+    # them (LoRA's: q_proj and v_proj on llama)
+    target_modules: list[str] | str | None = None
+    projection_prng_key: int = 0  # seed of the frozen projections vera_A and vera_B (PEFT's generator, on the CPU)
+    save_projection: bool = True  # write vera_A and vera_B into the adapter file; false: rebuilt from the seed
+    vera_dropout: float = 0.0  # dropout on the layer's input to the update
+    d_initial: float = 0.1  # start value of every lambda_d (the paper finds <= 0.1 best)
+    modules_to_save: list[str] | None = None  # whole modules trained and saved besides the vectors
+    bias: str = "none"  # PEFT's bias training; only "none" is supported
+    init_weights: bool = True  # True: lambda_b = 0 (identity at start), lambda_d = d_initial; False: random, as PEFT
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", as_pattern(self.target_modules))
+        no_empty_targets(self, "VeRA")
+        _at_least(self, "r", 1)
+        _fraction(self, "vera_dropout")
+        if self.bias != "none":
+            raise UserError(f"bias={self.bias!r} is not supported", "method.bias", fix='use bias: "none"')
 
 
 @dataclass(frozen=True)
@@ -205,8 +237,24 @@ class FeaturesConfig:
             _at_least(self, key, 1)
 
 
+@dataclass(frozen=True)
+class Method:
+    """A row of ``METHODS``: the method's module, by its import path so that checking a config imports no
+    torch (``methods.registry.get_method`` imports it), and its Config."""
+
+    module: str
+    config: type
+
+
 DEFAULT_METHOD = "full"
-CONFIGS: dict[str, type] = {
-    "full": FullConfig, "lora": LoraConfig, "qlora": QLoraConfig, "adapter": AdapterConfig, "ia3": IA3Config,
-    "prefix": PrefixConfig, "prompt": PromptConfig, "features": FeaturesConfig,
+METHODS: dict[str, Method] = {
+    "full": Method("tuneforge.methods.full", FullConfig),
+    "lora": Method("tuneforge.methods.lora", LoraConfig),
+    "qlora": Method("tuneforge.methods.qlora", QLoraConfig),
+    "adapter": Method("tuneforge.methods.adapter", AdapterConfig),
+    "ia3": Method("tuneforge.methods.ia3", IA3Config),
+    "vera": Method("tuneforge.methods.vera", VeraConfig),
+    "prefix": Method("tuneforge.methods.prefix", PrefixConfig),
+    "prompt": Method("tuneforge.methods.prompt", PromptConfig),
+    "features": Method("tuneforge.methods.features", FeaturesConfig),
 }

@@ -21,12 +21,12 @@ import yaml
 
 from tuneforge.core.config.parse import FromCli, Where, build, line_numbers
 from tuneforge.core.errors import UserError, at_least, fraction
-from tuneforge.core.config.methods import CONFIGS, DEFAULT_METHOD
+from tuneforge.core.config.methods import DEFAULT_METHOD, METHODS
 
 
 @dataclass(frozen=True)
 class MethodCfg:
-    name: str = DEFAULT_METHOD  # the fine-tuning method: one of tuneforge.core.config.methods.CONFIGS
+    name: str = DEFAULT_METHOD  # the fine-tuning method: one of tuneforge.core.config.methods.METHODS
     # The method's own keys (for LoRA PEFT's names: r, lora_alpha, target_modules, ...), checked
     # against that method's Config at parse time; in YAML they sit beside `name`.
     args: Mapping[str, Any] = field(default_factory=dict)
@@ -184,9 +184,9 @@ def _method_cfg(raw: Any, where: Where) -> MethodCfg:
         raise UserError(f"expected a mapping with 'name', got {raw!r}", where("method"))
     raw = dict(raw)
     name = str(raw.pop("name", DEFAULT_METHOD))
-    if name not in CONFIGS:
-        raise UserError(f"unknown method {name!r}", where("method.name"), fix=f"use one of {', '.join(CONFIGS)}")
-    config = build(CONFIGS[name], raw, where, prefix="method.")
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}", where("method.name"), fix=f"use one of {', '.join(METHODS)}")
+    config = build(METHODS[name].config, raw, where, prefix="method.")
     return MethodCfg(name=name, args=dataclasses.asdict(config))
 
 
@@ -259,7 +259,7 @@ def to_yaml(cfg: RunCfg) -> str:
 def method_config(cfg: RunCfg | MethodCfg):
     """The method's own Config instance for a run."""
     m = cfg.method if isinstance(cfg, RunCfg) else cfg
-    return CONFIGS[m.name](**m.args)
+    return METHODS[m.name].config(**m.args)
 
 
 def with_method(cfg: RunCfg, name: str, method_cfg) -> RunCfg:
