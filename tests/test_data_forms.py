@@ -10,6 +10,7 @@ import math
 import pytest
 
 from conftest import CHAT_TEMPLATE, make_tiny_model, make_tiny_tokenizer
+from tuneforge.core import config
 from tuneforge.core.config import DataCfg
 from tuneforge.data import IGNORE, Example
 from tuneforge.data.instruct import supervised_examples
@@ -324,7 +325,10 @@ def test_preference_message_list_forms(tiny_tokenizer):
 def test_preference_rows_refused_where_they_cannot_be_used(tiny_tokenizer):
     row = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
     assert "data.format: preference" in refusal(tiny_tokenizer, row)
-    assert "no method trains on them yet" in refusal(tiny_tokenizer, row, format="preference")
+    with pytest.raises(UserError, match="train under a preference objective"):
+        config.from_dict({"data": {"path": "pairs.jsonl", "format": "preference"}})
+    with pytest.raises(UserError, match="trains on preference rows"):
+        config.from_dict({"data": {"path": "pairs.jsonl"}, "train": {"objective": "dpo"}})
     with pytest.raises(UserError, match="must all be strings or all message lists"):
         pairs_of(tiny_tokenizer, {**row, "chosen": [{"role": "assistant", "content": "Blue."}]})
 
@@ -355,7 +359,6 @@ def tool_model_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", list(FORMS))
 def test_each_form_trains(name, tool_model_dir, tmp_path):
     import tuneforge
-    from tuneforge.core import config
 
     rows = [json.loads(json.dumps(FORMS[name]).replace("{i}", str(i))) for i in range(6)]
     data = tmp_path / "d.jsonl"

@@ -400,20 +400,32 @@ def run_to_the_end(cfg: Path, out: Path) -> None:
     assert (out / "summary.json").exists()
 
 
-def test_fuzz_every_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_dir):
+def preference_pairs(n: int = 24) -> list[dict]:
+    return [{"prompt": f"Question {i}: is the film good?", "chosen": f" {'Yes' if i % 2 else 'No'}, it is {i}.",
+             "rejected": f" Maybe {i} or not at all."} for i in range(n)]
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_fuzz_every_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_dir, objective):
     """SIGKILL, SIGINT and SIGTERM at random moments of a run with dropout, gradient accumulation,
-    evaluations and checkpoints: each resumed run ends with exactly the weights of the run that was
-    never interrupted, and no temporary file survives."""
+    evaluations and checkpoints, supervised or DPO (its reference the model with LoRA off): each
+    resumed run ends with exactly the weights of the run that was never interrupted, and no temporary
+    file survives."""
     import random
 
     train = {"max_steps": 16, "logging_steps": 1}  # metrics.jsonl appears after the first step
+    if objective != "sft":
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs())
+        train["objective"] = objective
+    sections = {} if objective == "sft" else {"data": {"path": str(pairs), "format": "preference"}}
 
     def until(path: Path, proc: Forked) -> float:
         while not path.exists() and proc.poll() is None:
             time.sleep(0.002)
         return time.perf_counter()
 
-    reference = config(tmp_path, tiny_dir, "ref.yaml", train={**train, "output_dir": str(tmp_path / "ref")})
+    reference = config(tmp_path, tiny_dir, "ref.yaml", train={**train, "output_dir": str(tmp_path / "ref")},
+                       **sections)
     proc = tuneforge("train", str(reference))
     first_step = until(tmp_path / "ref" / "metrics.jsonl", proc)
     window = until(tmp_path / "ref" / "summary.json", proc) - first_step  # training, evaluations, checkpoints
@@ -421,9 +433,9 @@ def test_fuzz_every_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_pat
     expected = adapter_tensors(tmp_path / "ref")
     rng = random.Random(0)
     outcomes = []
-    for trial in range(9):
+    for trial in range(9 if objective == "sft" else 6):
         out = tmp_path / f"run{trial}"
-        cfg = config(tmp_path, tiny_dir, f"run{trial}.yaml", train={**train, "output_dir": str(out)})
+        cfg = config(tmp_path, tiny_dir, f"run{trial}.yaml", train={**train, "output_dir": str(out)}, **sections)
         sig = (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)[trial % 3]
         proc = tuneforge("train", str(cfg))
         until(out / "metrics.jsonl", proc)

@@ -20,6 +20,7 @@ from tuneforge.data.classify import (ClassifyItem, answer_ids, classification_pr
                                      label_words, word_ids)
 from tuneforge.data.collate import IGNORE, Collator, Example, length_grouped_batches
 from tuneforge.data.instruct import supervised_examples
+from tuneforge.data.preference import preference_examples
 from tuneforge.data.readers import Row, file_kind, read_rows, shuffled, sources, split_rows
 from tuneforge.data.text import text_splits
 from tuneforge.core.errors import UserError
@@ -144,8 +145,8 @@ PARTIAL = "a partial last block"  # raw text: what is left after the last full b
 
 def _report(rows: int, examples: list[Example], dropped: Counter, truncated: int) -> DataReport:
     return DataReport(rows=rows, examples=len(examples), dropped=sum(dropped.values()), truncated=truncated,
-                      tokens=sum(len(e.input_ids) for e in examples),
-                      loss_tokens=sum(t != IGNORE for e in examples for t in e.labels),
+                      tokens=sum(len(r.input_ids) for e in examples for r in e.rows()),
+                      loss_tokens=sum(t != IGNORE for e in examples for r in e.rows() for t in r.labels),
                       dropped_why={reason: n for reason, n in dropped.items() if n})
 
 
@@ -157,6 +158,9 @@ def _examples(rows: list[Row], cfg, tokenizer, names: list[str] | None) -> tuple
     """(examples, items or None, dropped, truncated) of supervised rows, in ``cfg``'s format."""
     if cfg.format == "classification":
         return classify_examples(rows, tokenizer, cfg, names)
+    if cfg.format == "preference":
+        examples, dropped, truncated = preference_examples(rows, tokenizer, cfg)
+        return examples, None, dropped, truncated
     examples, dropped, truncated = supervised_examples(rows, tokenizer, cfg)
     return examples, None, dropped, truncated
 

@@ -72,9 +72,9 @@ def conversations(row: Row, roles: dict[str, str] | None = None) -> list[Convers
         messages, weights = chat_messages(row["messages"], "messages", row.where)
         return [Conversation(messages, weights, 0, tools_of(row))]
     if kind == "preference":
-        raise UserError("this is a preference row (chosen/rejected), not a conversation to imitate; tuneforge reads "
-                        "such rows (data.format: preference) but no method trains on them yet", row.where,
-                        fix="to imitate the chosen answers, write them as 'messages' rows")
+        raise UserError("this is a preference row (chosen/rejected), not a conversation to imitate", row.where,
+                        fix="train on it with data.format: preference and train.objective: dpo (or orpo, simpo, "
+                            "kto); to imitate the chosen answers, write them as 'messages' rows")
     if kind == "prompt_completion":
         return [prompt_completion(row, row[PROMPT_FIELD], row["completion"])]
     return alpaca(row)

@@ -24,6 +24,10 @@ class Example:
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"{len(self.input_ids)} input ids but {len(self.labels)} labels")
 
+    def rows(self) -> list[Example]:
+        """The batch rows it makes: itself (a preference pair makes two)."""
+        return [self]
+
 
 @dataclass(frozen=True)
 class Collator:

@@ -268,10 +268,6 @@ def row_pieces(row: Row, tokenizer, cfg) -> list[Pieces]:
 
 def supervised_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Example], Counter, int]:
     """(examples, dropped (a count by reason), truncated) for the instruction and completion formats."""
-    if cfg.format == "preference":
-        raise UserError("preference rows (prompt/chosen/rejected) are read, but no method trains on them yet",
-                        "data.format", fix="train on the chosen answers: write them as 'messages' with "
-                                           "data.format: instruction")
     return tally(to_example(pieces, cfg.max_length, cfg.train_on_prompt, row.where)
                  for row in rows for pieces in row_pieces(row, tokenizer, cfg))
 

@@ -9,9 +9,10 @@ quantized one).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
@@ -108,6 +109,27 @@ class Injected:
     def lora_form(self, model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
         return self.method.lora_form(model, self.cfg)
 
+    def disabled(self, model: nn.Module):
+        """A context in which ``model`` computes as its base did (the method switched off)."""
+        if self.method.WHOLE_MODEL:
+            raise UserError(f"{self.name} changes the base's own weights: there is no switch that gives the base "
+                            "back", fix="keep the base's outputs from before training instead")
+        return disabled(model)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """``model`` as its base for the block: every module a method added steps aside (a wrapper runs its
+    base layer alone; virtual tokens are not added). DPO's and KTO's reference, at no second copy."""
+    added = [m for m in model.modules() if isinstance(m, MethodModule)]
+    for m in added:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in added:
+            m.enabled = True
+
 
 def no_lora_form(why: str) -> None:
     """``lora_form`` of a method whose update is no low-rank B A: ``why`` says what it is instead."""
@@ -122,6 +144,8 @@ def injected(module_name: str, cfg, base: dict | None) -> Injected:
 class MethodModule:
     """Marks a module a method puts into a model (mixed into its nn.Module), so that a second
     inject finds the first by the model's structure, and says what in it trains."""
+
+    enabled = True  # False: the module steps aside, as if the method were not there (``disabled``)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """What the method trains in this module, by key under the module's path: every parameter but

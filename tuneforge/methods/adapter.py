@@ -58,6 +58,8 @@ class AdaptedOutput(nn.Module, MethodModule):
 
     def forward(self, *args, **kwargs) -> Tensor:
         out = self.base_layer(*args, **kwargs)
+        if not self.enabled:
+            return out
         h = out[0] if isinstance(out, tuple) else out  # an MoE block may return its router's scores too
         h = h + self.adapter(h.to(self.adapter.down.weight.dtype)).to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h

@@ -38,6 +38,8 @@ class IA3Linear(nn.Module, MethodModule):
                                   else torch.randn(shape, device=device))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if not self.enabled:
+            return self.base_layer(x)
         scale = self.ia3_l.flatten()  # (in,) or (out,)
         if self.is_feedforward:
             return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))

@@ -114,6 +114,8 @@ def text_prefix(model: nn.Module, ids: list[int]) -> Tensor:
 
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     prefix = _virtual.find(model, Prefix)
+    if not prefix.enabled:
+        return None
     kwargs = _virtual.named_inputs(prefix.arg_names, args, kwargs)
     if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
                                                           for m in model.modules()):

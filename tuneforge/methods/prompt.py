@@ -43,6 +43,8 @@ class SoftPrompt(nn.Module, MethodModule):
 
 def _before_forward(model: nn.Module, args: tuple, kwargs: dict):
     prompt = _virtual.find(model, SoftPrompt)
+    if not prompt.enabled:
+        return None
     kwargs = _virtual.named_inputs(prompt.arg_names, args, kwargs)
     n, fresh = prompt.prompt_embeddings.shape[0], _virtual.starts_sequence(kwargs)
     if fresh:

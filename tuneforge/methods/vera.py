@@ -83,6 +83,8 @@ class VeraLinear(nn.Module, MethodModule):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         result = self.base_layer(x)
+        if not self.enabled:
+            return result
         a, b = self.corner()
         xd = self.dropout(x.to(self.vera_lambda_d.dtype))
         update = self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(xd, a), b)  # (..., r) -> (..., out)

@@ -38,6 +38,7 @@ from tuneforge.model.families import family_of
 from tuneforge.model.kernels import HEAD_CHUNK, shared_prefix
 from tuneforge.methods._shared import parameter_count
 from tuneforge.methods.registry import get_method
+from tuneforge.training import objectives
 from tuneforge.training.prepare import prepare
 
 # Measured on this project's reference machine (2-core CPU, fp32) with bench/estimate.py: the share
@@ -268,6 +269,9 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     per_loss_token = 4 * head_weights + (2 * head_weights if n_trainable >= n_total else 0)
     if probe:
         per_token, per_loss_token = 2 * body + attention, 0
+    elif objectives.module(cfg.train.objective).REFERENCE and not method.WHOLE_MODEL:
+        per_token += 2 * body + attention  # the reference: a forward of the same rows with the method off
+        per_loss_token += 2 * head_weights
     flops = cfg.train.grad_accum * (computed * per_token + mean.loss_tokens * per_loss_token)
     rate = (flops_per_s or matmul_flops_per_s(device)) * STEP_EFFICIENCY[kind]
 

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from tuneforge.core.config import TrainCfg
 from tuneforge.core.errors import RunStopped
 from tuneforge.eval.evaluator import Evaluator
-from tuneforge.eval.lm import label_loss
-from tuneforge.training import checkpoint, metrics
+from tuneforge.training import checkpoint, metrics, objectives
+from tuneforge.training.objectives import Loss
 from tuneforge.training.interrupts import Guard, Interrupted
 from tuneforge.training.optim import lr_multiplier, make_optimizer
 from tuneforge.training.precision import Precision
@@ -78,6 +78,17 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> BatchOrder:
     return order
 
 
+def shuffled_blocks(n: int, batch_size: int, seed: int) -> BatchOrder:
+    """Consecutive blocks of ``batch_size`` examples, each kept whole, in a fresh order each epoch."""
+    blocks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+    def order(epoch: int) -> list[list[int]]:
+        perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        return [blocks[i] for i in perm]
+
+    return order
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -100,8 +111,9 @@ class Progress:
     final: dict | None = None  # the latest evaluation
     pending_eval: bool = False  # an evaluation a signal cut short: the resumed run runs it first
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
-    window_loss: float = 0.0  # the loss since the last logged step, summed over its tokens
-    window_tokens: int = 0
+    window_loss: float = 0.0  # the loss since the last logged step, summed over its units (tokens, pairs)
+    window_tokens: int = 0  # those units
+    window_metrics: dict = field(default_factory=dict)  # the objective's figures since then, summed over them
     shared_tokens: int = 0
     world: int = 1
     global_batch: int = 0
@@ -127,7 +139,7 @@ class Progress:
 def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence, collate, cfg: TrainCfg,
           out_dir: str | Path, *, batch_order: BatchOrder | None = None, evaluator: Evaluator | None = None,
           resume: bool = False, on_step: Callable[[int], None] | None = None, progress: bool = True,
-          runtime: Local | None = None) -> Summary:
+          runtime: Local | None = None, loss: Loss | None = None) -> Summary:
     """Train ``params`` of ``model`` on ``examples`` (each with ``input_ids``, ``labels`` and, for
     messages, ``source``: the file and line it came from).
 
@@ -136,13 +148,15 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     ``on_step(step)`` is called after each optimizer step and any checkpoint it wrote; a
     KeyboardInterrupt it raises stops the run as Ctrl-C does.
 
+    ``loss`` is the objective (``training/objectives``; default: supervised fine-tuning).
     ``runtime`` (``training/runtime.py``; default: one process on the parameters' device) says where
     the processes are. Under several, ``model`` is what ``runtime.wrap`` returned and ``params`` that
     model's trainable parameters (shards, when it is sharded); every process calls ``train`` alike.
     """
     runtime = runtime or Local(next(iter(params.values())).device)
     torch.manual_seed(cfg.seed)
-    run = _Run(model, params, examples, collate, cfg, Path(out_dir), batch_order, evaluator, runtime)
+    run = _Run(model, params, examples, collate, cfg, Path(out_dir), batch_order, evaluator, runtime,
+               loss or objectives.make(cfg))
     run.start(resume)
     state, scheduler = run.progress, run.scheduler
     summary = Summary()
@@ -162,7 +176,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                 runtime.reseed(cfg.seed, state.step)
                 with run.stop_point(guard):
                     with guard.abortable():
-                        step_loss, n_loss, rows, bad = run.forward_backward()
+                        step_loss, n_loss, rows, bad, figures = run.forward_backward()
                     grad_norm, bad = run.unscaled_norm(rows, bad)
                     if bad is not None and state.skipped < cfg.skip_nonfinite_steps:
                         run.skip(bad)
@@ -175,6 +189,8 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                 state.seconds = start_seconds + time.perf_counter() - started
                 state.window_loss += step_loss * n_loss
                 state.window_tokens += n_loss
+                for key, value in figures.items():
+                    state.window_metrics[key] = state.window_metrics.get(key, 0.0) + value
                 summary.final_loss = step_loss
                 tok_s = (state.tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
@@ -182,11 +198,12 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
 
                 last = state.step == run.total_steps
                 if state.step % cfg.logging_steps == 0 or last:
-                    run.log({"step": state.step, "epoch": state.epoch,
-                             "loss": state.window_loss / max(state.window_tokens, 1), "lr": scheduler.get_last_lr()[0],
-                             "grad_norm": grad_norm, "tokens": state.tokens, "tokens_per_s": tok_s,
-                             "seconds": state.seconds})
-                    state.window_loss, state.window_tokens = 0.0, 0
+                    units = max(state.window_tokens, 1)
+                    run.log({"step": state.step, "epoch": state.epoch, "loss": state.window_loss / units,
+                             **{k: v / units for k, v in state.window_metrics.items()},
+                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": state.tokens,
+                             "tokens_per_s": tok_s, "seconds": state.seconds})
+                    state.window_loss, state.window_tokens, state.window_metrics = 0.0, 0, {}
                 # every process stops at the same step
                 over_budget = cfg.time_budget_s is not None and runtime.any(state.seconds >= cfg.time_budget_s)
                 stop = None
@@ -237,8 +254,9 @@ class _Run:
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence, collate,
                  cfg: TrainCfg, out_dir: Path, batch_order: BatchOrder | None, evaluator: Evaluator | None,
-                 runtime: Local):
+                 runtime: Local, loss: Loss):
         self.model, self.params, self.examples, self.collate, self.cfg = model, params, examples, collate, cfg
+        self.loss = loss
         self.out_dir, self.ckpt_dir, self.metrics_path = out_dir, out_dir / "checkpoints", out_dir / "metrics.jsonl"
         self.evaluator, self.runtime = evaluator, runtime
         self.scored = runtime.unwrap(model)  # evaluators call the model itself (DDP's wrapper cannot generate)
@@ -318,45 +336,50 @@ class _Run:
         self.progress.pending_eval = False
         return stop
 
-    def forward_backward(self) -> tuple[float, int, list[str], tuple | None]:
-        """One step's micro-batches, forward and backward: (the step's loss, its loss tokens, the source
-        rows of its examples, None or ("loss", value, rows) when a micro-batch's loss is not finite).
+    def forward_backward(self) -> tuple[float, int, list[str], tuple | None, dict]:
+        """One step's micro-batches, forward and backward: (the step's loss, its units (tokens that carry
+        loss, or pairs), the source rows of its examples, None or ("loss", value, rows) when a micro-batch's
+        loss is not finite, the objective's figures summed over the units).
 
-        Every process collates the step's grad_accum x world micro-batches (their loss tokens make the
+        Every process collates the step's grad_accum x world micro-batches (their units make the
         divisor) and runs its own; the loss is multiplied by the world size, which the mean over
         processes of DDP or FSDP2 divides out again. Only a process alone stops at a non-finite loss
         (others would wait for its gradients): they learn of it from the step's sums."""
         runtime, model = self.runtime, self.model
         batches = [self.next_batch() for _ in range(self.cfg.grad_accum * runtime.world)]
-        n_loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
+        n_loss = sum(self.loss.units(b) for b, _ in batches)
         mine = [b for j, b in enumerate(batches) if runtime.mine(j)]
         # A shared prefix's second forward before one backward is more than FSDP2's resharding allows
         share = not runtime.sharded(model)
-        step_loss, tokens, shared, bad = 0.0, 0, 0, None
+        step_loss, tokens, shared, bad, figures = 0.0, 0, 0, None, {}
         for k, (batch, rows) in enumerate(mine):
             batch = {key: v.to(runtime.device) for key, v in batch.items()}
             stats = {}
             with runtime.no_sync(model, last=k == len(mine) - 1):
                 with self.precision.autocast():
-                    loss_sum, _ = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                             stats, share_prefix=share, position_ids=batch.get("position_ids"))
+                    loss_sum, sums = self.loss.loss(model, batch, share, stats)
                 loss = loss_sum / max(n_loss, 1)
                 value = loss.item()
                 if not math.isfinite(value):
                     bad = bad or ("loss", value, rows)
                     if runtime.stops_alone:
-                        return step_loss, n_loss, rows, bad
+                        return step_loss, n_loss, rows, bad, {}
                 self.precision.scaler.scale(loss * runtime.world).backward()
             step_loss += value
             tokens += int(batch["attention_mask"].sum())
             shared += stats.get("shared_tokens", 0)
-        step_loss, tokens, shared, n_bad = runtime.sum(step_loss, tokens, shared, float(bad is not None))
+            for key, v in sums.items():
+                figures[key] = figures.get(key, 0.0) + v
+        names = sorted(figures)  # the same objective on every process: the same names
+        step_loss, tokens, shared, n_bad, *sums = runtime.sum(step_loss, tokens, shared, float(bad is not None),
+                                                               *(figures[k] for k in names))
+        figures = dict(zip(names, sums))
         if n_bad:  # the rows of every process's non-finite micro-batch
             rows = [row for text in runtime.gather_text(json.dumps(bad[2] if bad else [])) for row in json.loads(text)]
             bad = (bad[0], bad[1], rows) if bad else ("loss", math.nan, rows)
         self.progress.tokens += int(tokens)
         self.progress.shared_tokens += int(shared)
-        return step_loss, n_loss, [row for _, rows in batches for row in rows], bad
+        return step_loss, n_loss, [row for _, rows in batches for row in rows], bad, figures
 
     def unscaled_norm(self, rows: list[str], bad: tuple | None) -> tuple[float | None, tuple | None]:
         """(the gradients' norm, clipped to ``max_grad_norm``; the step's trouble, a non-finite norm

@@ -38,12 +38,14 @@ from tuneforge.methods import feature_cache
 from tuneforge.io.export import save_model
 from tuneforge.model.fingerprint import fingerprint
 from tuneforge.io.load import load_model, load_tokenizer, resolve_spec
-from tuneforge.io.peft_format import save_adapter, save_probe
+from tuneforge.io.peft_format import load_adapter, save_adapter, save_probe
 from tuneforge.model.families import family_of
 from tuneforge.methods._shared import GradientMethod, Injected, ProbeMethod, parameter_count
 from tuneforge.methods.registry import get_method
-from tuneforge.training import checkpoint, output
-from tuneforge.training.loop import shuffled_batches, train
+from tuneforge.data.preference import RowsCollator
+from tuneforge.training import checkpoint, objectives, output
+from tuneforge.training.objectives import reference
+from tuneforge.training.loop import shuffled_batches, shuffled_blocks, train
 from tuneforge.training.prepare import prepare
 from tuneforge.training.runtime import Local
 
@@ -126,7 +128,7 @@ def _claim(cfg: RunCfg, out: Path, resume: bool, overwrite: bool, world: int) ->
 def _run(path, ctx: RunContext) -> dict:
     cfg, runtime = ctx.cfg, ctx.runtime
     ctx.tokenizer = ctx.tokenizer or load_tokenizer(cfg.model)
-    data = load_datasets(cfg.data, ctx.tokenizer, seed=cfg.train.seed)
+    data = objectives.data(cfg.train, load_datasets(cfg.data, ctx.tokenizer, seed=cfg.train.seed))
     if runtime.main:
         write_text(ctx.out / "config.yaml", config_mod.to_yaml(cfg))
         for split, report in data.report.items():
@@ -208,6 +210,13 @@ PATHS = {"gradient": Gradient, "probe": Probe}
 def _train(ctx: RunContext, data: Datasets) -> dict:
     cfg, runtime, model, tokenizer = ctx.cfg, ctx.runtime, ctx.model, ctx.tokenizer
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.start_from:
+        start = load_adapter(model, cfg.train.start_from)
+        if not isinstance(start, Injected):
+            raise UserError("a feature classifier is no starting point for a model", "train.start_from",
+                            fix="give the folder of a gradient method's adapter (LoRA, say)")
+        start.merge(model)  # its update is the base's now: where training, and any reference, start
+        ctx.say(f"started from {cfg.train.start_from} ({start.name}, merged into the base)")
     injected, params = prepare(model, ctx.method, cfg, ctx.injected)
     total, n_train = parameter_count(model), sum(p.numel() for p in params.values())
     ctx.say(f"{injected.name}: {n_train:,} trainable parameters of {total:,} ({100 * n_train / total:.3f}%); "
@@ -216,6 +225,7 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
     if shard and cfg.train.precision == "fp16":  # fp16's loss scaler would check each shard on its own
         raise UserError("fp16 with FSDP2 sharding is not supported", "train.precision",
                         fix="set train.precision to bf16 (or auto, bf16 on CUDA) for a sharded run")
+    loss, data = _objective(ctx, injected, data)
     wrapped = runtime.wrap(model, shard)
     params = injected.trainable(model)  # sharding replaces the parameters with their shards
     if line := runtime.describe(shard, cfg.train.batch_size, cfg.train.grad_accum):
@@ -228,9 +238,11 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
                 f"{cfg.data.max_length} tokens, {packing['batches']} batches of {cfg.train.batch_size} rows an epoch "
                 f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
                 f"{packing['padding_packed']:,} token positions an epoch")
-    summary = train(wrapped, params, data.train, collator(cfg, tokenizer), cfg.train, ctx.out,
-                    batch_order=batch_order(cfg, data), evaluator=make_evaluator(tokenizer, data, cfg),
-                    resume=ctx.resume, progress=ctx.progress, runtime=runtime)
+    collate = collator(cfg, tokenizer)
+    evaluator = objectives.evaluator(loss, data.eval, collate, cfg.eval.batch_size) if loss.paired and data.eval \
+        else make_evaluator(tokenizer, data, cfg)
+    summary = train(wrapped, params, data.train, collate, cfg.train, ctx.out, batch_order=batch_order(cfg, data),
+                    evaluator=evaluator, resume=ctx.resume, progress=ctx.progress, runtime=runtime, loss=loss)
     _save_final(ctx, injected)
     result = {"method": injected.name, "trainable_parameters": n_train, "total_parameters": total,
               "train_examples": len(data.train), "eval_examples": len(data.eval),
@@ -247,6 +259,22 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
     if runtime.main:
         plot_losses(ctx.out / "metrics.jsonl", ctx.out / "loss.png")
     return result
+
+
+def _objective(ctx: RunContext, injected: Injected, data: Datasets) -> tuple[objectives.Loss, Datasets]:
+    """The run's loss, with its reference: the model with the method off, or (full fine-tuning) the
+    log-probabilities of the model as it starts, computed ahead for every example (rank 0 computes
+    and caches them; the others read the cache)."""
+    cfg = ctx.cfg
+    if not objectives.module(cfg.train.objective).REFERENCE:
+        return objectives.make(cfg.train), data
+    if not injected.method.WHOLE_MODEL:
+        return objectives.make(cfg.train, reference.switched_off(ctx.model, injected)), data
+    collate, size = collator(cfg, ctx.tokenizer), cfg.eval.batch_size
+    ctx.runtime.first(lambda: reference.ahead(ctx.model, data.train + data.eval, collate, size))  # computed, cached
+    both = reference.ahead(ctx.model, data.train + data.eval, collate, size)  # every process: from the cache
+    data = dataclasses.replace(data, train=both[:len(data.train)], eval=both[len(data.train):])
+    return objectives.make(cfg.train, reference.from_batch), data
 
 
 def _save_final(ctx: RunContext, injected: Injected) -> None:
@@ -289,17 +317,22 @@ def _fit_probe(ctx: RunContext, data: Datasets) -> dict:
 def batch_order(cfg: RunCfg, data: Datasets):
     """epoch -> the lists of example indices the loop takes as micro-batches; with ``data.packing`` each
     list holds the examples of ``train.batch_size`` packed rows, row after row, for ``collator`` to cut."""
-    lengths = [len(e.input_ids) for e in data.train]
+    lengths = [len(e.input_ids) for e in data.train] if cfg.data.packing or cfg.data.group_by_length else []
     if cfg.data.packing:  # several examples to a row: next to no padding (cached: the loop asks every batch)
         return functools.lru_cache(maxsize=2)(lambda epoch: packed_batches(
             lengths, cfg.data.max_length, cfg.train.batch_size, cfg.train.seed, epoch))
     if cfg.data.group_by_length:  # batches of similar length waste little on padding
         return lambda epoch: length_grouped_batches(lengths, cfg.train.batch_size, cfg.train.seed, epoch)
+    if objectives.module(cfg.train.objective).GROUPED:  # the objective's blocks, in a shuffled order
+        return shuffled_blocks(len(data.train), cfg.train.batch_size, cfg.train.seed)
     return shuffled_batches(len(data.train), cfg.train.batch_size, cfg.train.seed)
 
 
 def collator(cfg: RunCfg, tokenizer):
-    """What turns ``batch_order``'s lists of examples into a batch: packed rows, or padded examples."""
+    """What turns ``batch_order``'s lists of examples into a batch: packed rows, preference pairs'
+    rows, or padded examples."""
+    if cfg.data.format == "preference":
+        return RowsCollator(tokenizer.pad_token_id)
     if cfg.data.packing:
         return PackingCollator(tokenizer.pad_token_id, cfg.data.max_length)
     return Collator(tokenizer.pad_token_id)
@@ -368,11 +401,11 @@ def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None, worl
     """The estimate of this run, from the batches its data will make (the longest for memory), its
     steps shared by ``world`` processes."""
     batches = batch_order(cfg, data)(0)
-    if not cfg.data.packing:
+    if not (cfg.data.packing or cfg.data.format == "preference"):
         shapes = batch_shapes(data.train, batches, tokenizer.pad_token_id)
         return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
     collate, shapes = collator(cfg, tokenizer), []
-    for indices in batches:  # packed rows share no prefix: each starts its own example
+    for indices in batches:  # packed rows share no prefix; a pair's rows are counted unshared (an upper bound)
         batch = collate([data.train[i] for i in indices])
         shapes.append(Shape(*batch["input_ids"].shape, 0, int((batch["labels"][:, 1:] != -100).sum())))
     return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
@@ -422,23 +455,32 @@ def _numbers(metrics: dict | None) -> dict | None:
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
-    """Training and validation loss against the step."""
+    """Training and validation loss against the step; under a preference objective, a second panel with
+    the rewards of the chosen and the rejected answers and the held-out margin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for points, label in ((train_pts, "train"), (eval_pts, "validation")):
-        if points:
-            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+    rewards = any("rewards_margin" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(11 if rewards else 6, 4), squeeze=False)
+    panels = [(axes[0][0], [("loss", "train"), ("eval_loss", "validation")], "loss (nats per token, or per pair)")]
+    if rewards:
+        panels.append((axes[0][1], [("rewards_chosen", "chosen"), ("rewards_rejected", "rejected"),
+                                    ("eval_rewards_margin", "validation margin")], "reward"))
+    for ax, lines, ylabel in panels:
+        for key, label in lines:
+            if points := series(key):
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -127,6 +127,20 @@ class TrainCfg:
     # fine-tuning always is), and how long a rank waits for the others before the run ends with an error
     fsdp: bool = False
     dist_timeout_s: float = 300.0
+    # What a step's loss is (docs/preference.md): sft, or a preference objective on data.format: preference
+    # rows. dpo and kto compare with the model the run starts from (the method switched off; for full
+    # fine-tuning its log-probabilities, computed once before training); orpo and simpo need no reference.
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
+    beta: float = 0.1  # dpo, kto: the reward scale beta; orpo: the odds-ratio weight (lambda); simpo: beta
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # dpo: the sigmoid loss, or IPO's squared one
+    label_smoothing: float = 0.0  # dpo (sigmoid), simpo: the share of pairs taken to be flipped (cDPO)
+    simpo_gamma: float = 0.5  # simpo: the reward margin gamma
+    cpo_alpha: float = 0.0  # simpo: weight of the chosen answers' cross-entropy added (CPO's term; 0 is SimPO)
+    desirable_weight: float = 1.0  # kto: weight of a desirable answer's loss
+    undesirable_weight: float = 1.0  # kto: weight of an undesirable answer's loss
+    # An adapter folder (an SFT LoRA, say) merged into the base before the method goes in: training starts
+    # from base + that adapter, and so does DPO's and KTO's reference (never the bare base by mistake)
+    start_from: str | None = None
 
     def steps(self, batches_per_epoch: int, world: int = 1) -> int:
         """The run's optimizer steps: max_steps, or the epochs' micro-batches over grad_accum x world (each
@@ -141,8 +155,13 @@ class TrainCfg:
                          ("logging_steps", 1), ("early_stopping_patience", 0), ("weight_decay", 0),
                          ("skip_nonfinite_steps", 0)):
             at_least(self, key, low, "train")
-        for key in ("epochs", "learning_rate", "time_budget_s", "dist_timeout_s"):
+        for key in ("epochs", "learning_rate", "time_budget_s", "dist_timeout_s", "beta"):
             at_least(self, key, 0, "train", above=True)
+        for key in ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight"):
+            at_least(self, key, 0, "train")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"train.label_smoothing is {self.label_smoothing}; it must be at least 0 and below 0.5",
+                            "train.label_smoothing", fix="set a share of flipped pairs in [0, 0.5), or 0")
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,18 @@ class RunCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     compare: CompareCfg = field(default_factory=CompareCfg)  # only `tuneforge compare` reads this
+
+    def __post_init__(self):
+        objective, preference = self.train.objective, self.data.format == "preference"
+        if preference and objective == "sft":
+            raise UserError("preference rows (prompt/chosen/rejected) train under a preference objective",
+                            "train.objective", fix="set train.objective: dpo (or orpo, simpo, kto)")
+        if objective != "sft" and not preference:
+            raise UserError(f"train.objective {objective} trains on preference rows, not {self.data.format!r} data",
+                            "data.format", fix="set data.format: preference (rows of prompt, chosen and rejected)")
+        if preference and (self.data.packing or self.data.group_by_length):
+            raise UserError("a preference pair is its own batch rows; packing does not apply", "data.packing",
+                            fix="set data.packing and data.group_by_length to false")
 
 
 def _method_cfg(raw: Any, where: Where) -> MethodCfg:

@@ -301,7 +301,8 @@ function summaryTable(summary) {
   for (const when of ["before", "after", "best"]) {
     const m = summary[when];
     if (!m) continue;
-    const shown = ["accuracy", "macro_f1", "loss", "perplexity"].filter((k) => typeof m[k] === "number")
+    const shown = ["accuracy", "macro_f1", "loss", "perplexity", "rewards_accuracy", "rewards_margin"]
+      .filter((k) => typeof m[k] === "number")
       .map((k) => `${k} ${fixed(m[k])}`).join(", ");
     const ci = m.accuracy_ci95 ? ` (95% interval ${fixed(m.accuracy_ci95[0])} to ${fixed(m.accuracy_ci95[1])} on ${m.n})` : "";
     rows.push(el("tr", {}, el("th", { text: when }), el("td", { text: shown + ci })));
@@ -322,11 +323,15 @@ async function runPage(name) {
   const accChart = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   accChart.setAttribute("id", "accuracy-chart"); accChart.setAttribute("class", "chart");
   const accCard = el("div", { class: "card", hidden: true }, el("h2", { text: "Held-out accuracy" }), accChart);
+  const rewardChart = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  rewardChart.setAttribute("id", "reward-chart"); rewardChart.setAttribute("class", "chart");
+  const rewardCard = el("div", { class: "card", hidden: true }, el("h2", { text: "Rewards" }), rewardChart);
   const summaryBox = el("div", {}, el("p", { class: "muted", text: "written when the run finishes" }));
   const configBox = el("pre", { id: "run-config" });
   const logBox = el("pre", { id: "run-log" });
   main.replaceChildren(title, detail, el("div", { class: "row" }, stop, resume, tryLink), message, errorBox,
-    el("div", { class: "charts" }, el("div", { class: "card" }, el("h2", { text: "Loss" }), lossChart), accCard),
+    el("div", { class: "charts" }, el("div", { class: "card" }, el("h2", { text: "Loss" }), lossChart), accCard,
+       rewardCard),
     el("div", { class: "cols" },
        el("div", {}, el("div", { class: "card" }, el("h2", { text: "Summary" }), summaryBox),
           el("div", { class: "card" }, el("h2", { text: "Log (last lines)" }), logBox)),
@@ -353,6 +358,13 @@ async function runPage(name) {
       accCard.hidden = !classification;
       drawChart(accChart, [{ name: "eval", label: "accuracy", color: "#1e8449", points: pts("eval_accuracy"), dots: true }],
                 "accuracy");
+      rewardCard.hidden = !m.records.some((r) => typeof r.rewards_margin === "number");  // a preference objective
+      if (!rewardCard.hidden) {
+        drawChart(rewardChart, [{ name: "chosen", label: "chosen", color: "#1e8449", points: pts("rewards_chosen") },
+                                { name: "rejected", label: "rejected", color: "#c0392b", points: pts("rewards_rejected") },
+                                { name: "margin", label: "validation margin", color: "#e67e22",
+                                  points: pts("eval_rewards_margin"), dots: true }], "reward");
+      }
     } catch (err) {
       showError(errorBox, err);
       if (err.status === 404) {  // the folder went: say so, and stop asking
