@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.report import rss_mb, step_seconds, trainer_timer  # noqa: E402  (the repository on the path first)
 
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 ROWS = {  # label: (tuneforge method, its keys, the reference's kind)
@@ -48,10 +48,6 @@ WORKLOADS = {
                      "train.batch_size=4"], "config": "configs/shakespeare-full.yaml", "lr": 1e-4},
     "sentiment": {"set": ["train.batch_size=8"], "config": "configs/sentiment-lora.yaml", "lr": 2e-4},
 }
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 DEVICE = "cpu"  # --device: cuda for bench/gpu.sh
@@ -73,18 +69,16 @@ def child_tuneforge(method: str, keys: dict, workload: str, steps: int) -> dict:
 
     from tuneforge.data import Collator, load_datasets
     from tuneforge.io.load import load_model
-    from tuneforge.model.kernels import use_lean_mlps
     from tuneforge.methods.registry import get_method
     from tuneforge.training.loop import train
+    from tuneforge.training.prepare import prepare
     from tuneforge.training.run import batch_order, run_estimate
 
     cfg = run_config(method, keys, workload, steps)
     model, tokenizer = load_model(cfg.model, dtype="float32", device=DEVICE)
     data = load_datasets(cfg.data, tokenizer, seed=0)
     est = run_estimate(cfg, data, tokenizer, model.config)
-    handle = get_method(method).inject(model, get_method(method).Config(**keys))
-    use_lean_mlps(model)
-    params = handle.trainable(model)
+    _, params = prepare(model, get_method(method), cfg)  # as a run prepares it
     before = {k: p.detach().clone() for k, p in params.items()}
     times = []
 
@@ -98,8 +92,7 @@ def child_tuneforge(method: str, keys: dict, workload: str, steps: int) -> dict:
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     moved = max((p.detach() - before[k]).abs().max().item() for k, p in params.items())
-    steps_s = [b - a for a, b in zip([start] + times[:-1], times)][1:]  # the first step warms up
-    return {"step_seconds": statistics.median(steps_s), "tokens_per_step": summary.tokens / summary.steps,
+    return {"step_seconds": step_seconds(times, start), "tokens_per_step": summary.tokens / summary.steps,
             "peak_rss_mb": rss_mb(), "first_loss": losses[0], "last_loss": losses[-1], "moved": moved,
             "estimate": {"peak_mb": est.peak_bytes / 2**20, "step_seconds": est.step_seconds,
                          "flops_per_step": est.flops_per_step, "parts_mb": {k: v / 2**20 for k, v in est.parts.items()}},
@@ -109,7 +102,7 @@ def child_tuneforge(method: str, keys: dict, workload: str, steps: int) -> dict:
 def child_reference(method: str, keys: dict, kind: str, workload: str, steps: int) -> dict:
     import peft
     import torch
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tuneforge.data import load_datasets
     from tuneforge.io.load import load_tokenizer, resolve_spec
@@ -144,29 +137,20 @@ def child_reference(method: str, keys: dict, kind: str, workload: str, steps: in
     before = {n: p.detach().clone() for n, p in params.items()}
     times, losses = [], []
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=cfg.train.batch_size,
                                  learning_rate=cfg.train.learning_rate, max_steps=steps, lr_scheduler_type="constant",
                                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=DEVICE == "cpu",
                                  bf16=DEVICE != "cpu",
                                  dataloader_num_workers=0, disable_tqdm=True, seed=0)
-        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Timer()],
+        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[trainer_timer(times, losses)],
                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(rows)  # tuneforge's order
         start = time.perf_counter()
         trainer.train()
     moved = max((p.detach() - before[n]).abs().max().item() for n, p in params.items())
-    steps_s = [b - a for a, b in zip([start] + times[:-1], times)][1:]
     tokens = sum(len(r["input_ids"]) for r in rows[: steps * cfg.train.batch_size]) / steps
-    return {"step_seconds": statistics.median(steps_s), "tokens_per_step": tokens, "peak_rss_mb": rss_mb(),
+    return {"step_seconds": step_seconds(times, start), "tokens_per_step": tokens, "peak_rss_mb": rss_mb(),
             "first_loss": losses[0], "last_loss": losses[-1], "moved": moved}
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.report import rss_mb, step_seconds, trainer_timer  # noqa: E402  (the repository on the path first)
 
 PAIRS = REPO / "data" / "preference" / "self_instruct_pairs_train.jsonl"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -39,10 +39,6 @@ ROWS = {  # name: (side, objective, method)
     "dpo-qlora": ("tuneforge", "dpo", "qlora"),
     "sft-qlora": ("tuneforge", "sft", "qlora"),
 }
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rows(steps: int) -> list[dict]:
@@ -57,10 +53,6 @@ def as_chat(row: dict) -> dict:
 
     return {"prompt": turn("user", row["prompt"]), "chosen": turn("assistant", row["chosen"]),
             "rejected": turn("assistant", row["rejected"])}
-
-
-def timed(times: list[float], start: float) -> float:
-    return statistics.median([b - a for a, b in zip([start] + times[:-1], times)][1:])  # the first step warms up
 
 
 def child_tuneforge(objective: str, method: str, steps: int) -> dict:
@@ -103,7 +95,7 @@ def child_tuneforge(objective: str, method: str, steps: int) -> dict:
         records = [json.loads(line) for line in (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     moved = max((p.detach() - before[k]).abs().max().item() for k, p in params.items())
-    return {"step_seconds": timed(times, start), "peak_rss_mb": rss_mb(), "first_loss": losses[0],
+    return {"step_seconds": step_seconds(times, start), "peak_rss_mb": rss_mb(), "first_loss": losses[0],
             "last_loss": losses[-1], "moved": moved, "tokens_per_step": summary.tokens / summary.steps}
 
 
@@ -111,7 +103,7 @@ def child_trl(steps: int) -> dict:
     import datasets
     import peft
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     from tuneforge.io.load import load_tokenizer, resolve_spec
@@ -123,28 +115,20 @@ def child_trl(steps: int) -> dict:
     dataset = datasets.Dataset.from_list([as_chat(r) for r in rows(steps)])
     times, losses = [], []
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=BATCH, learning_rate=LR, max_steps=steps,
                          lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                          use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=512, beta=0.1,
                          dataloader_num_workers=0, disable_tqdm=True, seed=0)
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[Timer()])
+                             peft_config=lora, callbacks=[trainer_timer(times, losses)])
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
         params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
         before = {n: p.detach().clone() for n, p in params.items()}
         start = time.perf_counter()
         trainer.train()
     moved = max((p.detach() - before[n]).abs().max().item() for n, p in params.items())
-    return {"step_seconds": timed(times, start), "peak_rss_mb": rss_mb(), "first_loss": losses[0],
+    return {"step_seconds": step_seconds(times, start), "peak_rss_mb": rss_mb(), "first_loss": losses[0],
             "last_loss": losses[-1], "moved": moved}
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import platform
 import re
+import resource
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +22,32 @@ HEADER = ("# Benchmarks\n\nWritten by the scripts under `bench/`; each section s
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_seconds(times: list[float], start: float) -> float:
+    """The median optimizer step from the moments each ended; the first step, which warms up, left out."""
+    return statistics.median([b - a for a, b in zip([start] + times[:-1], times)][1:])
+
+
+def trainer_timer(times: list[float], losses: list[float]):
+    """A transformers TrainerCallback that appends each step's end to ``times`` and each logged loss to
+    ``losses``: the reference side's clock."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    return Timer()
 
 
 def write_section(name: str, body: str, path: Path = PATH) -> None:

@@ -58,6 +58,17 @@ def tiny(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer)), tiny_tokenizer
 
 
+@pytest.fixture
+def vocab(tiny):
+    return tiny[0].config.vocab_size
+
+
+@pytest.fixture
+def ids(vocab):
+    """Two rows of random token ids (a test module may ask for other lengths with its own ``ids``)."""
+    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model saved as a Hugging Face model directory (a model spec)."""

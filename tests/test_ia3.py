@@ -34,16 +34,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture
-def vocab(tiny):
-    return tiny[0].config.vocab_size
-
-
-@pytest.fixture
-def ids(vocab):
-    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_layer_and_fold_equal_reference(feedforward):
     torch.manual_seed(0)

@@ -34,11 +34,6 @@ def nudge(params, seed: int) -> None:
 
 
 @pytest.fixture
-def vocab(tiny):
-    return tiny[0].config.vocab_size
-
-
-@pytest.fixture
 def ids(vocab):
     return torch.randint(0, vocab, (2, 13), generator=torch.Generator().manual_seed(0))
 

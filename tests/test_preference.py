@@ -168,3 +168,16 @@ def prompt_adapter(tmp_path, tiny_dir):
     handle = prompt.inject(model, prompt.Config(num_virtual_tokens=2))
     tuneforge.save_adapter(model, handle, tmp_path / "prompt-adapter")
     return tmp_path / "prompt-adapter"
+
+
+def test_tuneforge_data_shows_a_pairs_two_rows(tmp_path, tiny_dir, capsys):
+    from tuneforge import cli
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs(4)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"model": str(tiny_dir), "data": {"path": str(data), "format": "preference"},
+                               "train": {"objective": "dpo"}}))
+    assert cli.main(["data", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "⟦ Blue, " in out and "⟦ Green " in out  # the chosen row, then the rejected one, each answer marked

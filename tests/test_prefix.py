@@ -30,11 +30,6 @@ GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 2, "return_di
 
 
 @pytest.fixture
-def vocab(tiny):
-    return tiny[0].config.vocab_size
-
-
-@pytest.fixture
 def ids(vocab):
     return torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -33,16 +33,6 @@ def trained_like(params, seed: int = 1) -> None:
             p.copy_(0.3 * torch.randn(p.shape, generator=gen))
 
 
-@pytest.fixture
-def vocab(tiny):
-    return tiny[0].config.vocab_size
-
-
-@pytest.fixture
-def ids(vocab):
-    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
 def test_layer_and_fold_equal_reference():
     torch.manual_seed(0)
     base = nn.Linear(16, 12)

@@ -45,7 +45,8 @@ def describe(data: Datasets, tokenizer, count: int = 1, split: str = "train", co
     shown = min(count, len(examples))
     lines.append(f"\n{shown} of {len(examples)} {split} examples; the tokens that carry loss {how}:")
     for example in examples[:count]:
-        trained = sum(label != IGNORE for label in example.labels)
-        lines += [f"\n--- {example.source or 'example'} ({len(example.input_ids)} tokens, {trained} trained)",
-                  marked(example, tokenizer, color)]
+        for row in example.rows():  # a preference pair shows its chosen row, then its rejected one
+            trained = sum(label != IGNORE for label in row.labels)
+            lines += [f"\n--- {row.source or 'example'} ({len(row.input_ids)} tokens, {trained} trained)",
+                      marked(row, tokenizer, color)]
     return "\n".join(lines) + "\n"

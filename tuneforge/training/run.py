@@ -405,9 +405,12 @@ def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None, worl
         shapes = batch_shapes(data.train, batches, tokenizer.pad_token_id)
         return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
     collate, shapes = collator(cfg, tokenizer), []
-    for indices in batches:  # packed rows share no prefix; a pair's rows are counted unshared (an upper bound)
+    for indices in batches:  # packed rows share no prefix
         batch = collate([data.train[i] for i in indices])
-        shapes.append(Shape(*batch["input_ids"].shape, 0, int((batch["labels"][:, 1:] != -100).sum())))
+        rows, width = batch["input_ids"].shape
+        if cfg.data.format == "preference":  # each pair runs at its own width: the batch's mean, prompts unshared
+            width = -(-2 * sum(data.train[i].length for i in indices) // rows)
+        shapes.append(Shape(rows, width, 0, int((batch["labels"][:, 1:] != -100).sum())))
     return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuneforge.core.config import TrainCfg
@@ -81,6 +82,12 @@ def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
         logprobs = token_logprobs(model, ids, mask, keep, targets[targets != IGNORE][:, None], share, stats)[:, 0]
         total = total.index_add(0, index[keep.nonzero()[:, 0]], logprobs.float())
     return total, (labels[:, 1:] != IGNORE).sum(1)
+
+
+def sigmoid_loss(delta: Tensor, label_smoothing: float) -> Tensor:
+    """-log sigmoid(delta), or with ``label_smoothing`` e the conservative form that takes a share e of
+    the pairs to be flipped: -(1 - e) log sigmoid(delta) - e log sigmoid(-delta)."""
+    return -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
 
 
 def preference_metrics(chosen: Tensor, rejected: Tensor, chosen_logps: Tensor, rejected_logps: Tensor) -> dict:

@@ -11,9 +11,7 @@ At the first step the policy is the reference, so delta = 0 and the sigmoid loss
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from tuneforge.training.objectives import paired, pairs, preference_metrics, sequence_logprobs
+from tuneforge.training.objectives import paired, pairs, preference_metrics, sequence_logprobs, sigmoid_loss
 
 PAIRED, REFERENCE, GROUPED = True, True, False
 units, examples = pairs, paired
@@ -30,5 +28,5 @@ def loss(model, batch: dict, cfg, reference, share: bool, stats: dict):
         losses = (delta - 1 / (2 * cfg.beta)) ** 2
     else:
         delta = cfg.beta * (chosen - rejected)
-        losses = -(1 - cfg.label_smoothing) * F.logsigmoid(delta) - cfg.label_smoothing * F.logsigmoid(-delta)
+        losses = sigmoid_loss(delta, cfg.label_smoothing)
     return losses.sum(), preference_metrics(cfg.beta * chosen, cfg.beta * rejected, logps[:n], logps[n:])

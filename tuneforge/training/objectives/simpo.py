@@ -6,9 +6,7 @@ answers' cross-entropy (CPO's term; 0 is SimPO's own loss)."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
-from tuneforge.training.objectives import paired, pairs, preference_metrics, sequence_logprobs
+from tuneforge.training.objectives import paired, pairs, preference_metrics, sequence_logprobs, sigmoid_loss
 
 PAIRED, REFERENCE, GROUPED = True, False, False
 units, examples = pairs, paired
@@ -20,7 +18,7 @@ def loss(model, batch: dict, cfg, reference, share: bool, stats: dict):
                                       share, stats, groups=2)
     means = logps / counts.clamp(min=1)
     delta = cfg.beta * (means[:n] - means[n:] - cfg.simpo_gamma / cfg.beta)
-    losses = -(1 - cfg.label_smoothing) * F.logsigmoid(delta) - cfg.label_smoothing * F.logsigmoid(-delta)
+    losses = sigmoid_loss(delta, cfg.label_smoothing)
     total = losses.sum()
     if cfg.cpo_alpha:  # the chosen answers' token mean cross-entropy, once per pair
         total = total + cfg.cpo_alpha * n * (-logps[:n].sum() / counts[:n].sum().clamp(min=1))
