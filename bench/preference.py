@@ -192,8 +192,9 @@ def table(results: dict, steps: int, machine_line: str) -> str:
               f"- DPO's peak RSS over SFT's on the same rows (each pair's prompt with its chosen and its rejected "
               f"answer, a batch of {2 * BATCH}): LoRA {ratio('sft-lora', 'dpo-lora', 'peak_rss_mb')}, "
               f"QLoRA {ratio('sft-qlora', 'dpo-qlora', 'peak_rss_mb')}. The reference is the same model with the "
-              "method off, so no second copy of the base is held; DPO's step runs twice the rows (chosen and "
-              "rejected) and a no-grad reference forward."]
+              "method off, so no second copy of the base is held. DPO runs each pair's two rows at that pair's "
+              "own width (its prompt once), where the SFT batch pads its 8 rows to the longest: hence less. Its "
+              "step time adds the no-grad reference forward and one forward a pair."]
     return "\n".join(lines)
 
 

@@ -145,7 +145,8 @@ def format_summary(result: dict, out: str) -> str:
                      f"{', from the cache' if fit['cache_hit'] else ''}){'; ' + chosen if chosen else ''}")
     for when in ("before", "after"):
         metrics = result.get(when) or {}
-        shown = {k: v for k, v in metrics.items() if k in ("loss", "perplexity", "accuracy", "macro_f1")}
+        shown = {k: v for k, v in metrics.items() if k in ("loss", "perplexity", "accuracy", "macro_f1",
+                                                           "rewards_accuracy", "rewards_margin")}
         if shown:
             lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + _interval(metrics))
     lines.append(f"result in {out}/final (summary.json beside it)")
