@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from test_reliability import preference_pairs
 from test_run import sentiment_rows, write_jsonl
 from tuneforge import cli
 from tuneforge.core import config
@@ -36,12 +37,13 @@ RATES = {"lora": 1e-2, "full": 1e-3}
 TOLERANCE = 1e-4
 
 
-def write_config(tmp_path: Path, tiny_dir: Path, name: str, method: str, **train) -> Path:
-    data = tmp_path / "d.jsonl"
-    if not data.exists():
-        write_jsonl(data, sentiment_rows(20))
-    raw = {"model": str(tiny_dir), "method": METHODS[method],
-           "data": {"path": str(data), "format": "classification", "val_fraction": 0.25},
+def write_config(tmp_path: Path, tiny_dir: Path, name: str, method: str, data: dict | None = None,
+                 **train) -> Path:
+    if data is None:
+        data = {"path": str(tmp_path / "d.jsonl"), "format": "classification", "val_fraction": 0.25}
+        if not (tmp_path / "d.jsonl").exists():
+            write_jsonl(tmp_path / "d.jsonl", sentiment_rows(20))
+    raw = {"model": str(tiny_dir), "method": METHODS[method], "data": data,
            "train": {"output_dir": str(tmp_path / name), "max_steps": 4, "batch_size": 4,
                      "learning_rate": RATES[method], "save_steps": 2, "logging_steps": 1, "device": "cpu",
                      "dist_timeout_s": 60, **train}}
@@ -111,6 +113,22 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(tmp_path, 
             with torch.no_grad():
                 logits.append(model(input_ids=ids).logits)
         assert (logits[0] - logits[1]).abs().max().item() <= TOLERANCE
+
+
+def test_dpo_under_two_processes_trains_what_one_does(tmp_path, tiny_dir):
+    """Preference tuning under DDP: each pair runs as a forward of its own (its prompt once), several
+    before one backward, and every rank's reference is its model with LoRA off."""
+    write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(24))
+    data = {"path": str(tmp_path / "pairs.jsonl"), "format": "preference", "val_fraction": 0.25}
+    one = write_config(tmp_path, tiny_dir, "one", "lora", data, grad_accum=2, objective="dpo")
+    two = write_config(tmp_path, tiny_dir, "two", "lora", data, grad_accum=1, objective="dpo")
+    proc = two_processes(two)
+    assert cli.main(["train", str(one)]) == 0
+    assert "2 processes (gloo, DDP)" in finished(proc)
+    assert_same_curve(tmp_path / "one", tmp_path / "two")
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    first = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - math.log(2)) <= 1e-5  # both ranks' references: the policy at the start
 
 
 def rank_pids(launcher: int) -> dict[int, int]:
