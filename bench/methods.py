@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import rss_mb, step_seconds, trainer_timer  # noqa: E402  (the repository on the path first)
+from bench.report import rss_mb, spawn, step_seconds, trainer_timer  # noqa: E402  (the repository on the path first)
 
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 ROWS = {  # label: (tuneforge method, its keys, the reference's kind)
@@ -154,14 +153,6 @@ def child_reference(method: str, keys: dict, kind: str, workload: str, steps: in
             "first_loss": losses[0], "last_loss": losses[-1], "moved": moved}
 
 
-def spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
-    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")]
-    if proc.returncode or not line:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(line[0][len("RESULT "):])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default=",".join(SHORT), help=f"some of {', '.join(SHORT)}")
@@ -191,7 +182,8 @@ def main() -> None:
         steps = args.steps or {"text": 6, "sentiment": 10}[workload]
         for row in args.rows.split(","):
             for side in ("tuneforge", "reference"):
-                r = spawn(["--child", side, row, workload, "--steps", str(steps), "--device", args.device])
+                r = spawn(__file__, ["--child", side, row, workload, "--steps", str(steps), "--device", args.device],
+                          REPO)
                 results[(workload, row, side)] = r
                 shown = r.get("error") or f"{r['step_seconds']:.2f} s/step, {r['peak_rss_mb']:.0f} MB, loss " \
                                           f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import rss_mb, step_seconds, trainer_timer  # noqa: E402  (the repository on the path first)
+from bench.report import rss_mb, spawn, step_seconds, trainer_timer  # noqa: E402  (the repository on the path first)
 
 PAIRS = REPO / "data" / "preference" / "self_instruct_pairs_train.jsonl"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -132,14 +131,6 @@ def child_trl(steps: int) -> dict:
             "last_loss": losses[-1], "moved": moved}
 
 
-def spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
-    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")]
-    if proc.returncode or not line:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(line[0][len("RESULT "):])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -155,7 +146,7 @@ def main() -> None:
 
     results = {}
     for name in ROWS:
-        results[name] = r = spawn(["--child", name, "--steps", str(args.steps)])
+        results[name] = r = spawn(__file__, ["--child", name, "--steps", str(args.steps)], REPO)
         shown = r.get("error") or f"{r['step_seconds']:.2f} s/step, {r['peak_rss_mb']:.0f} MB, loss " \
                                   f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"
         print(f"{name:>13}: {shown}", flush=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +51,16 @@ def trainer_timer(times: list[float], losses: list[float]):
                 losses.append(logs["loss"])
 
     return Timer()
+
+
+def spawn(script: str, args: list[str], cwd: Path) -> dict:
+    """``script ARGS`` in a process of its own (its peak RSS its own): the JSON after its "RESULT " line,
+    or {"error": its last line of stderr}."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=cwd)
+    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")]
+    if proc.returncode or not line:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(line[0][len("RESULT "):])
 
 
 def write_section(name: str, body: str, path: Path = PATH) -> None:

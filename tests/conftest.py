@@ -58,6 +58,20 @@ def tiny(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer)), tiny_tokenizer
 
 
+def in_peft(base, folder):
+    """The adapter in ``folder`` loaded by PEFT onto ``base``, in eval mode; PEFT must know every key of
+    its adapter_config.json (an unknown one is only a warning there)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(base, folder).eval()
+    assert not [w for w in log if "Unexpected keyword" in str(w.message)]
+    return model
+
+
 @pytest.fixture
 def vocab(tiny):
     return tiny[0].config.vocab_size
