@@ -271,8 +271,9 @@ def _objective(ctx: RunContext, injected: Injected, data: Datasets) -> tuple[obj
     if not injected.method.WHOLE_MODEL:
         return objectives.make(cfg.train, reference.switched_off(ctx.model, injected)), data
     collate, size = collator(cfg, ctx.tokenizer), cfg.eval.batch_size
-    ctx.runtime.first(lambda: reference.ahead(ctx.model, data.train + data.eval, collate, size))  # computed, cached
-    both = reference.ahead(ctx.model, data.train + data.eval, collate, size)  # every process: from the cache
+    both = ctx.runtime.first(lambda: reference.ahead(ctx.model, data.train + data.eval, collate, size))
+    if both is None:  # the other processes read what rank 0 computed and cached
+        both = reference.ahead(ctx.model, data.train + data.eval, collate, size)
     data = dataclasses.replace(data, train=both[:len(data.train)], eval=both[len(data.train):])
     return objectives.make(cfg.train, reference.from_batch), data
 
