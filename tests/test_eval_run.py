@@ -1,4 +1,6 @@
-"""`tuneforge eval --unseen`: exactly the rows a run never trains on, refused before any model loads."""
+"""`tuneforge eval`: a run's folder read as the run read its data; `--unseen`: exactly the rows a run never
+trains on, refused before any model loads. And the command line's own surface: its version, and help
+for every option."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 
 import pytest
 
+from conftest import REPO
 from tuneforge.core import config
 from tuneforge.data import load_datasets
 from tuneforge.core.errors import UserError
@@ -61,3 +64,47 @@ def test_unseen_refuses_before_loading_any_model(data, words, tmp_path):
     # the model spec names nothing: reaching the loader would fail differently
     with pytest.raises(UserError, match=words):
         evaluate_file(cfg, cfg.data.path, unseen=True)
+
+
+@pytest.mark.parametrize("method", ["features", "lora"])
+def test_a_run_folder_is_enough_to_evaluate_it(method, tmp_path, tiny_dir, capsys):
+    """A feature classifier and a LoRA trained on classification rows are scored from their folder alone:
+    the run's own config.yaml beside final/ says how to read the file, as --config would."""
+    from test_reliability import config as run_yaml
+    from test_run import sentiment_rows, write_jsonl
+
+    from tuneforge import cli
+
+    train = {"max_steps": 2, "eval_steps": 0, "save_steps": 0}
+    cfg = run_yaml(tmp_path, tiny_dir, method="features", train=train) if method == "features" else \
+        run_yaml(tmp_path, tiny_dir, train=train)
+    assert cli.main(["train", str(cfg)]) == 0
+    data = write_jsonl(tmp_path / "new.jsonl", sentiment_rows(6))
+    scored = {}
+    for given in ([], ["--config", str(tmp_path / "out" / "config.yaml")]):
+        args = ["eval", "--model", str(tiny_dir), "--adapter", str(tmp_path / "out" / "final"), "--data", str(data),
+                "--device", "cpu", "--json", str(tmp_path / "m.json"), *given]
+        assert cli.main(args) == 0
+        scored[bool(given)] = json.loads((tmp_path / "m.json").read_text())
+    assert "the run's" in capsys.readouterr().err
+    assert scored[False] == scored[True] and scored[False]["n"] == 12 and "accuracy" in scored[False]
+    assert cli.main([*args[:-2], "--set", "eval.max_examples=3"]) == 0  # --set still wins over the run's config
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 3
+
+
+def test_version_and_every_option_says_what_it_does(capsys):
+    import re
+
+    from tuneforge import __version__, cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"tuneforge {__version__}\n"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^version = "(.*)"', pyproject, re.M).group(1) == __version__
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    silent = [f"{name} {action.dest}" for name, sub in commands.items() for action in sub._actions
+              if not action.help and action.dest != "help"]
+    assert not silent
+    usage = commands["config"].format_usage()
+    assert "CONFIG.yaml" in usage and " config\n" not in usage

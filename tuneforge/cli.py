@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from tuneforge import __version__
 from tuneforge.core import config
 from tuneforge.core.atomic import write_text
 from tuneforge.core.errors import UserError
@@ -39,7 +40,13 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace) -> None:
-    print(config.to_yaml(config.from_yaml(args.config, args.set)), end="")
+    cfg = config.from_yaml(args.config, args.set)
+    if cfg.compare.methods:  # a comparison's rows are checked too, and shown as they will run
+        from tuneforge.apps.compare import as_compared
+
+        print(as_compared(cfg), end="")
+    else:
+        print(config.to_yaml(cfg), end="")
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -57,7 +64,7 @@ def _merge(args: argparse.Namespace) -> None:
     from tuneforge.io.export import merge_adapter
 
     out = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, force=args.force,
-                        allow_pickle=args.allow_pickle)
+                        allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     print(f"merged model written to {out}")
 
 
@@ -165,9 +172,15 @@ def _interval(metrics: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from tuneforge.eval.run import evaluate_file
+    from tuneforge.eval.run import evaluate_file, run_config
 
-    cfg = _file_config(args, {})
+    # A run's result is scored as the run read its data: its own config.yaml, unless --config says otherwise
+    found = None if args.config else run_config(args.adapter or args.model)
+    if found:
+        print(f"tuneforge: the data is read as the run's {found} says (--config gives another)", file=sys.stderr)
+    cfg = _file_config(args, {}, found)
+    if args.device:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=args.device))
     metrics = evaluate_file(cfg, args.data, adapter=args.adapter, force=args.force, held_out=args.held_out,
                             unseen=args.unseen)
     for key in ("loss", "perplexity", "accuracy", "macro_f1"):
@@ -198,18 +211,19 @@ def _icl(args: argparse.Namespace) -> None:
     _write_json(args, metrics)
 
 
-def _file_config(args: argparse.Namespace, defaults: dict):
-    """eval and icl: the run config that describes the data file (--config, else ``defaults``), with
-    --set applied and --model winning over the config's model."""
-    cfg = config.from_yaml(args.config, args.set) if args.config else config.from_dict(defaults, args.set,
-                                                                                       source="--set")
+def _file_config(args: argparse.Namespace, defaults: dict, run_config: Path | None = None):
+    """eval and icl: the run config that describes the data file (--config, else the run's own
+    ``run_config``, else ``defaults``), with --set applied and --model winning over the config's model."""
+    source = args.config or run_config
+    cfg = config.from_yaml(source, args.set) if source else config.from_dict(defaults, args.set, source="--set")
     cfg = dataclasses.replace(cfg, model=args.model) if args.model else cfg
     return dataclasses.replace(cfg, allow_pickle=True) if args.allow_pickle else cfg
 
 
-def _file_args(p: argparse.ArgumentParser, example: str) -> None:
+def _file_args(p: argparse.ArgumentParser, example: str, run_default: str = "") -> None:
     p.add_argument("--model", default=None, help="model spec (default: the config's, else smollm2-135m)")
-    p.add_argument("--config", default=None, help="a run configuration whose data settings describe the file")
+    p.add_argument("--config", default=None,
+                   help=f"a run configuration whose data settings describe the file{run_default}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a field, e.g. --set {example}")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
@@ -222,12 +236,17 @@ def _write_json(args: argparse.Namespace, metrics: dict) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from tuneforge.apps.compare import compare
+    from tuneforge.apps.compare import RowsFailed, compare
 
     cfg = config.from_yaml(args.config, args.set)
-    compare(cfg)
-    print((Path(cfg.compare.output_dir) / "compare.md").read_text(), end="")
+    results = compare(cfg)
+    table = Path(cfg.compare.output_dir) / "compare.md"
+    print(table.read_text(), end="")
     print(f"table, chart and one folder per row in {cfg.compare.output_dir}")
+    if failed := [r for r in results if r.get("error")]:
+        raise RowsFailed(f"{len(failed)} of {len(results)} rows failed: "
+                         + "; ".join(f"{r['label']!r} ({r['error'].splitlines()[0]})" for r in failed), str(table),
+                         fix="each failed row's error is in the table's error column")
 
 
 def _ui(args: argparse.Namespace) -> None:
@@ -236,8 +255,8 @@ def _ui(args: argparse.Namespace) -> None:
     serve(args.runs, args.data, host=args.host, port=args.port)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a run configuration (YAML)")
+def _config_args(p: argparse.ArgumentParser, what: str = "a run configuration") -> None:
+    p.add_argument("config", metavar="CONFIG.yaml", help=f"{what} (YAML), such as configs/sentiment-lora.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field with its own type, e.g. --set train.learning_rate=1e-4 (repeatable)")
 
@@ -250,9 +269,15 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="a named model (smollm2-135m), a Hugging Face model directory, or a .gguf file")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", type=_torch_dtype,
+                   help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16 (or f32, bf16, f16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     _pickle_arg(p)
+
+
+def _torch_dtype(name: str) -> str:
+    """--dtype in either spelling: torch's (float32), or GGUF's (f32) as export takes it."""
+    return {"f32": "float32", "f16": "float16"}.get(name, name)
 
 
 def _pickle_arg(p: argparse.ArgumentParser) -> None:
@@ -261,9 +286,13 @@ def _pickle_arg(p: argparse.ArgumentParser) -> None:
                         "weights-only loader; without it such a folder is refused")
 
 
+_OVERWRITE = "replace an output that exists, moving it aside to OUT.previous-<time> first (nothing is deleted)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained language models.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate a reply to a prompt, streamed to the terminal")
@@ -273,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None,
                    help="the system message (default: the template's); classification adapters were trained "
                         "with the question here and 'Text: ...' as the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="stop after N new tokens, or earlier at the end token (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (the default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
@@ -282,25 +312,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fold an adapter into its base and write a standalone model directory "
                                      "(export --format hf)")
-    _model_args(p)
+    p.add_argument("--model", default=None,
+                   help="the base: a named model, a Hugging Face model directory, or a .gguf file (default: the "
+                        "one the adapter records it was trained on)")
     p.add_argument("--adapter", required=True, help="the adapter directory")
     p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--dtype", default="float32",
+                   help="the merged weights: float32 (the default; auto is the same: the merge computes in float32 "
+                        "on the CPU), bfloat16 or float16 (or f32, bf16, f16)")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.add_argument("--force", action="store_true", help="merge even if the adapter was trained on another base")
+    _pickle_arg(p)
     p.set_defaults(run=_merge)
 
     p = sub.add_parser("export", help="write a model (its adapter merged) or a LoRA adapter for llama.cpp, "
                                       "Ollama or Hugging Face")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="the base: a named model (smollm2-135m), a Hugging Face model directory, or a .gguf file")
+    p.add_argument("--model", default=None,
+                   help="the base: a named model, a Hugging Face model directory, or a .gguf file (default: the one "
+                        "the adapter records it was trained on; without --adapter, smollm2-135m)")
     p.add_argument("--adapter", default=None, help="an adapter directory to apply (merged, or as a LoRA file)")
     p.add_argument("--format", default="gguf", choices=["gguf", "gguf-lora", "hf"],
                    help="gguf: one file for llama.cpp, the adapter merged; gguf-lora: the LoRA adapter alone as a "
                         "GGUF adapter file; hf: a Hugging Face model directory (what `merge` writes)")
     p.add_argument("--out", required=True, help="the file (gguf, gguf-lora) or folder (hf) to write")
-    p.add_argument("--dtype", default="f32", help="f32 (default), f16, bf16; GGUF also q8_0, q5_1, q5_0, q4_1, q4_0")
+    p.add_argument("--dtype", default="f32",
+                   help="f32 (default), f16, bf16 (or float32, float16, bfloat16); GGUF also q8_0, q5_1, q5_0, q4_1, "
+                        "q4_0")
     p.add_argument("--ollama", action="store_true",
                    help="also write an Ollama Modelfile beside the GGUF (ollama create NAME -f Modelfile)")
-    p.add_argument("--overwrite", action="store_true", help="replace an output that exists")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     p.add_argument("--force", action="store_true", help="apply the adapter even if it was trained on another base")
     _pickle_arg(p)
     p.set_defaults(run=_export)
@@ -325,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = sub.add_parser("eval", help="loss and perplexity, or accuracy and macro-F1 for classification data")
-    _file_args(p, "data.format=classification")
+    _file_args(p, "data.format=classification",
+               " (default: the config.yaml of the run that wrote --adapter, or --model, beside its final/)")
     _adapter_args(p)
+    p.add_argument("--device", default=None,
+                   help="auto, cpu, cuda, cuda:N (default: the config's train.device, which is auto unless set)")
     p.add_argument("--data", required=True, help="the evaluation file")
     p.add_argument("--held-out", action="store_true",
                    help="score only what a training run with this config holds out: data.eval_path if it is set, "
@@ -349,11 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["random", "nearest"], default="random",
                    help="demonstrations drawn at random (seeded) or nearest to each query by embedding")
     p.add_argument("--calibrate", action="store_true", help="divide out the label prior of content-free inputs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the draw of --strategy random's demonstrations (default 0); the split of --data "
+                        "follows train.seed")
     p.set_defaults(run=_icl)
 
     p = sub.add_parser("compare", help="run several methods on one task and tabulate what each buys")
-    _config_args(p)
+    _config_args(p, "a run configuration with a compare section")
     p.set_defaults(run=_compare)
 
     p = sub.add_parser("ui", help="a local web page to set up, launch, watch, compare and try runs "
@@ -374,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "eval"), default="train", help="which split's examples to show")
     p.set_defaults(run=_data)
 
-    p = sub.add_parser("config", help="check a run configuration and print it with every default filled in")
-    _config_args(p)
+    p = sub.add_parser("config", help="check a run configuration and print it with every default filled in "
+                                      "(a comparison: its rows as they will run)")
+    _config_args(p, "the run configuration to check")
     p.set_defaults(run=_config)
     return parser
 

@@ -5,6 +5,10 @@ error) and reports accuracy, macro-F1, trainable parameters, peak memory, traini
 time per example and artifact size; with ``compare.transfer_path`` also accuracy on a second domain.
 In-context rows (``zero-shot``, ``few-shot``) train nothing. Writes compare.md, compare.csv and
 compare.png (accuracy against trainable parameters).
+
+Every row is checked before the first one runs (``rows``; `tuneforge config` checks them too), and the
+config.yaml beside the table holds the rows as they ran, each default filled in. Model code loads only
+when a row runs, so checking a comparison is quick.
 """
 
 from __future__ import annotations
@@ -18,21 +22,43 @@ import resource
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import yaml
 
 from tuneforge.core import config as config_mod
 from tuneforge.core.atomic import atomic_path, write_text
-from tuneforge.core.config import RunCfg
+from tuneforge.core.config import RunCfg, Where, build
 from tuneforge.core.errors import UserError
-from tuneforge.eval.fewshot import evaluate_icl
-from tuneforge.eval.run import evaluate_file
-from tuneforge.io.peft_format import CONFIG
-from tuneforge.training.run import run
 
 ICL_ROWS = {"zero-shot", "few-shot"}
 ICL_KEYS = {"shots", "mode", "strategy", "calibrate"}
+ZERO_SHOT_KEYS = {"mode", "calibrate"}  # a zero-shot row has no demonstrations to count or choose
 COLUMNS = ["label", "method", "accuracy", "macro_f1", "transfer_accuracy", "trainable_params", "peak_memory_mb",
            "train_seconds", "infer_ms_per_example", "artifact_mb", "error"]
+
+
+@dataclass(frozen=True)
+class InContext:
+    """The keys of an in-context row, as `tuneforge icl` takes them."""
+
+    shots: int = 4  # demonstrations per prompt (few-shot)
+    mode: Literal["chat", "chat_turns", "raw"] = "chat"
+    strategy: Literal["random", "nearest"] = "random"
+    calibrate: bool = False
+
+    def __post_init__(self):
+        if self.shots < 1:
+            raise UserError(f"shots must be at least 1, got {self.shots}", "shots", fix="use the zero-shot row for 0")
+
+
+class RowsFailed(UserError):
+    """Rows of a finished comparison that failed (the table holds every row, an error column for these):
+    the CLI exits with code 1."""
+
+    exit_code = 1
 
 
 def row_label(row: dict) -> str:
@@ -51,6 +77,48 @@ def row_config(cfg: RunCfg, row: dict, out: Path) -> RunCfg:
     return config_mod.from_dict(raw, source=f"compare row {row_label(row)!r}")
 
 
+def rows(cfg: RunCfg) -> list[dict]:
+    """Every row of ``cfg.compare.methods``, checked before any runs (its method's keys and types, its
+    train overrides, an in-context row's keys, a key its kind would ignore), with its label and every
+    default filled in: the rows as they run. A UserError names the first row that is wrong."""
+    if not cfg.compare.methods:
+        raise UserError("no methods to compare", "compare.methods", fix="list rows such as {name: lora, r: 16}")
+    resolved = []
+    for row in cfg.compare.methods:
+        if not isinstance(row.get("name"), str):
+            raise UserError(f"a row without a method name: {row}", "compare.methods", fix="give each row a name")
+        label = row_label(row)
+        where = f"compare row {label!r}"
+        if not isinstance(row.get("train", {}), dict):
+            raise UserError(f"train must be a mapping of train keys, got {row['train']!r}", where,
+                            fix="write train: {learning_rate: 1.0e-3}")
+        checked = row_config(cfg, row, Path(cfg.compare.output_dir))  # its method and train keys, typed
+        if row["name"] in ICL_ROWS:
+            allowed = ICL_KEYS if row["name"] == "few-shot" else ZERO_SHOT_KEYS
+            if extra := sorted(set(row) - allowed - {"name", "label", "train"}):
+                raise UserError(f"an in-context row takes no key {extra[0]!r}", where,
+                                fix=f"give {row['name']} only {', '.join(sorted(allowed))} (and label, train)")
+            icl = dataclasses.asdict(build(InContext, {k: row[k] for k in allowed if k in row}, Where(where)))
+            keys = {k: v for k, v in icl.items() if k in allowed}
+        else:
+            if extra := sorted(ICL_KEYS & set(row)):
+                raise UserError(f"{extra[0]} is a key of the in-context rows, and a {row['name']} row would ignore "
+                                "it", where, fix=f"drop {extra[0]}")
+            keys = dict(checked.method.args)
+        train = {"train": row["train"]} if row.get("train") else {}
+        resolved.append({"name": row["name"], "label": label, **keys, **train})
+    return resolved
+
+
+def as_compared(cfg: RunCfg) -> str:
+    """``cfg`` as YAML as compare runs it: the rows filled in (``rows``), without the keys compare does not
+    read (the run's method section and train.output_dir, which each row sets)."""
+    raw = config_mod.to_dict(cfg)
+    del raw["method"], raw["train"]["output_dir"]
+    raw["compare"]["methods"] = rows(cfg)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "row"
 
@@ -63,6 +131,8 @@ def _transfer_cfg(cfg: RunCfg, path: str) -> RunCfg:
 
 
 def _run_icl(cfg: RunCfg, row: dict, transfer: str | None) -> dict:
+    from tuneforge.eval.fewshot import evaluate_icl
+
     k = 0 if row["name"] == "zero-shot" else int(row.get("shots", 4))
     args = dict(k=k, mode=row.get("mode", "chat"), strategy=row.get("strategy", "random"),
                 calibrate=bool(row.get("calibrate", False)), seed=cfg.train.seed)
@@ -75,6 +145,10 @@ def _run_icl(cfg: RunCfg, row: dict, transfer: str | None) -> dict:
 
 
 def _run_trained(cfg: RunCfg, transfer: str | None) -> dict:
+    from tuneforge.eval.run import evaluate_file
+    from tuneforge.io.peft_format import CONFIG
+    from tuneforge.training.run import run
+
     result = run(cfg, progress=False)
     after = result.get("after") or {}
     final = Path(cfg.train.output_dir) / "final"
@@ -113,23 +187,19 @@ def _child(queue, cfg, row, out, transfer):
 
 
 def compare(cfg: RunCfg, progress: bool = True) -> list[dict]:
-    """Run every row of ``cfg.compare.methods``; write the table and the chart; return the rows."""
-    rows = cfg.compare.methods
-    if not rows:
-        raise UserError("no methods to compare", "compare.methods", fix="list rows such as {name: lora, r: 16}")
-    for row in rows:
-        if not isinstance(row.get("name"), str):
-            raise UserError(f"a row without a method name: {row}", "compare.methods", fix="give each row a name")
+    """Run every row of ``cfg.compare.methods`` (all checked first); write the table and the chart; return
+    the rows' results, a failed row's with its ``error``."""
+    checked = rows(cfg)
     out_dir = Path(cfg.compare.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError("this compare folder is not empty", str(out_dir), fix="set compare.output_dir to a new folder")
-    write_text(out_dir / "config.yaml", config_mod.to_yaml(cfg))
+    write_text(out_dir / "config.yaml", as_compared(cfg))
     ctx = multiprocessing.get_context("spawn")  # a fresh process per row: its own peak memory
     results = []
-    for i, row in enumerate(rows):
-        label = row_label(row)
+    for i, row in enumerate(checked):
+        label = row["label"]
         if progress:
-            print(f"tuneforge compare: [{i + 1}/{len(rows)}] {label} ...", file=sys.stderr, flush=True)
+            print(f"tuneforge compare: [{i + 1}/{len(checked)}] {label} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(queue, cfg, row, out_dir / f"{i:02d}-{_slug(label)}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -51,13 +52,28 @@ def evaluate_file(cfg: RunCfg, path: str, adapter: str | None = None, force: boo
             data = load_eval(dataclasses.replace(cfg.data, eval_path=path), tokenizer)
             if cfg.eval.max_examples is not None:
                 data = data.head(cfg.eval.max_examples)
-        metrics = make_evaluator(tokenizer, data, cfg, probe).run(model)
+        evaluator = make_evaluator(tokenizer, data, cfg, probe)
+        if evaluator is None:
+            raise UserError(f"nothing to score: as {cfg.data.format} data the file gives no example (a text shorter "
+                            f"than one block of data.max_length {cfg.data.max_length} tokens, or every row dropped)",
+                            path, fix="give the run's --config or --set data.format, or a longer file")
+        metrics = evaluator.run(model)
         metrics["n"] = len(data.eval_items) if data.eval_items else len(data.eval)
         labels = data.label_words
     if "confusion" in metrics:
         metrics["labels"] = labels
         metrics["confusion_table"] = format_confusion(metrics["confusion"], labels)
     return metrics
+
+
+def run_config(result_dir: str | None) -> Path | None:
+    """The config.yaml of the run that wrote ``result_dir`` (its final/: an adapter, a feature classifier or
+    full fine-tuning's model), which says how that run read its data; None for a folder that no run wrote."""
+    if result_dir is None:
+        return None
+    path = Path(result_dir).expanduser().resolve()
+    found = path.parent / "config.yaml"
+    return found if path.is_dir() and found.is_file() else None
 
 
 def evaluate_unseen(model, tokenizer, cfg: RunCfg, path: str, probe=None) -> dict:
