@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> None:
 
     result = run(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_summary(result, cfg.train.output_dir))
+        print(format_summary(result, str(Path(cfg.train.output_dir).expanduser())))
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
@@ -155,7 +155,9 @@ def format_summary(result: dict, out: str) -> str:
         shown = {k: v for k, v in metrics.items() if k in ("loss", "perplexity", "accuracy", "macro_f1",
                                                            "rewards_accuracy", "rewards_margin")}
         if shown:
-            lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + _interval(metrics))
+            lines.append(f"{when:>6}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + _interval(metrics)
+                         + (f"; {metrics['examples_per_second']:.1f} examples/s" if "examples_per_second" in metrics
+                            else ""))
     lines.append(f"result in {out}/final (summary.json beside it)")
     return "\n".join(lines)
 

@@ -3,8 +3,9 @@
 Each write goes to a temporary name in the destination's own folder (so the final rename never
 crosses a file system), is flushed and fsynced, then renamed over the destination. What a killed
 process leaves behind (``.<name>.<random>.tmp``, or ``.<name>.old`` between the two renames that
-replace a folder) is put right by ``recover`` when the next run starts. Files and folders get the
-user's umask, as any other program's would (the temporary names are created owner-only).
+replace a folder) is put right by ``recover`` when the next run starts, for the names the folder's
+owner says it writes. Files and folders get the user's umask, as any other program's would (the
+temporary names are created owner-only).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tuneforge.core.errors import RunStopped, UserError
 
@@ -132,9 +133,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def recover(folder: str | os.PathLike) -> list[str]:
-    """Put right what a killed write left in ``folder``: a ``.<name>.old`` whose replacement never
-    arrived becomes ``<name>`` again, any other ``.old`` and every ``.<name>.<random>.tmp`` is removed.
+def recover(folder: str | os.PathLike, ours: Callable[[str], bool]) -> list[str]:
+    """Put right what a killed write left in ``folder``, for the entries ``ours`` says its owner writes
+    (a user's own ``.notes.tmp`` is never touched): a ``.<name>.old`` whose replacement never arrived
+    becomes ``<name>`` again, any other ``.old`` and every ``.<name>.<random>.tmp`` is removed.
     Returns the names it touched."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -142,14 +144,14 @@ def recover(folder: str | os.PathLike) -> list[str]:
     touched = []
     for entry in sorted(folder.iterdir()):
         name = entry.name
-        if name.startswith(".") and name.endswith(".old"):
-            original = folder / name[1:-len(".old")]
-            if original.exists():
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            else:
-                os.replace(entry, original)
-            touched.append(name)
-        elif name.startswith(".") and name.endswith(".tmp"):
+        if not name.startswith(".") or not name.endswith((".old", ".tmp")):
+            continue
+        original = name[1:-len(".old")] if name.endswith(".old") else name[1:-len(".tmp")].rpartition(".")[0]
+        if not ours(original):
+            continue
+        if name.endswith(".old") and not (folder / original).exists():
+            os.replace(entry, folder / original)
+        else:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            touched.append(name)
+        touched.append(name)
     return touched

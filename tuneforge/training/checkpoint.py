@@ -8,10 +8,15 @@ code; a checkpoint an older tuneforge pickled (``optimizer.pt``) is refused with
         rng.safetensors         torch's CPU generator state (and each CUDA device's)
         state.json              progress (step, epoch, batch, ...), the optimizer's hyperparameters by
                                 group (tensors by name), the schedule, the loss scaler, python's and
-                                numpy's generator states
+                                numpy's generator states, the sha256 of each tensor file's tensors, and
+                                the run's record (its resolved config and the hashes of its data files)
 
 A checkpoint exists under its final name only once complete (``atomic_dir``): a crash, a kill or a
-full disk leaves the previous one intact.
+full disk leaves the previous one intact. A checkpoint whose tensors were damaged after saving is
+refused (their hash is not the recorded one). The run's record comes from the output folder's
+manifest (``training/output.py`` writes it when a run takes the folder); each checkpoint carries its
+own copy, so a resume is checked against what the checkpoint was made under, whatever became of
+``config.yaml`` since.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge.core.atomic import atomic_dir
 from tuneforge.core.errors import UserError
+from tuneforge.model.fingerprint import tensor_hash
 
 PREFIX = "step-"
 STATE = "state.json"
 PICKLED = "optimizer.pt"  # what checkpoints of tuneforge 0.1.0 held, pickled
+MANIFEST = ".tuneforge.json"  # in the output folder, beside checkpoints/: what tuneforge wrote there, the run's record
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+REQUIRED = ("progress", "optimizer", "scheduler", "rng")  # what state.json must hold
 
 
 def rng_state() -> dict:
@@ -126,16 +135,43 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: d
     path = Path(folder) / f"{PREFIX}{step:07d}"
     opt_tensors, opt_json = _optimizer_split(optimizer)
     rng_tensors, rng_json = _rng_split(rng or rng_state())
+    files = dict(zip(TENSOR_FILES, (tensors, opt_tensors, rng_tensors)))
     state = {"progress": {"step": step, **progress}, "optimizer": opt_json, "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "rng": rng_json}
+             "scaler": scaler.state_dict(), "rng": rng_json,
+             "sha256": {name: tensor_hash(sd) for name, sd in files.items()}, "run": _record(Path(folder))}
     with atomic_dir(path) as tmp:
-        _save_tensors(tensors, tmp / "trainable.safetensors")
-        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-        _save_tensors(rng_tensors, tmp / "rng.safetensors")
+        for name, sd in files.items():
+            _save_tensors(sd, tmp / name)
         (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
     for old in complete(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _record(folder: Path) -> dict | None:
+    """The run's record in the manifest beside checkpoint ``folder`` (None if there is none)."""
+    try:
+        manifest = json.loads((folder.parent / MANIFEST).read_text(encoding="utf-8"))
+        return {"config": manifest["config"], "data": manifest["data"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def state_of(path: Path) -> dict:
+    """Checkpoint ``path``'s state.json, or {} for a pickled or unreadable one (loading it says which)."""
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _instead(path: Path) -> str:
+    """What to do about a checkpoint that cannot be used: resume from the one before it, if one is kept."""
+    earlier = [p for p in complete(path.parent) if p.name < path.name]
+    if earlier:
+        return f"move this folder out of {path.parent.name}/ and resume from {earlier[-1].name}, the one before it"
+    return "no earlier checkpoint is kept: start the run again with --overwrite (it moves this one aside)"
 
 
 def complete(folder: Path) -> list[Path]:
@@ -167,12 +203,19 @@ def read(path: Path, names, shapes: dict[str, tuple] | None = None) -> Saved:
                         fix="start the run again in a new train.output_dir")
     try:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
-        tensors = load_file(path / "trainable.safetensors")
-        opt_tensors = load_file(path / "optimizer.safetensors")
-        rng_tensors = load_file(path / "rng.safetensors")
+        files = {name: load_file(path / name) for name in TENSOR_FILES}
     except Exception as exc:  # json's and safetensors' errors for a damaged file
-        raise UserError(f"the checkpoint cannot be read ({exc})", str(path),
-                        fix="delete this checkpoint folder to resume from the one before it") from None
+        raise UserError(f"the checkpoint cannot be read ({exc})", str(path), fix=_instead(path)) from None
+    missing = [key for key in REQUIRED if key not in state] if isinstance(state, dict) else list(REQUIRED)
+    if missing:
+        raise UserError(f"the checkpoint's state.json lacks {', '.join(missing)}", str(path / STATE),
+                        fix=_instead(path))
+    recorded = state.get("sha256") if isinstance(state.get("sha256"), dict) else {}
+    damaged = [name for name, sd in files.items() if recorded.get(name) not in (None, tensor_hash(sd))]
+    if damaged:
+        raise UserError(f"the checkpoint's tensors are not the ones that were saved ({', '.join(damaged)}: the hash "
+                        "differs), so the file is damaged", str(path), fix=_instead(path))
+    tensors = files["trainable.safetensors"]
     if tensors.keys() != set(names):
         raise UserError("the checkpoint's tensors do not match this run's trainable parameters", str(path),
                         fix="resume with the run's own config, or start in a new output_dir")
@@ -180,8 +223,13 @@ def read(path: Path, names, shapes: dict[str, tuple] | None = None) -> Saved:
         if tuple(tensors[name].shape) != tuple(shape):
             raise UserError(f"the checkpoint's {name} has shape {tuple(tensors[name].shape)}, this run's "
                             f"{tuple(shape)}", str(path), fix="resume with the run's own config")
-    return Saved(path, tensors, _optimizer_join(opt_tensors, state["optimizer"]), state["scheduler"],
-                 state.get("scaler"), _rng_join(rng_tensors, state["rng"]), state["progress"])
+    try:
+        return Saved(path, tensors, _optimizer_join(files["optimizer.safetensors"], state["optimizer"]),
+                     state["scheduler"], state.get("scaler"), _rng_join(files["rng.safetensors"], state["rng"]),
+                     state["progress"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"the checkpoint's state.json is malformed ({type(exc).__name__}: {exc})", str(path / STATE),
+                        fix=_instead(path)) from None
 
 
 def restore(saved: Saved, params: dict[str, torch.nn.Parameter], optimizer, scheduler, scaler=None) -> dict:

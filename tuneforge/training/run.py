@@ -1,6 +1,7 @@
 """A whole run, from a RunCfg to OUTPUT_DIR/final, by one driver for every method.
 
-It reads the data, writes OUTPUT_DIR/config.yaml and prints the estimate, then
+It checks every path the run needs before any model is converted or loaded, claims the output folder,
+reads the data, writes OUTPUT_DIR/config.yaml and prints the estimate, then
 - a gradient method: injects it, trains with the loop, saves the adapter (or, for full fine-tuning,
   the whole model), and plots the loss curve;
 - a probe method (features): extracts the frozen model's features, fits the classifier, saves it;
@@ -30,6 +31,7 @@ from tuneforge.core.atomic import atomic_path, write_text
 from tuneforge.core.config import RunCfg
 from tuneforge.data import Collator, Datasets, Example, length_grouped_batches, load_datasets
 from tuneforge.data.collate import PackingCollator, packed_batches, padded_positions
+from tuneforge.data.readers import file_kind, sources
 from tuneforge.core.errors import UserError
 from tuneforge.model.devices import available_memory, resolve_device
 from tuneforge.training.estimate import Estimate, Shape, batch_shapes, estimate
@@ -38,7 +40,7 @@ from tuneforge.methods import feature_cache
 from tuneforge.io.export import save_model
 from tuneforge.model.fingerprint import fingerprint
 from tuneforge.io.load import load_model, load_tokenizer, resolve_spec
-from tuneforge.io.peft_format import load_adapter, save_adapter, save_probe
+from tuneforge.io.peft_format import load_adapter, read_config, save_adapter, save_probe
 from tuneforge.model.families import family_of
 from tuneforge.methods._shared import GradientMethod, Injected, ProbeMethod, parameter_count
 from tuneforge.methods.registry import get_method
@@ -86,10 +88,14 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
         raise UserError("model= and tokenizer= go together", fix="pass both, or neither to load cfg.model")
     method = get_method(cfg.method.name)
     path = PATHS[method.KIND]  # the one place a run asks: gradient or probe
+    written_as, cfg = cfg.train.output_dir, _home_expanded(cfg)
+    check_inputs(cfg)
     path.check(cfg, method, model, resume)
     runtime = runtime_from_env(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         out = Path(cfg.train.output_dir)
+        if cfg.train.output_dir != written_as:
+            runtime.say(f"tuneforge: train.output_dir {written_as} is {out}")
         lock = runtime.first(lambda: _claim(cfg, out, resume, overwrite, runtime.world))  # rank 0 claims it
         try:
             return _run(path, RunContext(cfg, method, runtime, out, resume, progress, force, model, tokenizer,
@@ -99,6 +105,31 @@ def run(cfg: RunCfg, resume: bool = False, progress: bool = True, *, model=None,
                 lock.release()
     finally:
         runtime.close()
+
+
+def _home_expanded(cfg: RunCfg) -> RunCfg:
+    """``cfg`` with a ``~`` in train.output_dir made the home folder, as a shell does (not a folder named ~)."""
+    try:
+        out = str(Path(cfg.train.output_dir).expanduser()) if cfg.train.output_dir.startswith("~") else None
+    except RuntimeError:  # ~name of a user this machine does not have
+        raise UserError("no such user's home folder", f"train.output_dir ({cfg.train.output_dir})",
+                        fix="give the folder's path in full") from None
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=out)) if out else cfg
+
+
+def check_inputs(cfg: RunCfg) -> None:
+    """Every path a run reads, and its output folder, checked before any model is converted or loaded and
+    without creating anything: a wrong path is one line at once, not after minutes of work."""
+    if not cfg.data.path:
+        raise UserError("no training data file", "data.path",
+                        fix="set data.path to a data file, a `datasets` folder, or a list of them (docs/formats.md)")
+    for source in sources(cfg.data):
+        file_kind(source.cfg.path)
+    if cfg.data.eval_path:
+        file_kind(cfg.data.eval_path)
+    if cfg.train.start_from:
+        read_config(Path(cfg.train.start_from))
+    output.check_folder(Path(cfg.train.output_dir))
 
 
 def runtime_from_env(device: str, timeout_s: float) -> Local:
@@ -114,11 +145,14 @@ def runtime_from_env(device: str, timeout_s: float) -> Local:
 def _claim(cfg: RunCfg, out: Path, resume: bool, overwrite: bool, world: int) -> output.Claim:
     lock = output.claim(out, resume, overwrite)
     try:
+        record = output.record(cfg)
         if resume:
             if not checkpoint.complete(out / "checkpoints"):
                 raise UserError("there is no checkpoint to resume from", str(out / "checkpoints"),
                                 fix="start the run again without --resume (with --overwrite to move this one aside)")
-            output.check_resume(cfg, out, world)
+            output.check_resume(cfg, out, world, record)
+        if not (resume and (out / output.MANIFEST).is_file()):  # a resumed run keeps its checkpoints' record
+            output.begin(out, record)
     except BaseException:
         lock.release()
         raise
