@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import make_tiny_model
 from tuneforge.eval.lm import label_loss
-from tuneforge.model.kernels import GatedMLP, head_logprobs, lora_update, shared_prefix, swiglu, use_lean_mlps
+from tuneforge.model.kernels import (GatedMLP, draw_seed, dropout_mask, head_logprobs, lora_update, shared_prefix,
+                                     swiglu, use_lean_mlps)
 from tuneforge.methods.registry import get_method
 
 VOCAB = 259
@@ -27,7 +28,7 @@ def test_lora_update_is_the_formula_with_and_without_dropout():
         torch.manual_seed(1)
         out = lora_update(result, x, A, B, 2.0, p)
         torch.manual_seed(1)
-        keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p) if p else torch.ones_like(x, dtype=torch.bool)
+        keep = ~dropout_mask(x.shape, p, draw_seed(), x.device) if p else torch.ones_like(x, dtype=torch.bool)
         ref = result + 2.0 * ((x * keep / (1 - p)) @ A.T) @ B.T
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         g = torch.randn_like(out)
@@ -36,6 +37,24 @@ def test_lora_update_is_the_formula_with_and_without_dropout():
     with torch.no_grad():  # the path without autograd (evaluation, generation) computes the same
         torch.testing.assert_close(lora_update(result, x, A, B, 2.0, 0.0), result + 2.0 * (x @ A.T) @ B.T,
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_masks_drop_at_the_rate_independently(p):
+    """The hashed masks behave as independent Bernoulli draws: the rate, no correlation between neighbouring
+    positions or between seeds, a different mask per seed and the same mask for the same seed."""
+    n = 1 << 20
+    masks = [dropout_mask(torch.Size([n]), p, seed, torch.device("cpu")).float() for seed in (7, 8, -3)]
+    sigma = (p * (1 - p) / n) ** 0.5
+    for m in masks:
+        assert abs(m.mean().item() - p) < 5 * sigma
+        assert abs(torch.corrcoef(torch.stack([m[:-1], m[1:]]))[0, 1].item()) < 5 / n ** 0.5
+        assert abs(torch.corrcoef(torch.stack([m[:-576], m[576:]]))[0, 1].item()) < 5 / n ** 0.5  # one row apart
+    assert abs(torch.corrcoef(torch.stack(masks[:2]))[0, 1].item()) < 5 / n ** 0.5
+    assert torch.equal(dropout_mask(torch.Size([n]), p, 7, torch.device("cpu")).float(), masks[0])
+    # counts in blocks of 64 follow the binomial spread: no clumping along positions
+    counts = masks[0].view(-1, 64).sum(1)
+    assert abs(counts.var().item() / (64 * p * (1 - p)) - 1) < 0.05
 
 
 def test_swiglu_and_the_gated_mlp_equal_the_model_s_own():

@@ -1,6 +1,7 @@
 """Whole runs through the CLI on the tiny model: outputs, refusals, and bad input."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -41,7 +42,10 @@ def test_train_writes_config_metrics_checkpoint_and_a_loadable_model(tmp_path, t
     assert summary["steps"] == 3 and "accuracy" in summary["before"] and "accuracy" in summary["after"]
     low, high = summary["after"]["accuracy_ci95"]
     assert low <= summary["after"]["accuracy"] <= high
-    assert f"accuracy's 95% interval {low:.4f} to {high:.4f} on 12" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert f"accuracy's 95% interval {low:.4f} to {high:.4f} on 12); " in out_text
+    speed = summary["after"]["examples_per_second"]  # the evaluation's own speed, in the summary and the log
+    assert speed > 0 and re.search(r" after: .* on 12\); [0-9.]+ examples/s", out_text)
     AutoModelForCausalLM.from_pretrained(out / "final")  # a plain Hugging Face directory
     assert cli.main(["generate", "--model", str(out / "final"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     # the same output folder again is refused (nothing is overwritten) ...

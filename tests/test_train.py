@@ -83,6 +83,28 @@ def test_score_labels_matches_hand_computed_log_likelihood():
     assert single[1].tolist() == pytest.approx([logp[10].item(), logp[11].item()], abs=1e-5)
 
 
+@pytest.mark.parametrize("answers", [[[10], [11]], [[10], [11, 12]]])
+def test_score_labels_runs_the_prefix_every_prompt_shares_once_and_scores_as_the_plain_model(answers):
+    """Prompts beginning with the same six tokens, in batches of two: the prefix's keys and values are computed
+    once for the set, and every score equals the model's own forward over the whole sequence."""
+    model, _ = tiny_full()
+    head = [20, 21, 22, 23, 24, 25]
+    prompts = [head + tail for tail in ([5, 6, 7], [8, 9], [30], [31, 32, 33, 34], [35, 36])]
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    scores = score_labels(model, prompts, answers, batch_size=2)
+    hook.remove()
+    assert calls[0] == (1, 6) and all(shape[1] < 6 + 5 for shape in calls[1:])  # the prefix once, then the rest
+    assert len(calls) == 1 + -(-len(prompts) * (1 if len(answers[1]) == 1 else 2) // 2)
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            for j, a in enumerate(answers):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + a])).logits[0], -1)
+                expected = sum(logp[len(prompt) - 1 + k, tok] for k, tok in enumerate(a))
+                assert scores[i, j].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
 def test_classification_metrics():
     m = classification_metrics([0, 1, 1, 1], [0, 1, 0, 1], 2)
     assert m.accuracy == 0.75 and m.confusion == [[1, 1], [0, 2]]

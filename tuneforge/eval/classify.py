@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tuneforge.eval.lm import IGNORE, label_logprobs, token_logprobs
+from tuneforge.eval.lm import IGNORE, Prefix, label_logprobs, shared_prefix_of, token_logprobs
 
 
 def _pad_right(rows: list[list[int]], value: int) -> Tensor:
@@ -25,12 +25,15 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
 
     ``answers`` are token ids of each label's word. When every answer is one token, one forward
     pass per prompt scores all labels at once; otherwise each (prompt, answer) pair is scored.
+    The tokens every prompt begins with (a chat template's system turn, the question) run once for the
+    whole set; batches hold prompts of similar length, and only the label positions reach the head.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores = torch.empty(len(prompts), len(answers))
     single = all(len(a) == 1 for a in answers)
+    prefix = shared_prefix_of(model, prompts)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length: little padding
     pairs = [(i, None) for i in by_length] if single else \
         [(i, j) for i in by_length for j in range(len(answers))]
@@ -45,9 +48,10 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
         ids, lab = _pad_right(seqs, pad_id).to(device), _pad_right(labels, IGNORE).to(device)
         mask = _pad_right([[1] * len(s) for s in seqs], 0).to(device)
         if single:
-            scores[[i for i, _ in chunk]] = _next_token_logprobs(model, ids, mask, lab, [a[0] for a in answers])
+            scores[[i for i, _ in chunk]] = _next_token_logprobs(model, ids, mask, lab, [a[0] for a in answers],
+                                                                 prefix)
         else:
-            logprobs, rows = label_logprobs(model, ids, mask, lab)
+            logprobs, rows = label_logprobs(model, ids, mask, lab, prefix=prefix)
             sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, logprobs)
             for k, (i, j) in enumerate(chunk):
                 scores[i, j] = sums[k].item()
@@ -55,11 +59,11 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
     return scores
 
 
-def _next_token_logprobs(model, ids, mask, labels, candidates: list[int]) -> Tensor:
+def _next_token_logprobs(model, ids, mask, labels, candidates: list[int], prefix: Prefix | None) -> Tensor:
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # exactly one position per row: the prompt's last
     targets = torch.tensor(candidates, device=ids.device).expand(int(keep.sum()), -1)  # (rows, labels)
-    return token_logprobs(model, ids, mask, keep, targets).cpu()
+    return token_logprobs(model, ids, mask, keep, targets, prefix=prefix).cpu()
 
 
 @dataclass(frozen=True)

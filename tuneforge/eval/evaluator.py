@@ -9,6 +9,7 @@ language-model loss and perplexity.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,8 +60,17 @@ def make_evaluator(tokenizer, data: Datasets, cfg: RunCfg, probe: Probe | None =
             loss = -gold_logprob.mean().item()
             return {"loss": loss, "perplexity": perplexity(loss), **m.as_dict()}
 
-        return Evaluator(run, metric="accuracy", higher_is_better=True)
+        return Evaluator(_timed(run, len(items)), metric="accuracy", higher_is_better=True)
     if data.eval:
-        return Evaluator(lambda model: evaluate_lm(model, data.eval, Collator(tokenizer.pad_token_id),
-                                                   cfg.eval.batch_size))
+        return Evaluator(_timed(lambda model: evaluate_lm(model, data.eval, Collator(tokenizer.pad_token_id),
+                                                          cfg.eval.batch_size), len(data.eval)))
     return None
+
+
+def _timed(run: Callable[[nn.Module], dict], n: int) -> Callable[[nn.Module], dict]:
+    """``run`` with its speed added: ``examples_per_second`` over the ``n`` examples it scores."""
+    def timed(model: nn.Module) -> dict:
+        start = time.perf_counter()
+        metrics = run(model)
+        return {**metrics, "examples_per_second": n / max(time.perf_counter() - start, 1e-9)}
+    return timed

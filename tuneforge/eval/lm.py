@@ -17,9 +17,10 @@ forward, head and post-head transform included, asked for the kept positions' lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tuneforge.model.families import family_of
-from tuneforge.model.kernels import head_logprobs, shared_prefix
+from tuneforge.model.kernels import MIN_SHARED, head_logprobs, shared_prefix
 from tuneforge.model.targets import output_head
 
 IGNORE = -100
@@ -76,14 +77,48 @@ def _own_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     return torch.log_softmax(logits.float(), dim=-1).gather(1, targets)  # (n_kept, vocab) -> (n_kept, k)
 
 
+class Prefix(NamedTuple):
+    """The model's keys and values for tokens that begin every row of an evaluation, computed once."""
+    ids: list[int]
+    cache: object  # transformers' cache, batch 1
+
+
+@torch.no_grad()
+def shared_prefix_of(model: nn.Module, rows: list[list[int]]) -> Prefix | None:
+    """The keys and values of the leading tokens every one of ``rows`` shares (each row keeping one token of
+    its own), where the model's family allows a shared prefix: one forward for a whole evaluation set, which
+    every batch then continues. None where nothing is worth sharing."""
+    family = family_of(model)
+    if len(rows) < 2 or not (family.head_shortcut(model.config) and family.shared_prefix) or _checkpointing(model):
+        return None
+    first, n = rows[0], min(map(len, rows)) - 1
+    for row in rows[1:]:
+        n = next((i for i in range(n) if row[i] != first[i]), n)
+    if n < MIN_SHARED:
+        return None
+    device = next(model.parameters()).device
+    ids = torch.tensor([first[:n]], device=device)
+    none = torch.zeros((1, n), dtype=torch.bool, device=device)
+    with _targets_at(model, none, torch.zeros((0, 1), dtype=torch.long, device=device)):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    return Prefix(first[:n], _cache_of(out))
+
+
+def _cache_of(out) -> object:
+    return next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
+
+
 def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, targets: Tensor,
-                   share_prefix: bool = True, stats: dict | None = None, position_ids: Tensor | None = None) -> Tensor:
+                   share_prefix: bool = True, stats: dict | None = None, position_ids: Tensor | None = None,
+                   prefix: Prefix | None = None) -> Tensor:
     """(n_kept, k) log-probabilities of ``targets`` (n_kept, k) at the positions where ``keep``
     (batch, seq) is True (row-major order). ``stats["shared_tokens"]`` counts the token positions a
     shared prefix saved. ``model`` may be under DistributedDataParallel, which then runs the forwards.
 
     The speed-ups (the head shortcut, the shared prefix) run where the model's family allows them
-    (``model.families``); any other model runs its own forward, head and all.
+    (``model.families``); any other model runs its own forward, head and all. ``prefix`` (from
+    ``shared_prefix_of``, under no_grad) holds the keys and values of the tokens every row begins with,
+    computed once for many batches; otherwise the batch's own shared prefix runs once per batch.
 
     ``position_ids`` given, the rows are packed (``data.collate.PackingCollator``): the model gets them and
     no padding mask, so that transformers masks attention to each example's block, which it finds where
@@ -96,26 +131,32 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     if not family.head_shortcut(inner.config):
         return _own_logprobs(model, input_ids, attention_mask, keep, targets, position_ids)
     share = share_prefix and family.shared_prefix and not _checkpointing(inner)
-    n = shared_prefix(input_ids, attention_mask, keep) if share else 0
+    batch = input_ids.shape[0]
+    if prefix is not None and share:
+        n, cache = len(prefix.ids), copy.deepcopy(prefix.cache)
+        batch_ones = batch
+    else:
+        n = shared_prefix(input_ids, attention_mask, keep) if share else 0
+        batch_ones = batch - 1
+        if n:
+            none = torch.zeros((1, n), dtype=torch.bool, device=keep.device)
+            with _targets_at(inner, none, targets[:0]):  # the prefix predicts no target: no head work at all
+                cache = _cache_of(model(input_ids=input_ids[:1, :n], attention_mask=attention_mask[:1, :n],
+                                        use_cache=True))
     if not n:
         with _targets_at(inner, keep, targets):
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed).logits
-    batch, keyword = input_ids.shape[0], _cache_keyword(inner)
-    none = torch.zeros((1, n), dtype=torch.bool, device=keep.device)
-    with _targets_at(inner, none, targets[:0]):  # the prefix predicts no target: no head work at all
-        out = model(input_ids=input_ids[:1, :n], attention_mask=attention_mask[:1, :n], use_cache=True)
-    cache = next(getattr(out, k) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None)
     cache.batch_repeat_interleave(batch)  # (1, kv_heads, n, head_dim) -> (batch, kv_heads, n, head_dim) per layer
     if stats is not None:
-        stats["shared_tokens"] = stats.get("shared_tokens", 0) + n * (batch - 1)
+        stats["shared_tokens"] = stats.get("shared_tokens", 0) + n * batch_ones
     with _targets_at(inner, keep[:, n:], targets):
         return model(input_ids=input_ids[:, n:], attention_mask=attention_mask, use_cache=False,
-                     **{keyword: cache}).logits
+                     **{_cache_keyword(inner): cache}).logits
 
 
 def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                    stats: dict | None = None, share_prefix: bool = True,
-                   position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   position_ids: Tensor | None = None, prefix: Prefix | None = None) -> tuple[Tensor, Tensor]:
     """Log-probability of each labelled token given what precedes it.
 
     Returns ``(logprobs, rows)``: both (n_labelled,), ``rows`` the batch row of each token.
@@ -125,7 +166,7 @@ def label_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     keep[:, :-1] = targets != IGNORE
     gold = targets[targets != IGNORE]
     logprobs = token_logprobs(model, input_ids, attention_mask, keep, gold[:, None], share_prefix, stats,
-                              position_ids)[:, 0]
+                              position_ids, prefix)[:, 0]
     return logprobs, keep.nonzero()[:, 0]
 
 

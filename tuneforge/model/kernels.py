@@ -7,7 +7,8 @@ What a training step of the default model kept, measured by the tensors autograd
 for every adapted layer) and the gated MLP's three intermediate tensors. Here:
 
 - ``lora_update``: y = result + s * B A drop(x), saving x (which the base layer reads anyway), a
-  one-byte keep-mask and the rank-r product A drop(x); the dropped input is rebuilt in backward.
+  one-byte dropout mask (hashed from a seed, not drawn element by element) and the rank-r product
+  A drop(x); the dropped input is rebuilt in backward.
 - ``swiglu``: silu(gate) * up, saving gate and up only; silu is recomputed in backward.
 - ``head_logprobs``: the log-probabilities of chosen tokens under the output head, computed in
   chunks of positions and recomputed in backward, so that (positions, vocabulary) logits, their
@@ -28,36 +29,76 @@ HEAD_CHUNK = 1024  # positions per chunk of logits: 1024 x 49,152 floats is 200 
 MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 
 
+# Dropout masks from a hash of (position, seed) instead of a random number per element: on the CPU, drawing
+# 0.6 M Bernoulli numbers costs several times the layer's own LoRA matmuls, while a multiply-xorshift hash
+# (the "lowbias32" constants) is a few integer passes. The seed is one draw of torch's generator per call, so
+# runs stay reproducible and resume to the same masks. int32 arithmetic wraps; shifts are made logical.
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # as signed 32-bit integers
+_mixed_positions: dict[torch.device, Tensor] = {}
+
+
+def _mix(h: Tensor, k: int) -> Tensor:  # one multiply-xorshift round, in place on int32
+    h.mul_(k)
+    return h.bitwise_xor_(h.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
+
+
+def _positions(n: int, device: torch.device) -> Tensor:
+    """The first hash round of 0 .. n-1, kept per device (grown when a longer one is asked for)."""
+    mixed = _mixed_positions.get(device)
+    if mixed is None or mixed.numel() < n:
+        mixed = _mix(_mix(torch.arange(n, dtype=torch.int32, device=device), _MIX1), _MIX2)
+        _mixed_positions[device] = mixed
+    return mixed[:n]
+
+
+def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> Tensor:
+    """A boolean tensor of ``shape``, True where dropout zeroes an element: each element independently with
+    probability ``p`` (to 2^-32), a function of ``seed`` and its position alone."""
+    h = _positions(shape.numel(), device).bitwise_xor(seed)
+    h = _mix(h, _MIX1).mul_(_MIX2)  # the high bits of the last product are the best mixed: compare on them
+    return (h < round(p * 2 ** 32) - 2 ** 31).view(shape)
+
+
+def draw_seed() -> int:
+    """A dropout mask's seed: one draw of torch's CPU generator, whatever the device."""
+    return int(torch.randint(-2 ** 31, 2 ** 31 - 1, ()))
+
+
 class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
-        # result (..., out), x (..., in), A (r, in), B (out, r)
+        # result (..., out), x (..., in), A (r, in), B (out, r). Dropout's 1 / (1 - p) is applied to the
+        # rank-r products, so that x itself takes one pass (the masked copy) in forward and one in backward.
         xs = x.to(A.dtype)
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p) if p > 0 else None
-        xd = xs * keep / (1 - p) if keep is not None else xs
-        a = xd.reshape(-1, xd.shape[-1]) @ A.t()  # (n, r)
+        drop = None
+        if p > 0:
+            drop = dropout_mask(x.shape, p, draw_seed(), x.device)
+            xs = xs.masked_fill(drop, 0)
+        a = xs.reshape(-1, xs.shape[-1]) @ A.t()  # (n, r)
+        if p > 0:
+            a.mul_(1 / (1 - p))
         update = (a @ B.t()).mul_(scale).view(result.shape)  # (n, out) -> (..., out)
-        ctx.save_for_backward(x, keep, A, B, a)
+        ctx.save_for_backward(x, drop, A, B, a)
         ctx.scale, ctx.p = scale, p
         return result + update.to(result.dtype)  # not a view: a model may add into it in place (Falcon's MLP)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, keep, A, B, a = ctx.saved_tensors
+        x, drop, A, B, a = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(B.dtype)  # (n, out); under autocast a came out in its dtype
         a = a.to(B.dtype)
         grad_B = (g.t() @ a).mul_(ctx.scale) if ctx.needs_input_grad[3] else None  # (out, r)
-        ga = (g @ B).mul_(ctx.scale)  # (n, r)
+        ga = (g @ B).mul_(ctx.scale / (1 - ctx.p))  # (n, r), the dropout's rescaling included
         grad_A = grad_x = None
         if ctx.needs_input_grad[2]:
             xd = x.reshape(-1, x.shape[-1]).to(A.dtype)
-            if keep is not None:
-                xd = xd * keep.reshape(xd.shape) / (1 - ctx.p)
+            if drop is not None:
+                xd = xd.masked_fill(drop.reshape(xd.shape), 0)
             grad_A = ga.t() @ xd  # (r, in)
         if ctx.needs_input_grad[1]:
             gx = (ga @ A).view(x.shape)
-            if keep is not None:
-                gx = gx * keep / (1 - ctx.p)
+            if drop is not None:
+                gx.masked_fill_(drop, 0)
             grad_x = gx.to(x.dtype)
         return grad, grad_x, grad_A, grad_B, None, None
 

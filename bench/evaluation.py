@@ -1,0 +1,161 @@
+"""Held-out evaluation of the sentiment recipe: this version against the one before it and the reference.
+
+The default model with LoRA r=16 on all linear layers, unmerged (B zero, so every side scores the base
+model's answers through the adapter's extra work, as a run's evaluation does), labels the recipe's whole
+held-out split (894 snippets) by the log-likelihood of each label word after the prompt. Three sides,
+each in its own process, taking turns:
+
+- tuneforge: the evaluator a run uses (``eval.evaluator.make_evaluator``) at ``eval.batch_size``;
+- before: ``eval/classify.py`` as it stood at commit BEFORE, loaded from git, on this version's
+  primitives: the shared prefix run once per batch of 8, not once for the set;
+- Transformers + PEFT: the plain way, batches of 8 prompts left-padded, the whole logits of the last
+  position, the label words' columns compared.
+
+Each side reports its seconds, examples per second and accuracy; the accuracies must agree to the last
+digit between tuneforge and before (the same arithmetic), and closely with the reference.
+
+    python bench/evaluation.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import rss_mb, spawn  # noqa: E402  (the repository on the path first)
+
+CONFIG = REPO / "configs" / "sentiment-lora.yaml"
+BEFORE = "3cec8da"  # the last commit before evaluation ran the prefix once per set
+SIDES = ("tuneforge", "before", "reference")
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+
+
+def held_out(batch_size: int):
+    from tuneforge.core import config
+    from tuneforge.data import load_datasets
+    from tuneforge.io.load import load_tokenizer
+
+    cfg = config.from_yaml(CONFIG, ["data.max_eval_examples=null", f"eval.batch_size={batch_size}"])
+    tokenizer = load_tokenizer(cfg.model)
+    return cfg, tokenizer, load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+
+
+def _before_classify():
+    """``eval/classify.py`` of commit BEFORE as a module of its own."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:tuneforge/eval/classify.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("classify_before", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child(side: str, batch_size: int) -> dict:
+    import torch
+
+    from tuneforge.data import word_ids
+
+    cfg, tokenizer, data = held_out(batch_size)
+    items = data.eval_items
+    gold = torch.tensor([it.label for it in items])
+    answers = [word_ids(tokenizer, w, cfg.data.chat_template) for w in data.label_words]
+    if side == "reference":
+        import peft
+        from transformers import AutoModelForCausalLM
+
+        from tuneforge.io.load import resolve_spec
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), dtype=torch.float32)
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **LORA)).eval()
+        columns = [a[0] for a in answers]  # one-token label words
+        start = time.perf_counter()
+        predicted = []
+        with torch.no_grad():
+            for i in range(0, len(items), 8):
+                rows = [it.prompt_ids for it in items[i:i + 8]]
+                width = max(map(len, rows))
+                ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+                predicted += logits[:, columns].argmax(1).tolist()
+        seconds = time.perf_counter() - start
+        accuracy = (torch.tensor(predicted) == gold).float().mean().item()
+    else:
+        from tuneforge.eval.evaluator import make_evaluator
+        from tuneforge.io.load import load_model
+        from tuneforge.methods import lora
+
+        model, _ = load_model(cfg.model, dtype="float32", device="cpu")
+        lora.inject(model, lora.Config(lora_dropout=0.0, **LORA))
+        start = time.perf_counter()
+        if side == "tuneforge":
+            accuracy = make_evaluator(tokenizer, data, cfg).run(model)["accuracy"]
+        else:
+            scores = _before_classify().score_labels(model, [it.prompt_ids for it in items], answers, 8,
+                                                     tokenizer.pad_token_id)
+            accuracy = (scores.argmax(1) == gold).float().mean().item()
+        seconds = time.perf_counter() - start
+    return {"n": len(items), "seconds": seconds, "accuracy": accuracy, "peak_rss_mb": rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=8, help="tuneforge's eval.batch_size")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--child", choices=SIDES)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.batch_size)))
+        return
+
+    import statistics
+
+    from bench.report import machine, write_section
+
+    runs = {side: [] for side in SIDES}
+    for _ in range(args.rounds):
+        for side in SIDES:
+            r = spawn(__file__, ["--child", side, "--batch-size", str(args.batch_size)], REPO)
+            if "error" in r:
+                sys.exit(f"{side}: {r['error']}")
+            runs[side].append(r)
+            print(f"{side:>9}: {r['n']} in {r['seconds']:.1f} s ({r['n'] / r['seconds']:.1f}/s), accuracy "
+                  f"{r['accuracy']:.6f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    seconds = {side: statistics.median(r["seconds"] for r in rs) for side, rs in runs.items()}
+    first = {side: rs[0] for side, rs in runs.items()}
+    n = first["tuneforge"]["n"]
+    same = first["tuneforge"]["accuracy"] == first["before"]["accuracy"]
+    rows = "\n".join(f"| {name} | {seconds[side]:.1f} | {n / seconds[side]:.1f} | {seconds[side] / seconds['tuneforge']:.2f}x "
+                     f"| {first[side]['accuracy']:.4%} | {first[side]['peak_rss_mb']:.0f} |"
+                     for side, name in (("tuneforge", "tuneforge"), ("before", f"tuneforge at {BEFORE}"),
+                                        ("reference", "Transformers + PEFT, batches of 8")))
+    write_section("evaluation", f"""
+## Held-out evaluation: {n} sentiment snippets scored by label word
+
+`python bench/evaluation.py --rounds {args.rounds}` on {machine()}. The default model with LoRA r=16 on all
+linear layers, unmerged, labels the sentiment recipe's whole held-out split by each label word's
+log-likelihood after the prompt. Each side in its own process, the sides taking turns; the median of
+{args.rounds} round(s). tuneforge at eval.batch_size {args.batch_size}: the prompts' shared beginning (the
+chat template's system turn and the question) runs once for the set, batches hold prompts of similar
+length, and the head sees only each prompt's last position. tuneforge at {BEFORE} ran the shared
+beginning once per batch of 8. Same accuracy to the last digit as at {BEFORE}: {'yes' if same else 'NO'}.
+
+| evaluator | seconds | examples/s | time against tuneforge | accuracy | peak RSS (MB) |
+|---|---|---|---|---|---|
+{rows}
+""")
+
+
+if __name__ == "__main__":
+    main()
