@@ -37,6 +37,9 @@ def test_lora_update_is_the_formula_with_and_without_dropout():
     with torch.no_grad():  # the path without autograd (evaluation, generation) computes the same
         torch.testing.assert_close(lora_update(result, x, A, B, 2.0, 0.0), result + 2.0 * (x @ A.T) @ B.T,
                                    rtol=1e-6, atol=1e-6)
+        one, r1 = x[:1, -1:], result[:1, -1:]  # one position: a decoding step
+        torch.testing.assert_close(lora_update(r1, one, A, B, 2.0, 0.0), r1 + 2.0 * (one @ A.T) @ B.T,
+                                   rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])

@@ -111,6 +111,8 @@ def lora_update(result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p
                                                      or result.requires_grad))
             and result.dtype == x.dtype == A.dtype == B.dtype and not torch.is_autocast_enabled(x.device.type)):
         n = result.shape[-1]
+        if x.numel() == x.shape[-1]:  # one position (a decoding step): two matrix-vector products, cheaper to call
+            return torch.addmv(result.reshape(n), B, torch.mv(A, x.reshape(-1)), alpha=scale).view(result.shape)
         return torch.addmm(result.reshape(-1, n), x.reshape(-1, x.shape[-1]) @ A.t(), B.t(),
                            alpha=scale).view(result.shape)
     return _LoRAUpdate.apply(result, x, A, B, scale, p)
