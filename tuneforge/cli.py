@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -117,6 +118,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
             skip = True
             continue
         rest.append(arg)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its notes on stopping the others
     # Each process computes on its share of the cores (torchrun's default is one thread each)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
@@ -124,9 +126,12 @@ def _launch(nproc: int, argv: list[str]) -> int:
                                                 *rest]))
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        caught = {128 + s.value: s.name for s in (signal.SIGINT, signal.SIGTERM)}  # it saved and left on a signal
+        signalled = failure.exitcode < 0 or failure.exitcode in caught
+        how = (f"signal {failure.signal_name() if failure.exitcode < 0 else caught[failure.exitcode]}"
+               if signalled else f"exit code {failure.exitcode}")
         print(f"tuneforge: error: process {rank} of {nproc} ended with {how}, and the others were stopped"
-              + ("; its error is above" if failure.exitcode > 0 else ""), file=sys.stderr)
+              + ("" if signalled else "; its error is above"), file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
     except SignalException as exc:  # the processes had the signal too, saved and stopped
         return 128 + int(exc.sigval)

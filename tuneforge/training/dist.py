@@ -15,15 +15,22 @@ Only rank 0 writes files; every rank reads the same data in the same order and t
 each step's micro-batches (``Distributed.mine``), so a step sees the same global batch as one process with
 ``grad_accum`` times as many micro-batches. What crosses between ranks is tensors and UTF-8 text
 (JSON), never a pickle.
+
+A rank that dies (killed, crashed, out of memory) fails its peers' next collective: each peer stops with
+one line (``RunStopped``, exit 3), and the launcher's line names the rank that died first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
+import re
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tuneforge.core.errors import UserError
+from tuneforge.core.errors import RunStopped, UserError
 from tuneforge.model import targets
 from tuneforge.model.devices import resolve_device
 from tuneforge.training import checkpoint
@@ -46,6 +53,34 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors
 # (the keyword's name since torch 2.13; the older one before)
 _DDP_KEYWORDS = inspect.signature(DistributedDataParallel).parameters
 NO_BUFFER_SYNC = {"forward_sync_buffers" if "forward_sync_buffers" in _DDP_KEYWORDS else "broadcast_buffers": False}
+# What gloo and NCCL say when the other end of a collective is gone or never answers
+_LOST = re.compile(r"gloo|nccl|connection|broken pipe|timed? ?out|socket|peer", re.I)
+Fn = TypeVar("Fn", bound=Callable)
+
+
+@contextlib.contextmanager
+def _peers_lost() -> Iterator[None]:
+    """A collective that fails because another process is gone, as one line instead of the backend's
+    traceback of some forty lines: the backend's first sentence, and what is kept."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistError is one too
+        if not (isinstance(exc, dist.DistError) or _LOST.search(str(exc))):
+            raise
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        said = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # without gloo's [source:line]
+        raise RunStopped(f"another process of the run stopped or cannot be reached ({said})",
+                         fix="its own error or the launcher's line says which and why; the checkpoints written "
+                             "before are kept for --resume") from exc
+
+
+def _collective(method: Fn) -> Fn:
+    """``method`` with a lost peer reported as one line (``_peers_lost``)."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with _peers_lost():
+            return method(*args, **kwargs)
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -60,11 +95,13 @@ class Distributed(Local):
         """Whether this rank takes the step's ``index``-th micro-batch (of grad_accum x world)."""
         return index % self.world == self.rank
 
+    @_collective
     def sum(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    @_collective
     def max(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -73,6 +110,7 @@ class Distributed(Local):
     def any(self, flag: bool) -> bool:
         return self.max(float(flag)) > 0
 
+    @_collective
     def share(self, text: str) -> str:
         """Rank 0's ``text`` on every rank."""
         data = torch.tensor(list(text.encode()) if self.main else [], dtype=torch.uint8)
@@ -80,6 +118,7 @@ class Distributed(Local):
         data = self._broadcast(data if self.main else torch.empty(int(size.item()), dtype=torch.uint8))
         return bytes(data.tolist()).decode()
 
+    @_collective
     def gather_text(self, text: str) -> list[str]:
         """Every rank's ``text``, in rank order."""
         data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=self.device)
@@ -109,6 +148,7 @@ class Distributed(Local):
     def all(self, flag: bool) -> bool:
         return not self.any(not flag)
 
+    @_collective
     def wrap(self, model: nn.Module, shard: bool) -> nn.Module:
         """The module the loop calls: ``model`` under DDP, or ``model`` itself once FSDP2 shards it in
         place (every decoder block, then the root)."""
@@ -130,11 +170,13 @@ class Distributed(Local):
     def sharded(self, model: nn.Module) -> bool:
         return isinstance(self.unwrap(model), FSDPModule)
 
-    def no_sync(self, model: nn.Module, last: bool):
-        """DDP's all-reduce only on a step's last micro-batch; FSDP2 reduces as it goes."""
-        if isinstance(model, DistributedDataParallel) and not last:
-            return model.no_sync()
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module, last: bool) -> Iterator[None]:
+        """DDP's all-reduce only on a step's last micro-batch; FSDP2 reduces as it goes. Either communicates
+        in the forward and backward passes run inside, so a lost peer there is one line too."""
+        with _peers_lost(), (model.no_sync() if isinstance(model, DistributedDataParallel) and not last
+                            else contextlib.nullcontext()):
+            yield
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``t``: its shard of a DTensor, else ``t`` itself."""
@@ -144,10 +186,12 @@ class Distributed(Local):
         """A reduced scalar (the norm of sharded gradients is a DTensor) as a number."""
         return (t.full_tensor() if isinstance(t, DTensor) else t).item()
 
+    @_collective
     def whole(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` with every DTensor gathered whole (a collective: every rank calls it, in one order)."""
         return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
 
+    @_collective
     def full_model(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """A sharded model's whole state on rank 0's CPU ({} elsewhere), one name per tensor (a tied head
         is its embedding, as one process saves it): a collective. None for a model that is not sharded."""
@@ -161,6 +205,7 @@ class Distributed(Local):
         """Each process's dropout draws, a function of the step: a resumed run draws the same."""
         torch.manual_seed((seed * 1_000_003 + step) * 1009 + self.rank)
 
+    @_collective
     def checkpoint_state(self, model: nn.Module, params: dict[str, nn.Parameter], optimizer) -> tuple[dict, dict]:
         """(the trainable tensors, the optimizer's state by name) whole on rank 0: a sharded model's
         gathered from every shard (a collective; {} elsewhere)."""
@@ -170,6 +215,7 @@ class Distributed(Local):
         tensors = {k: state[k] for k in params} if state else {}
         return tensors, get_optimizer_state_dict(self.unwrap(model), optimizer, options=FULL)
 
+    @_collective
     def restore(self, model: nn.Module, saved: checkpoint.Saved, params, optimizer, scheduler, scaler) -> dict:
         """Every process reads the whole tensors; a sharded model's keeps its shard."""
         if not self.sharded(model):
@@ -186,7 +232,8 @@ class Distributed(Local):
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
+            with contextlib.suppress(RuntimeError):  # a group whose peers are gone: the run's own error says so
+                dist.destroy_process_group()
 
 
 def from_env(device: str, timeout_s: float) -> Distributed:
@@ -203,6 +250,30 @@ def from_env(device: str, timeout_s: float) -> Distributed:
                         fix="set train.device to cpu or cuda")
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        _join("nccl" if where.type == "cuda" else "gloo", where, timeout_s)
     return Distributed(where, dist.get_rank(), dist.get_world_size(), local,
                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), owned=owned)
+
+
+def _join(backend: str, device: torch.device, timeout_s: float) -> None:
+    """``init_process_group``, which waits in C++ until every process has joined; no signal handler runs
+    there, so a SIGTERM (torchrun stopping the run because another process ended before it joined) would
+    wait out the whole timeout, and torchrun kills the process after 30 s. The wait happens in a thread,
+    and this one, which takes the signals, waits for it in short interruptible steps."""
+    failed: list[Exception] = []
+
+    def join() -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is the thread's own
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        except Exception as exc:  # raised again in the main thread
+            failed.append(exc)
+
+    joining = threading.Thread(target=join, name="tuneforge-join", daemon=True)
+    joining.start()
+    while joining.is_alive():
+        joining.join(0.05)
+    if failed:
+        with _peers_lost():
+            raise failed[0]

@@ -292,8 +292,7 @@ class _Run:
         runtime, step = self.runtime, self.progress.step
         if not runtime.all(all(torch.isfinite(runtime.local(p)).all() for p in self.params.values())):
             raise RunStopped(f"the weights are not finite after step {step}, so no checkpoint is written",
-                             str(self.ckpt_dir), fix=f"lower train.learning_rate (now {self.cfg.learning_rate:g}); "
-                                                     "resume from the last checkpoint kept")
+                             str(self.ckpt_dir), fix=_restart(self.cfg, self.ckpt_dir))
         tensors, named = runtime.checkpoint_state(self.model, self.params, self.optimizer)  # a collective
         if runtime.main:
             checkpoint.save(self.ckpt_dir, step, tensors, named, self.scheduler, self.progress.record(),
@@ -409,8 +408,7 @@ class _Run:
             if "overflow" not in str(exc):
                 raise
             raise RunStopped(f"the optimizer's update overflows at step {self.progress.step + 1} ({exc})",
-                             str(self.ckpt_dir), fix=f"lower train.learning_rate (now {self.cfg.learning_rate:g}); "
-                                                     "the checkpoints written before are kept") from None
+                             str(self.ckpt_dir), fix=_restart(self.cfg, self.ckpt_dir)) from None
         self.precision.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -420,9 +418,19 @@ def _nonfinite(bad: tuple, step: int, cfg: TrainCfg, ckpt_dir: Path) -> RunStopp
     what, value, rows = bad
     shown = ", ".join(rows[:4]) + (f" and {len(rows) - 4} more" if len(rows) > 4 else "")
     return RunStopped(f"the {what} is {value} at step {step + 1} (rows {shown}); training stopped there",
-                      str(ckpt_dir), fix=f"lower train.learning_rate (now {cfg.learning_rate:g}), train in fp32 "
-                                         f"(train.precision), or let train.skip_nonfinite_steps skip such steps; "
-                                         f"the checkpoint of step {step} is kept for --resume")
+                      str(ckpt_dir), fix=f"lower train.learning_rate (now {cfg.learning_rate:g}) or train in fp32 "
+                                         f"(train.precision) in a new run, or --resume from the checkpoint of step "
+                                         f"{step}, written now, with train.skip_nonfinite_steps set to skip such steps")
+
+
+def _restart(cfg: TrainCfg, ckpt_dir: Path) -> str:
+    """The advice when the weights themselves went wrong: resuming would take the same step again (and
+    refuses a new learning rate), so a new run; the checkpoint named only if one was written."""
+    done = checkpoint.complete(ckpt_dir)
+    kept = f"the checkpoints before it are kept (the latest: {done[-1].name})" if done else \
+        "no checkpoint had been written"
+    return (f"lower train.learning_rate (now {cfg.learning_rate:g}) and start a new run (--overwrite moves this one "
+            f"aside); {kept}")
 
 
 def _timed(evaluator: Evaluator, model) -> dict:

@@ -17,13 +17,15 @@ from tuneforge.core.atomic import disk_error, write_text
 
 
 def append(path: Path, record: dict) -> None:
-    line = (json.dumps(record) + "\n").encode()
+    line = memoryview((json.dumps(record) + "\n").encode())
     with open(path, "ab", buffering=0) as f:  # unbuffered: nothing is left to fail again on close
         start = f.tell()
         try:
-            written = f.write(line)
-            if written != len(line):  # a write that stopped at a limit
-                raise OSError(errno.EFBIG, "the line was written only in part")
+            while line:  # a write stops short at a full disk or at the file-size limit alike: the next one
+                written = f.write(line)  # fails with the errno that tells them apart
+                if not written:
+                    raise OSError(errno.EIO, "the write made no progress")
+                line = line[written:]
             os.fsync(f.fileno())
         except OSError as exc:
             try:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import sys
 import types
 import typing
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
@@ -54,6 +57,106 @@ def line_numbers(text: str) -> dict[str, int]:
     return lines
 
 
+# Far deeper than any configuration nests. YAML's composer, the config walk and the YAML writer recurse,
+# and some thousands of levels exhaust Python's stack; aliases can also expand a short file to billions of
+# values.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+INT64 = 2**63
+_DECIMAL = re.compile(r"[-+]?[0-9][0-9_]*")
+
+
+def load_yaml(text: str, where: Callable[[str, int | None], str]) -> Any:
+    """``yaml.safe_load`` of text a user wrote, or a UserError located by ``where(dotted key, line)``: for
+    nesting deeper than MAX_DEPTH, an integer longer than Python reads from text (a ValueError inside
+    PyYAML), and aliases that expand past MAX_VALUES values or refer to themselves."""
+    if found := _scan(text):
+        what, key, line = found
+        raise UserError(what, where(key, line), fix="correct the value")
+    try:
+        data = yaml.safe_load(text)
+    except ValueError as exc:  # a value PyYAML cannot construct, such as a date of month 13
+        raise UserError(f"cannot read a value: {str(exc).splitlines()[0]}", where("", None),
+                        fix="correct the value") from None
+    if found := _expanded(data):
+        raise UserError(found[0], where(found[1], None), fix="write the values out without aliases")
+    return data
+
+
+def _scan(text: str) -> tuple[str, str, int] | None:
+    """(what is wrong, its dotted key, its line) for the first value nested deeper than MAX_DEPTH or the
+    first decimal integer longer than Python reads from text. Read from the parser's events: unlike
+    YAML's composer, the parser does not recurse."""
+    digits = sys.get_int_max_str_digits() or math.inf
+    open_: list[list] = []  # per open collection: [a mapping, waiting for a key, the current key or index]
+
+    def ended() -> None:  # a node inside the innermost collection is complete
+        if open_:
+            if open_[-1][0]:
+                open_[-1][1] = not open_[-1][1]
+            else:
+                open_[-1][2] += 1
+
+    def key() -> str:
+        return _dotted([c[2] for c in open_ if c[2] != ""])
+
+    try:
+        for event in yaml.parse(text):
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                mapping = isinstance(event, yaml.MappingStartEvent)
+                open_.append([mapping, True, "" if mapping else 0])
+                if len(open_) > MAX_DEPTH:
+                    return f"nested deeper than {MAX_DEPTH} levels", key(), line
+            elif isinstance(event, yaml.CollectionEndEvent):
+                open_.pop()
+                ended()
+            elif isinstance(event, yaml.ScalarEvent):
+                if open_ and open_[-1][0] and open_[-1][1]:
+                    open_[-1][2] = event.value
+                elif (event.style is None and event.implicit[0] and _DECIMAL.fullmatch(event.value)
+                      and sum(c.isdigit() for c in event.value) > digits):
+                    return f"a number of {len(event.value):,} digits is not a setting", key(), line
+                ended()
+            elif isinstance(event, yaml.AliasEvent):
+                ended()
+    except yaml.YAMLError:
+        return None  # safe_load reports it, with its line
+    return None
+
+
+def _expanded(data: Any) -> tuple[str, str] | None:
+    """(what is wrong, its dotted key) when ``data``, with its aliases followed, nests deeper than
+    MAX_DEPTH, refers to itself, or holds more than MAX_VALUES values; walked without recursion."""
+    pending, seen = [(data, ())], 0
+    while pending:
+        node, keys = pending.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            return f"more than {MAX_VALUES:,} values once its aliases are expanded", _dotted(keys)
+        if isinstance(node, (dict, list)) and len(keys) >= MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels once its aliases are expanded", _dotted(keys)
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        pending += [(v, (*keys, k)) for k, v in items]
+    return None
+
+
+def _dotted(keys) -> str:
+    """A value's path as a dotted key, its first levels only."""
+    return ".".join(map(str, keys[:4])) + (".(...)" if len(keys) > 4 else "")
+
+
+def _from_cli(value: FromCli, key: str, where: Where) -> Any:
+    """A value typed after ``--set key=``, read as YAML."""
+    return load_yaml(value, lambda _key, _line: where(key))
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error line: a long one cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text):,} characters)"
+
+
 def type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -69,9 +172,9 @@ def type_name(tp) -> str:
 
 def _coerce(value: Any, tp, key: str, where: Where) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    wrong = UserError(f"expected {type_name(tp)}, got {value!r}", where(key), fix="correct the value")
+    wrong = UserError(f"expected {type_name(tp)}, got {_shown(value)}", where(key), fix="correct the value")
     if tp is Any:
-        return yaml.safe_load(value) if isinstance(value, FromCli) else value
+        return _from_cli(value, key, where) if isinstance(value, FromCli) else value
     if origin in (typing.Union, types.UnionType):
         if isinstance(value, FromCli) and value.strip().lower() in ("null", "none", "~") and type(None) in args:
             return None
@@ -79,7 +182,7 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
             return None
         if isinstance(value, FromCli) and value.lstrip().startswith(("[", "{")):  # a list or mapping, not a string
             try:
-                value = yaml.safe_load(value)
+                value = _from_cli(value, key, where)
             except yaml.YAMLError:
                 raise wrong from None
         for arg in (a for a in args if a is not type(None)):
@@ -92,7 +195,7 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
     if origin is Literal:
         value = str(value) if isinstance(value, FromCli) else value
         if value not in args:
-            raise UserError(f"{value!r} is not allowed", where(key), fix=f"use {type_name(tp)}")
+            raise UserError(f"{_shown(value)} is not allowed", where(key), fix=f"use {type_name(tp)}")
         return value
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -100,7 +203,7 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
         raise wrong
     if isinstance(value, FromCli):  # anything but a string is parsed as YAML first
         try:
-            value = yaml.safe_load(value)
+            value = _from_cli(value, key, where)
         except yaml.YAMLError:
             raise wrong from None
     if tp is bool:
@@ -108,18 +211,29 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
             return value
         raise wrong
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise wrong
+        if not -INT64 <= value < INT64:  # torch, the seeds and every count hold 64 bits
+            raise UserError(f"{key.rsplit('.', 1)[-1]} has {len(str(abs(value)))} digits, more than a setting holds "
+                            "(64 bits)", where(key), fix="correct the value")
+        return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise wrong from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise wrong
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past a float's range
+                number = math.inf
+        else:
+            raise wrong
+        if not math.isfinite(number):  # NaN passes every comparison, and infinity breaks every count
+            raise UserError(f"{key.rsplit('.', 1)[-1]} must be a finite number, got {_shown(value)}", where(key),
+                            fix="correct the value")
+        return number
     if origin in (list, tuple):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # one item may be written without brackets
@@ -132,7 +246,7 @@ def _coerce(value: Any, tp, key: str, where: Where) -> Any:
         return {str(k): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"expected a mapping of {tp.__name__} keys, got {value!r}", where(key))
+            raise UserError(f"expected a mapping of {tp.__name__} keys, got {_shown(value)}", where(key))
         return build(tp, value, where, prefix=key + ".")
     raise TypeError(f"config type {tp!r} is not supported")  # a tuneforge bug, not a user error
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from tuneforge.core.config.parse import FromCli, Where, build, line_numbers
+from tuneforge.core.config.parse import FromCli, Where, build, line_numbers, load_yaml
 from tuneforge.core.errors import UserError, at_least, fraction
 from tuneforge.core.config.methods import DEFAULT_METHOD, METHODS
 
@@ -159,6 +159,12 @@ class TrainCfg:
             at_least(self, key, 0, "train", above=True)
         for key in ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight"):
             at_least(self, key, 0, "train")
+        if not 0 <= self.seed < 2**32:  # the data order and each process's draws are seeded with multiples of it
+            raise UserError(f"seed must be at least 0 and below 2**32, got {self.seed}", "train.seed",
+                            fix="correct the value")
+        if self.dist_timeout_s > 86_400:
+            raise UserError(f"dist_timeout_s is {self.dist_timeout_s:g}; a process waits a day at most",
+                            "train.dist_timeout_s", fix="set a number of seconds up to 86400")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"train.label_smoothing is {self.label_smoothing}; it must be at least 0 and below 0.5",
                             "train.label_smoothing", fix="set a share of flipped pairs in [0, 0.5), or 0")
@@ -214,9 +220,19 @@ def _method_cfg(raw: Any, where: Where) -> MethodCfg:
     if not isinstance(raw, dict):
         raise UserError(f"expected a mapping with 'name', got {raw!r}", where("method"))
     raw = dict(raw)
+    named = "name" in raw
     name = str(raw.pop("name", DEFAULT_METHOD))
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}", where("method.name"), fix=f"use one of {', '.join(METHODS)}")
+    keys = [f.name for f in dataclasses.fields(METHODS[name].config)]
+    if not named and (stray := next((str(k) for k in raw if k not in keys), None)):
+        owners = [m for m, row in METHODS.items() if stray in {f.name for f in dataclasses.fields(row.config)}]
+        pick = owners[0] if owners else "NAME"
+        raise UserError(f"no method.name is given, so the method is {DEFAULT_METHOD}, the default, and "
+                        f"'{stray}' is not among its keys ({', '.join(keys)})"
+                        + (f"; {stray} is a key of {', '.join(owners)}" if owners else ""), where(f"method.{stray}"),
+                        fix=f"choose the method with method.name, one of {', '.join(METHODS)}: --set method.name={pick}"
+                            f", or `name: {pick}` under `method:` in the file")
     config = build(METHODS[name].config, raw, where, prefix="method.")
     return MethodCfg(name=name, args=dataclasses.asdict(config))
 
@@ -265,8 +281,12 @@ def from_yaml(path: str | Path, overrides: list[str] = ()) -> RunCfg:
         raise UserError("no such config file", str(path), fix="check the path") from None
     except UnicodeDecodeError:
         raise UserError("the file is not UTF-8 text", str(path), fix="save it as UTF-8") from None
+
+    def located(key: str, line: int | None) -> str:
+        return f"{path}:{line}: key '{key}'" if line else f"{path}: key '{key}'" if key else str(path)
+
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text, located) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
