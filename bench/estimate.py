@@ -1,13 +1,17 @@
 """tuneforge's estimate against what the runs measured: peak memory and step time, method by method.
 
 Reads what ``bench/methods.py`` recorded (each tuneforge run computed its own estimate before it
-trained, from its data's batches) and writes the table into docs/estimate.md.
+trained, from its data's batches, and the units of each part of a step's work) and writes the table
+into docs/estimate.md. The step time is recomputed from those units with the costs in
+``tuneforge/training/estimate.py`` (``TIME_COST``); ``--fit`` fits those costs on the same runs (least
+squares on the relative error, no cost below zero) and prints them, to be written there.
 
-    python bench/methods.py && python bench/estimate.py
+    python bench/methods.py && python bench/estimate.py --fit && python bench/estimate.py
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,30 +20,64 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def runs() -> list[tuple[str, str, dict]]:
+    results = json.loads((REPO / "bench" / "results" / "methods.json").read_text())
+    return [(*key.split("|")[:2], r) for key, r in results.items()
+            if key.endswith("|tuneforge") and "error" not in r and "work" in r["estimate"]]
+
+
+def predicted(work: dict, cost: dict) -> float:
+    return sum(cost.get(part, 0.0) * units for part, units in work.items() if part != "rate") / work["rate"]
+
+
+def fit() -> dict[str, float]:
+    """Costs that make the estimates' relative errors smallest in the least-squares sense, none negative."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from tuneforge.training.estimate import TIME_COST
+
+    parts = list(TIME_COST["cpu"])
+    rows = [[r["estimate"]["work"].get(p, 0.0) / (r["estimate"]["work"]["rate"] * r["step_seconds"]) for p in parts]
+            for _, _, r in runs()]
+    matrix = np.array(rows)
+    scale = matrix.max(0) + 1e-30  # columns of comparable size, for the solver
+    solution, _ = nnls(matrix / scale, np.ones(len(rows)))
+    return {p: float(f"{c:.4g}") for p, c in zip(parts, solution / scale)}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fit", action="store_true", help="print TIME_COST['cpu'] fitted on the runs")
+    args = parser.parse_args()
+    if args.fit:
+        print("TIME_COST['cpu'] =", fit())
+        return
+
     from bench.methods import SHORT
     from bench.report import write_section
+    from tuneforge.training.estimate import TIME_COST
 
-    results = json.loads((REPO / "bench" / "results" / "methods.json").read_text())
     lines = ["| workload | method | peak RSS, estimated (MB) | measured (MB) | error | s/step, estimated | measured "
              "| error |", "|---|---|---|---|---|---|---|---|"]
     worst = {"memory": 0.0, "time": 0.0}
-    for key, r in results.items():
-        workload, row, side = key.split("|")
-        if side != "tuneforge" or "error" in r:
-            continue
+    for workload, row, r in runs():
         est = r["estimate"]
+        seconds = predicted(est["work"], TIME_COST["cpu"])
         mem = est["peak_mb"] / r["peak_rss_mb"] - 1
-        step = est["step_seconds"] / r["step_seconds"] - 1
+        step = seconds / r["step_seconds"] - 1
         worst = {"memory": max(worst["memory"], abs(mem)), "time": max(worst["time"], abs(step))}
         lines.append(f"| {workload} | {SHORT[row]} | {est['peak_mb']:.0f} | {r['peak_rss_mb']:.0f} | {mem:+.0%} | "
-                     f"{est['step_seconds']:.2f} | {r['step_seconds']:.2f} | {step:+.0%} |")
+                     f"{seconds:.2f} | {r['step_seconds']:.2f} | {step:+.0%} |")
     table = "\n".join(lines)
     print(table)
+    costs = ", ".join(f"{part} {cost:.3g}" for part, cost in TIME_COST["cpu"].items())
     write_section("estimate", f"""
 `python bench/estimate.py`, from the runs of `python bench/methods.py`: each run's estimate, computed
-before it trained from its own data's batches, against its peak RSS and its median step time. The
-largest errors: memory {worst['memory']:.0%}, step time {worst['time']:.0%}.
+before it trained from its own data's batches, against its peak RSS and its median step time. The step
+time is the run's units of work at the costs in `TIME_COST` ({costs} flops of matmul time per unit),
+which `python bench/estimate.py --fit` fitted on these same runs. The largest errors: memory
+{worst['memory']:.0%}, step time {worst['time']:.0%}.
 
 {table}
 """, path=REPO / "docs" / "estimate.md")

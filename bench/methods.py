@@ -107,7 +107,7 @@ def child_tuneforge(method: str, keys: dict, workload: str, steps: int) -> dict:
     return {"step_seconds": step_seconds(times, start), "tokens_per_step": summary.tokens / summary.steps,
             "peak_rss_mb": rss_mb(), "first_loss": losses[0], "last_loss": losses[-1], "moved": moved,
             "fixed_before": fixed_before, "fixed_after": fixed_loss(),
-            "estimate": {"peak_mb": est.peak_bytes / 2**20, "step_seconds": est.step_seconds,
+            "estimate": {"peak_mb": est.peak_bytes / 2**20, "step_seconds": est.step_seconds, "work": est.work,
                          "flops_per_step": est.flops_per_step, "parts_mb": {k: v / 2**20 for k, v in est.parts.items()}},
             "shared_tokens": summary.shared_prefix_tokens}
 

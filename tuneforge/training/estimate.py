@@ -13,8 +13,12 @@ into it, and the parts follow:
 - overhead: the process and its libraries, and what the allocator holds beyond the live tensors,
   both measured on real runs (``bench/estimate.py`` compares prediction and measurement).
 
-Time is the step's floating-point work (the mean batch, the shared prefix counted once) over the
-device's measured matmul rate, scaled by the share of it a step reaches.
+Time is the step's work over the device's measured matmul rate, in five parts (``TIME_COST``): the
+floating-point work of the matmuls (the mean batch, the shared prefix counted once), the elementwise
+passes over each block's activations (norms, rotary, activation functions, residuals), LoRA's dropout
+masks, the dequantization of 4-bit weights in forward and backward, and the optimizer's update of every
+trainable value. Each part's cost per unit of work, in flops of matmul time, is fitted on the measured
+steps of every method (``python bench/estimate.py --fit``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from tuneforge.io.load import resolve_spec
 from tuneforge.data import Collator
 from tuneforge.model.families import family_of
 from tuneforge.model.kernels import HEAD_CHUNK, shared_prefix
+from tuneforge.quant.nf4 import NF4Linear
 from tuneforge.methods._shared import parameter_count
+from tuneforge.methods.lora import LoRALinear
 from tuneforge.methods.registry import get_method
 from tuneforge.training import objectives
 from tuneforge.training.prepare import prepare
@@ -45,7 +51,13 @@ from tuneforge.training.prepare import prepare
 # of the matmul rate a training step reaches, the process's own memory (python, torch, transformers,
 # tokenizer and data), and what glibc's allocator keeps beyond the live tensors during a step, as a
 # fraction of the saved activations. On CUDA the figures are the caching allocator's.
-STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}
+STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate, where TIME_COST has no fit
+# Matmul-time cost of one unit of each part of a step's work, fitted by ``bench/estimate.py --fit`` on the
+# runs of ``bench/methods.py`` (every method, both workloads) on the reference machine: "matmul" per flop
+# (1 / the share of the matmul rate a step's matmuls reach), "elementwise" per activation value of a block
+# (hidden plus MLP width, per token position and layer), "dropout" per value masked, "dequantize" per 4-bit
+# weight rebuilt, "optimizer" per trainable value. No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
+TIME_COST = {"cpu": {"matmul": 1 / 0.55, "elementwise": 0.0, "dropout": 0.0, "dequantize": 0.0, "optimizer": 0.0}}
 PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
 ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
 
@@ -69,6 +81,7 @@ class Estimate:
     tokens_per_step: int = 0
     flops_per_step: float = 0.0
     step_seconds: float = 0.0
+    work: dict[str, float] = field(default_factory=dict)  # a step's units of each part of TIME_COST, and the rate
     steps: int | None = None
     device: str = "cpu"
     basis: str = "meta forward"  # how activations were counted: "meta forward", or "config shapes" where it cannot run
@@ -273,12 +286,29 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
         per_token += 2 * body + attention  # the reference: a forward of the same rows with the method off
         per_loss_token += 2 * head_weights
     flops = cfg.train.grad_accum * (computed * per_token + mean.loss_tokens * per_loss_token)
-    rate = (flops_per_s or matmul_flops_per_s(device)) * STEP_EFFICIENCY[kind]
+    rate = flops_per_s or matmul_flops_per_s(device)
+    work = {"matmul": flops, **_other_work(model, text, cfg, computed, probe, n_trainable), "rate": rate}
+    cost = TIME_COST.get(kind, {"matmul": 1 / STEP_EFFICIENCY[kind]})
+    seconds = sum(cost.get(part, 0.0) * units for part, units in work.items() if part != "rate") / rate
 
     batches_per_epoch = batches_per_epoch or (math.ceil(n_examples / b) if n_examples else None)
     steps = cfg.train.steps(batches_per_epoch, world) if batches_per_epoch else cfg.train.max_steps
     return Estimate(n_total, n_trainable, parts, longest, int(cfg.train.grad_accum * mean.rows * mean.width),
-                    float(flops), flops / rate, steps, device.type, basis)
+                    float(flops), seconds, work, steps, device.type, basis)
+
+
+def _other_work(model: nn.Module, text, cfg: RunCfg, positions: float, probe: bool, n_trainable: int) -> dict:
+    """A step's units of the work beside the matmuls (see TIME_COST): per micro-batch, ``positions`` token
+    positions run through every block."""
+    runs = cfg.train.grad_accum * positions
+    wide = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    dropped = sum(m.lora_A.in_features for m in model.modules()
+                  if isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0)
+    quantized = sum(math.prod(m.state.shape) for m in model.modules() if isinstance(m, NF4Linear))
+    passes = 1 if probe else 2  # forward, and backward's second look at each activation and weight
+    return {"elementwise": passes * runs * text.num_hidden_layers * (text.hidden_size + wide),
+            "dropout": 0 if probe else runs * dropped, "dequantize": passes * cfg.train.grad_accum * quantized,
+            "optimizer": 0 if probe else n_trainable}
 
 
 def batch_shapes(examples, batches: list[list[int]], pad_id: int = 0) -> list[Shape]:
