@@ -28,6 +28,7 @@ from tuneforge.apps.ui import form  # noqa: E402
 from tuneforge.apps.ui.server import App, build, create_app  # noqa: E402
 
 LOCAL = "http://127.0.0.1"
+TOKEN = "s3cret"
 
 
 @pytest.fixture
@@ -39,8 +40,13 @@ def folders(tmp_path, tiny_dir, monkeypatch):
     return tmp_path
 
 
-def client(root: Path, **kwargs) -> TestClient:
-    return TestClient(create_app(root / "runs", [root / "data"], cwd=root, **kwargs), base_url=LOCAL)
+def client(root: Path) -> TestClient:
+    """The page's API as its own script calls it: every request with the token in its header."""
+    return served(App(root / "runs", [root / "data"], cwd=root))
+
+
+def served(app: App) -> TestClient:
+    return TestClient(build(app, TOKEN, True), base_url=LOCAL, headers={"X-Tuneforge-Token": TOKEN})
 
 
 def lora_form(**values) -> dict:
@@ -126,8 +132,10 @@ def test_a_path_outside_the_allowed_folders_is_refused(folders, tmp_path_factory
     assert not any((folders / "runs").iterdir())
 
 
-def test_a_server_bound_elsewhere_refuses_every_request_without_its_token(folders):
-    c = client(folders, token="s3cret", local=False)
+@pytest.mark.parametrize("local", [True, False])
+def test_every_request_needs_the_token_printed_at_start(folders, local):
+    c = TestClient(create_app(folders / "runs", [folders / "data"], cwd=folders, token=TOKEN, local=local),
+                   base_url=LOCAL)
     paths = ["/", "/runs", "/runs/x", "/compare", "/try", "/static/app.js", "/api/options", "/api/runs",
              "/api/runs/x", "/api/runs/x/metrics", "/api/try/x", "/api/compare/0123456789ab/compare.png"]
     posts = ["/api/resolve", "/api/estimate", "/api/start", "/api/runs/x/stop", "/api/runs/x/resume", "/api/compare",
@@ -137,11 +145,15 @@ def test_a_server_bound_elsewhere_refuses_every_request_without_its_token(folder
         assert c.get(path, headers={"X-Tuneforge-Token": "wrong"}).status_code == 401, path
     for path in posts:
         assert c.post(path, json={"name": "a", "form": lora_form()}).status_code == 401, path
-    assert c.get("/api/runs", headers={"X-Tuneforge-Token": "s3cret"}).status_code == 200
-    # the printed address: the token moves into a cookie, which then carries every request
-    r = c.get("/runs?token=s3cret", follow_redirects=False)
+    assert c.get("/api/runs", headers={"X-Tuneforge-Token": TOKEN}).status_code == 200
+    # the printed address: the token moves into a cookie, which then opens the pages
+    r = c.get(f"/runs?token={TOKEN}", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/runs" and "httponly" in r.headers["set-cookie"].lower()
     assert c.get("/api/runs").status_code == 200 and c.get("/static/app.js").status_code == 200
+    assert f'<meta name="tuneforge-token" content="{TOKEN}">' in c.get("/runs").text  # for the page's script
+    # a request that acts needs the header, which only the page's script sends: the cookie is not enough
+    assert c.post("/api/runs/x/stop", json={}).status_code == 401
+    assert c.post("/api/runs/x/stop", json={}, headers={"X-Tuneforge-Token": TOKEN}).status_code == 404
 
 
 def test_a_local_server_answers_only_local_names_and_json_posts(folders):
@@ -231,7 +243,7 @@ def wait_until(check, what: str, seconds: float = 90):
 
 def test_a_run_is_started_stopped_with_sigint_and_resumed_as_a_child_process(folders):
     app = App(folders / "runs", [folders / "data"], cwd=folders)
-    c = TestClient(build(app, None, True), base_url=LOCAL)
+    c = served(app)
     body = {"name": "r1", "form": lora_form(**{"method.r": "2", "train.max_steps": "100000",
                                                                   "train.batch_size": "2", "train.logging_steps": "1"})}
     r = c.post("/api/start", json=body)
@@ -266,7 +278,7 @@ def test_a_run_is_started_stopped_with_sigint_and_resumed_as_a_child_process(fol
 
 def test_a_run_that_fails_keeps_its_log_and_the_page_says_why(folders):
     app = App(folders / "runs", [folders / "data"], cwd=folders)
-    c = TestClient(build(app, None, True), base_url=LOCAL)
+    c = served(app)
     # valid for the parser, but the child finds no example short enough to keep
     r = c.post("/api/start", json={"name": "bad", "form": lora_form(**{"data.max_length": "2"})})
     assert r.status_code == 200, r.text
@@ -284,14 +296,14 @@ def test_try_a_feature_classifier_labels_a_text_and_refuses_to_generate(folders)
     (folders / "probe.yaml").write_text(yaml.safe_dump(cfg))
     assert cli.main(["train", "probe.yaml"]) == 0
     with client(folders) as c:
-        info = c.get("/api/try/probe").json()
+        info = c.post("/api/try/probe", json={}).json()
         assert info["generates"] is False and info["labels"] == ["negative", "positive"]
         labels = c.post("/api/try/probe/classify", json={"text": "a lovely film"}).json()["labels"]
         assert [x["label"] for x in labels] == ["negative", "positive"]
         assert sum(x["p"] for x in labels) == pytest.approx(1.0)
         r = c.post("/api/try/probe/generate", json={"text": "hi"})
         assert r.status_code == 400 and "feature classifier" in r.json()["error"]
-        assert c.get("/api/try/nope").status_code == 404
+        assert c.post("/api/try/nope", json={}).status_code == 404
 
 
 def test_the_ui_command_names_a_bad_folder_or_a_busy_port_in_one_line(folders, capsys):

@@ -32,7 +32,8 @@ WAIT_RUN = 120_000  # ms: a run's child process loads torch, trains for its time
 
 @pytest.fixture
 def served(tmp_path):
-    """`tuneforge ui` in a folder holding data/ (the tiny model and a sentiment file) and runs/."""
+    """`tuneforge ui` in a folder holding data/ (the tiny model and a sentiment file) and runs/: its
+    printed address (with the access token) and the folder."""
     tokenizer = make_tiny_tokenizer()
     make_tiny_model(len(tokenizer)).save_pretrained(tmp_path / "data" / "tiny-llama")
     tokenizer.save_pretrained(tmp_path / "data" / "tiny-llama")
@@ -76,7 +77,8 @@ def wait_status(page, status: str, also: str = "true") -> None:
 
 
 def test_set_up_start_watch_compare_and_try_in_a_browser(served, monkeypatch):
-    url, root = served
+    address, root = served
+    url = address.split("?")[0]  # the printed address carries the token once; then the page's cookie does
     monkeypatch.chdir(root)  # the page writes paths relative to the folder it was started in
     expect = sync_api.expect
     with sync_api.sync_playwright() as p:
@@ -84,7 +86,7 @@ def test_set_up_start_watch_compare_and_try_in_a_browser(served, monkeypatch):
         page = browser.new_page(viewport={"width": 1320, "height": 900})
         errors = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(url)
+        page.goto(address)
 
         # New run: LoRA on the tiny model; a malformed value gets the parser's one line, on its field
         set_up(page, "lora", "lora-a", {"method.r": "4", "data.max_length": "256", "train.batch_size": "4",

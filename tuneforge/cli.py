@@ -415,8 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder of data files and models the page may use (repeatable; default: data)")
     p.add_argument("--port", type=int, default=7860, help="the port (0 takes any free one)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="the address to listen on; any but 127.0.0.1 or localhost needs the access token printed "
-                        "at start in every request")
+                   help="the address to listen on; every request needs the access token printed at start")
     p.set_defaults(run=_ui)
 
     p = sub.add_parser("data", help="what a run learns from its data: the counts, and examples with the tokens "

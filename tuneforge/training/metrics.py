@@ -45,7 +45,7 @@ def read(path: Path) -> tuple[list[dict], int]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # torn, or nested past what the parser follows
             dropped += 1
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):

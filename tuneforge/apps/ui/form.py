@@ -3,8 +3,9 @@
 A field's help is the comment on its line in the dataclass's source (or the comment lines just
 above it), read with ``tokenize``, so the page says what docs/config.md and the code say. The form's
 values go through the YAML parser itself: each one is marked ``FromCli`` and parsed with its field's
-type, exactly as ``--set key=value`` is, so a malformed value gets the parser's one-line error.
-Torch-free.
+type, exactly as ``--set key=value`` is, so a malformed value gets the parser's one-line error. A key
+is taken only if the form shows it: one naming a whole section (``train: {output_dir: ...}``) would
+replace what the page sets itself. Torch-free.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def schema() -> dict:
 
 
 def _defaults(method: str) -> dict[str, str]:
+    """Every key the form shows for ``method``, with its default: the keys it takes."""
     s = schema()
     every = [*s["run"], *(f for fs in s["sections"].values() for f in fs), *s["methods"].get(method, [])]
     return {f["key"]: f["default"] for f in every}
@@ -125,17 +127,24 @@ def to_raw(form: dict[str, Any], output_dir: str) -> dict:
     raw: dict[str, Any] = {"method": {"name": FromCli(method)}, "train": {"output_dir": output_dir}}
     defaults = _defaults(method)
     for key, value in form.items():
-        if key == "method.name" or key in HIDDEN or value is None:
+        where = f"{SOURCE}: key '{key}'"
+        if key in HIDDEN:
+            raise UserError("the page sets it: a run's folder is named by the run name", where,
+                            fix="choose the run name instead")
+        if key != "method.name" and key not in defaults:
+            raise UserError("the form has no such setting" + (f" for method {method}" if key.startswith("method.")
+                                                             else ""), where, fix="send the keys the form shows")
+        if key == "method.name" or value is None:
             continue
+        if not isinstance(value, (str, int, float)):
+            raise UserError(f"expected text, got {type(value).__name__}", where, fix="send each value as text")
         text = str(value).strip()
-        if text == "" or text == defaults.get(key):
+        if text == "" or text == defaults[key]:
             continue
         *sections, name = key.split(".")
         node = raw
         for section in sections:
             node = node.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise UserError(f"unknown key '{key}'", SOURCE, fix=f"'{section}' is not a section")
         node[name] = FromCli(text)
     return raw
 
@@ -157,5 +166,6 @@ def path_values(cfg: RunCfg) -> dict[str, str]:
     sources = cfg.data.path if isinstance(cfg.data.path, list) else []  # a mixture names a file per source
     flat = {"model": cfg.model, "data.path": None if sources else cfg.data.path, "data.eval_path": cfg.data.eval_path,
             "method.tokenizer_name_or_path": cfg.method.args.get("tokenizer_name_or_path"),
+            "train.start_from": cfg.train.start_from,
             **{f"data.path[{i}].path": source.path for i, source in enumerate(sources)}}
     return {k: v for k, v in flat.items() if v}

@@ -9,7 +9,11 @@ child's output) and launch.json (each launch's command, pid and exit code).
 Status: running (the page's child is alive, or the run's lock is held), finished (summary.json),
 interrupted (a complete checkpoint, no summary), failed (no checkpoint, and the child exited
 non-zero or never made the folder). Every reader tolerates a folder that changes or goes while it
-reads.
+reads, and files of any shape in it.
+
+The page acts only inside the runs folder and only on processes it started: a link there (a run
+folder, RUNS/.ui, a file in a run) is never followed, and Stop signals the page's own children, never
+a pid a lock file names, since anyone who can write the runs folder can write that pid.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -45,6 +52,44 @@ def inside(path: str | Path, roots: list[Path]) -> Path | None:
     return resolved if any(resolved == r or resolved.is_relative_to(r) for r in roots) else None
 
 
+def own(path: Path) -> Path | None:
+    """``path`` (absolute, under a resolved root) if no link leads to it, else None: a run's files are
+    read where they are, never through a link to somewhere else."""
+    return path if path.resolve() == path else None
+
+
+def first_link(folder: Path) -> Path | None:
+    """A link at or under ``folder``, if there is one: a run the page resumes or loads must hold none,
+    or the child would write, or the page read, through it."""
+    if folder.is_symlink():
+        return folder
+    for parent, dirs, files in os.walk(folder):
+        for entry in (*dirs, *files):
+            if os.path.islink(os.path.join(parent, entry)):
+                return Path(parent, entry)
+    return None
+
+
+def read_text(path: Path, tail: int | None = None) -> str | None:
+    """A plain file's text (its last ``tail`` bytes), or None: never through a link at its name (its
+    folder is checked by ``Runs.inside``), never a FIFO or a device, whose read would hang the page."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        if tail:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail))
+        return f.read().decode("utf-8", errors="replace")
+
+
+def finite(value) -> bool:
+    """A number the page can show (a NaN loss in metrics.jsonl is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -60,11 +105,11 @@ def lock_holder(folder: Path) -> int | None:
     holds the lock. (A probe is taken only when that process lives, so a run starting in a folder a
     dead run left is never kept from its lock.)"""
     try:
-        pid = int((folder / LOCK).read_text().strip() or 0)
+        pid = int((read_text(folder / LOCK) or "0").strip() or 0)
         if not _pid_alive(pid):
             return None
-        fd = os.open(folder / LOCK, os.O_RDONLY)
-    except (OSError, ValueError):
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (OSError, ValueError, OverflowError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,28 +129,28 @@ def _exit_text(code) -> str:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        value = json.loads(read_text(path) or "null")
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python reads
         return None
     return value if isinstance(value, dict) else None
 
 
 def _read_yaml(path: Path) -> dict | None:
     try:
-        value = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        value = yaml.safe_load(read_text(path) or "")
+    except (ValueError, RecursionError, yaml.YAMLError):
         return None
     return value if isinstance(value, dict) else None
 
 
+def _section(cfg: dict, key: str) -> dict:
+    value = cfg.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def log_tail(path: Path, lines: int = LOG_TAIL) -> str:
     """The last lines of a child's output; a progress bar's carriage returns keep its last state."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+    text = read_text(path, tail=64 * 1024) or ""
     shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
     return "\n".join(shown[-lines - 1:]).strip("\n")
 
@@ -123,23 +168,35 @@ class Runs:
 
     # --- names and folders -------------------------------------------------------------------
     def folder(self, name: str) -> Path:
-        """RUNS/NAME for a run name the page may use: one plain path component, nothing that escapes."""
+        """RUNS/NAME for a run name the page may use: one plain path component, nothing that escapes,
+        and not a link (through which a run would be read, resumed or written elsewhere)."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise UserError(f"{name!r} is not a run name", "run name",
                             fix="use letters, digits, '.', '_' and '-', starting with a letter or digit")
-        return self.root / name
+        return self.inside(self.root / name)
 
     def side(self, name: str) -> Path:
-        return self.root / SIDE / self.folder(name).name
+        return self.inside(self.root / SIDE / self.folder(name).name)
+
+    def inside(self, path: Path) -> Path:
+        """``path`` under RUNS, refused (naming the link) when a link leads to it."""
+        if own(path) is None:
+            link = next((p for p in reversed([path, *path.parents]) if p.is_symlink()), path)  # from RUNS down
+            raise UserError("a link, which this page does not follow",
+                            f"{self.display(self.root)}/{link.relative_to(self.root)}",
+                            fix="move what it points to into the runs folder, or remove the link")
+        return path
 
     def names(self) -> list[str]:
         """Every run: a folder under RUNS holding a run's files (a compare folder is not one), and
-        every run the page launched, even one whose folder is not there (yet, or any more)."""
-        found = set()
-        for base in (self.root, self.root / SIDE):
+        every run the page launched, even one whose folder is not there (yet, or any more); links and
+        what lies behind them are not runs."""
+        side, found = self.inside(self.root / SIDE), set()
+        for base in (self.root, side):
             with contextlib.suppress(OSError):
-                found.update(p.name for p in base.iterdir() if p.is_dir() and NAME.fullmatch(p.name))
-        return sorted(n for n in found if (self.root / SIDE / n).is_dir() or self._is_run(self.root / n))
+                found.update(p.name for p in base.iterdir() if NAME.fullmatch(p.name) and own(p) and p.is_dir())
+        return sorted(n for n in found if own(self.root / n) and own(side / n)
+                      and ((side / n).is_dir() or self._is_run(self.root / n)))
 
     @staticmethod
     def _is_run(folder: Path) -> bool:
@@ -155,16 +212,22 @@ class Runs:
     def config_path(self, name: str) -> Path | None:
         """The run's own config.yaml, else the one the page launched it with."""
         for path in (self.folder(name) / "config.yaml", self.side(name) / "config.yaml"):
-            if path.is_file():
+            if path.is_file() and not path.is_symlink():
                 return path
         return None
+
+    def config_text(self, name: str) -> str | None:
+        path = self.config_path(name)
+        return read_text(path) if path else None
 
     def metrics(self, name: str) -> tuple[list[dict], int]:
         """(metrics.jsonl's records, lines dropped as torn or malformed); read again only when it changed."""
         path = self.folder(name) / "metrics.jsonl"
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError:
+            return [], 0
+        if not stat.S_ISREG(st.st_mode):  # a link, a FIFO: not what a run writes
             return [], 0
         key = (st.st_mtime_ns, st.st_size)
         cached = self._metrics_cache.get(path)
@@ -176,15 +239,19 @@ class Runs:
 
     def launches(self, name: str) -> list[dict]:
         record = _read_json(self.side(name) / "launch.json") or {}
-        return record.get("launches") if isinstance(record.get("launches"), list) else []
+        launches = record.get("launches") if isinstance(record.get("launches"), list) else []
+        return [launch for launch in launches if isinstance(launch, dict)]
+
+    def child(self, name: str) -> subprocess.Popen | None:
+        """This page's own child running this run, if it is alive: the one process Stop may signal."""
+        with self._lock:
+            child = self._children.get(name)
+        return child if child is not None and child.poll() is None else None
 
     def running(self, name: str) -> int | None:
         """The pid of the process running this run (the page's child, or whoever holds its lock)."""
-        with self._lock:
-            child = self._children.get(name)
-        if child is not None and child.poll() is None:
-            return child.pid
-        return lock_holder(self.folder(name))
+        child = self.child(name)
+        return child.pid if child is not None else lock_holder(self.folder(name))
 
     def status(self, name: str) -> tuple[str, str]:
         """(running | finished | interrupted | failed, a sentence saying what the files show)."""
@@ -211,15 +278,15 @@ class Runs:
         status, detail = self.status(name)
         path = self.config_path(name)
         cfg = (_read_yaml(path) if path else None) or {}
-        method = cfg.get("method", {})
-        data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-        summary = _read_json(self.folder(name) / "summary.json") or {}
+        method, data = cfg.get("method", {}), _section(cfg, "data")
+        summary = self.summary(name) or {}
         records, _ = self.metrics(name)
-        accuracies = [r["eval_accuracy"] for r in records if isinstance(r.get("eval_accuracy"), (int, float))]
-        losses = [r["eval_loss"] for r in records if isinstance(r.get("eval_loss"), (int, float))]
-        after = summary.get("after") if isinstance(summary.get("after"), dict) else {}
-        if accuracies or "accuracy" in after:
-            best = ("accuracy", max(accuracies + ([after["accuracy"]] if "accuracy" in after else [])))
+        accuracies = [r["eval_accuracy"] for r in records if finite(r.get("eval_accuracy"))]
+        losses = [r["eval_loss"] for r in records if finite(r.get("eval_loss"))]
+        after = _section(summary, "after")
+        accuracies += [after["accuracy"]] if finite(after.get("accuracy")) else []
+        if accuracies:
+            best = ("accuracy", max(accuracies))
         elif losses:
             best = ("eval loss", min(losses))
         else:
@@ -228,7 +295,7 @@ class Runs:
         steps = summary.get("steps", records[-1]["step"] if records else None)
         return {"name": name, "method": method.get("name") if isinstance(method, dict) else method,
                 "data": data_name(data.get("path")), "status": status,
-                "detail": detail, "steps": steps, "max_steps": (cfg.get("train") or {}).get("max_steps"),
+                "detail": detail, "steps": steps, "max_steps": _section(cfg, "train").get("max_steps"),
                 "best": best, "seconds": seconds, "classification": data.get("format") == "classification",
                 "has_result": (self.folder(name) / "final").is_dir()}
 
@@ -248,29 +315,35 @@ class Runs:
         write_text(side / "config.yaml", cfg_yaml)
         self._launch(name, ["train", self.display(side / "config.yaml")])
 
-    def resume(self, name: str) -> None:
-        """``tuneforge train CONFIG --resume`` on the config the run recorded, into its own folder."""
+    def resume(self, name: str, check: Callable[[Path], None]) -> None:
+        """``tuneforge train CONFIG --resume`` on the config the run recorded, into its own folder, once
+        ``check`` has passed that config."""
         folder = self.folder(name)
         if self.running(name) is not None:
             raise UserError("this run is still running", self.display(folder), fix="stop it first")
+        if (link := first_link(folder)) is not None:
+            raise UserError("a link in the run's folder, which this page does not follow (the run would write "
+                            "through it)", self.display(link.parent) + "/" + link.name,
+                            fix="resume it from a terminal if the link is meant to be there")
         if not complete(folder / "checkpoints") or not (folder / "config.yaml").is_file():
             raise UserError("this run has no checkpoint to resume from", self.display(folder),
                             fix="start a new run with its settings")
+        check(folder / "config.yaml")
         self._launch(name, ["train", self.display(folder / "config.yaml"), "--resume", "--set",
                             f"train.output_dir={self.display(folder)}"])
 
     def stop(self, name: str) -> int:
-        """SIGINT to the run's process: it saves a checkpoint and exits 130, as after Ctrl-C."""
-        pid = self.running(name)
-        if pid is None:
-            raise UserError("this run is not running", self.display(self.folder(name)))
-        with self._lock:
-            child = self._children.get(name)
-        if child is not None and child.pid == pid:
-            child.send_signal(signal.SIGINT)
-        else:
-            os.kill(pid, signal.SIGINT)
-        return pid
+        """SIGINT to the run's process, which this page started: it saves a checkpoint and exits 130, as
+        after Ctrl-C. A run another process started is stopped where it runs: the pid its lock file names
+        is whatever that file says."""
+        child = self.child(name)
+        if child is None:
+            elsewhere = self.running(name) is not None
+            raise UserError("this run was not started by this page" if elsewhere else "this run is not running",
+                            self.display(self.folder(name)),
+                            fix="stop it where it was started (Ctrl-C in its terminal)" if elsewhere else None)
+        child.send_signal(signal.SIGINT)
+        return child.pid
 
     def _launch(self, name: str, args: list[str]) -> None:
         side = self.side(name)

@@ -1,16 +1,21 @@
 """The web server of `tuneforge ui`: a small Starlette app serving one HTML page, its script and a
 JSON API, run by uvicorn.
 
-Safe by default: it binds 127.0.0.1 and answers only requests addressed to a local name (a page
-elsewhere cannot reach it through DNS rebinding); bound to another host, every request needs the
-access token printed at start (the printed address carries it once, then a cookie does). A POST
-must be JSON, which a form on another site cannot send. Every file a request names resolves
-inside the runs folder or a data folder given on the command line.
+Safe by default, as Jupyter is: it binds 127.0.0.1 and there answers only requests addressed to a
+local name (a page elsewhere cannot reach it through DNS rebinding), and every request needs the
+access token printed at start, on 127.0.0.1 too, since every local account and process can reach that
+address. The printed address carries the token once; then a cookie opens the pages, and the page's
+script sends it as a header. A request that acts or costs (a POST: start, stop, resume, estimate, a
+model loaded to try) must carry that header, be JSON and come from the page's own origin, none of
+which a page on another site can arrange; its body is capped (413). Every file a request names,
+and every file a run's config names when the page resumes or loads it, resolves inside the runs
+folder or a data folder given on the command line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,8 +29,10 @@ from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from starlette.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse,
+                                 StreamingResponse)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -33,11 +40,13 @@ from tuneforge.core import config
 from tuneforge.core.config import RunCfg
 from tuneforge.core.errors import UserError
 from tuneforge.apps.ui import form
-from tuneforge.apps.ui.runs import SIDE, Runs, inside
+from tuneforge.apps.ui.runs import SIDE, Runs, finite, inside
 
 STATIC = Path(__file__).with_name("static")
 LOCAL_NAMES = {"127.0.0.1", "localhost", "::1"}
-COOKIE = "tuneforge_token"
+COOKIE, HEADER = "tuneforge_token", "x-tuneforge-token"
+MAX_BODY = 1 << 20  # bytes of a request's body: a form is a few KiB; more is refused (413), not read
+MAX_DEPTH = 32  # levels of nesting a JSON answer keeps: more than anything the page shows
 DATA_SUFFIXES = {".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt"}
 SCAN_DEPTH, SCAN_LIMIT = 4, 500  # how deep and how many entries the lists of models and data files look
 
@@ -46,10 +55,17 @@ class NotFound(UserError):
     """A run or file that is not there: said on the page with status 404."""
 
 
+class TooLarge(UserError):
+    """A request body over ``MAX_BODY``: said with status 413."""
+
+
+STATUS = {NotFound: 404, TooLarge: 413}
+
+
 class Gate:
     """ASGI middleware in front of every route, static files included (see the module's docstring)."""
 
-    def __init__(self, app, token: str | None, local: bool):
+    def __init__(self, app, token: str, local: bool):
         self.app, self.token, self.local = app, token, local
 
     async def __call__(self, scope, receive, send):
@@ -57,27 +73,89 @@ class Gate:
             return await self.app(scope, receive, send)
         request = Request(scope)
         response = self.refusal(request)
-        if response is None and self.token and request.method == "GET" and request.query_params.get("token"):
+        if response is None and request.method == "GET" and request.query_params.get("token"):
             # The printed address: the token moves into a cookie and out of the address bar.
             rest = request.url.remove_query_params("token")
             response = RedirectResponse(rest.path + (f"?{rest.query}" if rest.query else ""), status_code=303)
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            response.set_cookie(self.cookie(scope), self.token, httponly=True, samesite="strict")
         if response is not None:
             return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        await self.app(scope, _capped(receive), send)
+
+    @staticmethod
+    def cookie(scope) -> str:
+        """The cookie's name, by port: a browser sends localhost's cookies to every port, and two pages
+        on one machine must not overwrite each other's token."""
+        return f"{COOKIE}_{(scope.get('server') or ('', 0))[1]}"
 
     def refusal(self, request: Request):
         if self.local and urlsplit("//" + request.headers.get("host", "")).hostname not in LOCAL_NAMES:
             return PlainTextResponse("this page answers only at 127.0.0.1 or localhost\n", status_code=403)
-        if self.token:
-            given = (request.query_params.get("token") or request.headers.get("x-tuneforge-token")
-                     or request.cookies.get(COOKIE) or "")
-            if not secrets.compare_digest(given.encode(), self.token.encode()):
-                return PlainTextResponse("this server needs its access token: open the address `tuneforge ui` "
+        header = request.headers.get(HEADER, "")
+        if request.method == "GET":
+            cookie = request.cookies.get(self.cookie(request.scope), "")
+            given = request.query_params.get("token") or header or cookie
+            if not self.valid(given):
+                return PlainTextResponse("this page needs its access token: open the address `tuneforge ui` "
                                          "printed when it started (it ends in ?token=...)\n", status_code=401)
-        if request.method == "POST" and request.headers.get("content-type", "").split(";")[0] != "application/json":
+            return None
+        # A request that acts: the header only the page's own script can send, from the page's own origin.
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+            return PlainTextResponse(f"a request from another site ({origin}) is refused\n", status_code=403)
+        if not self.valid(header):
+            return PlainTextResponse("send the page's access token in the X-Tuneforge-Token header (the page's "
+                                     "own script does)\n", status_code=401)
+        if request.headers.get("content-type", "").split(";")[0] != "application/json":
             return PlainTextResponse("send JSON (Content-Type: application/json)\n", status_code=415)
+        if not request.headers.get("content-length", "0").isdigit():
+            return PlainTextResponse("a Content-Length that is not a number\n", status_code=400)
+        if int(request.headers.get("content-length", "0")) > MAX_BODY:
+            return PlainTextResponse(f"the request is over {MAX_BODY} bytes\n", status_code=413)
         return None
+
+    def valid(self, given: str) -> bool:
+        return secrets.compare_digest(given.encode(), self.token.encode())
+
+
+def _capped(receive):
+    """``receive`` that stops a body (one sent in chunks, without a length) once it passes ``MAX_BODY``."""
+    seen = 0
+
+    async def capped():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > MAX_BODY:
+            raise TooLarge(f"the request is over {MAX_BODY} bytes", "request", fix="send a smaller form")
+        return message
+
+    return capped
+
+
+def _plain(value, depth: int = 0):
+    """``value`` as strict JSON can carry it: a non-finite number (a NaN loss a run logged) is null, and
+    anything nested deeper than ``MAX_DEPTH`` (no run writes that) is left out."""
+    if isinstance(value, float):
+        return value if finite(value) else None
+    if depth >= MAX_DEPTH and isinstance(value, (dict, list, tuple)):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    return value
+
+
+def number(value) -> int | float | None:
+    return value if finite(value) else None
+
+
+class Json(JSONResponse):
+    """Every JSON answer of the API, through ``_plain``."""
+
+    def render(self, content) -> bytes:
+        return super().render(_plain(content))
 
 
 class Estimator:
@@ -124,7 +202,14 @@ class App:
     """What the routes share: the folders, the runs, the estimator and the Try page's model."""
 
     def __init__(self, runs_dir: str | Path, data_dirs: list[str | Path], cwd: str | Path | None = None):
-        self.runs = Runs(runs_dir, cwd)
+        if Path(cwd or os.getcwd(), runs_dir).is_file():
+            raise UserError("is a file, not a folder", f"--runs {runs_dir}",
+                            fix="name a folder for the runs (it is made if it is missing)")
+        try:
+            self.runs = Runs(runs_dir, cwd)
+        except OSError as exc:
+            raise UserError(f"cannot make the folder: {exc.strerror}", f"--runs {runs_dir}",
+                            fix="name a folder you can write") from None
         self.data_dirs = []
         for d in data_dirs:
             path = Path(self.runs.cwd, d).resolve()
@@ -141,8 +226,23 @@ class App:
         if self._playground is None:
             from tuneforge.apps.ui.tryout import Playground
 
-            self._playground = Playground(self.runs)
+            self._playground = Playground(self.runs, self.check)
         return self._playground
+
+    def check(self, cfg: RunCfg, source: str) -> None:
+        """Every file ``cfg`` names (a named model aside) lies inside the runs folder or a data folder;
+        else a UserError naming the key, as ``source`` (the form, or a run's config.yaml) wrote it."""
+        from tuneforge.io.load import NAMED_MODELS
+
+        for key, value in form.path_values(cfg).items():
+            if key == "model" and value in NAMED_MODELS:
+                continue
+            if "\0" in value:
+                raise UserError("a path cannot hold a NUL byte", f"{source}: key '{key}'", fix="correct the path")
+            if inside(Path(self.runs.cwd, value), self.roots) is None:
+                raise UserError(f"{value!r} is outside the folders this page may read", f"{source}: key '{key}'",
+                                fix="choose a file under " + ", ".join(self.runs.display(r) for r in self.roots)
+                                    + ", or start tuneforge ui with --data FOLDER")
 
     # --- the New run page --------------------------------------------------------------------
     def scan(self) -> tuple[list[str], list[str]]:
@@ -185,16 +285,12 @@ class App:
         if not isinstance(values, dict):
             raise UserError("the request holds no form", "the form", fix="send {\"form\": {key: value}}")
         cfg = form.resolve(values, self.runs.display(folder))
-        from tuneforge.io.load import NAMED_MODELS
-
-        for key, value in form.path_values(cfg).items():
-            if key == "model" and value in NAMED_MODELS:
-                continue
-            if inside(Path(self.runs.cwd, value), self.roots) is None:
-                raise UserError(f"{value!r} is outside the folders this page may read", f"{form.SOURCE}: key '{key}'",
-                                fix="choose a file under " + ", ".join(self.runs.display(r) for r in self.roots)
-                                    + ", or start tuneforge ui with --data FOLDER")
+        self.check(cfg, form.SOURCE)
         return name, cfg
+
+    def resume(self, name: str) -> None:
+        """Resume a run, once the files its config.yaml names are checked as a new run's are."""
+        self.runs.resume(name, lambda path: self.check(config.from_yaml(path), self.runs.display(path)))
 
     def examples(self, cfg: RunCfg) -> int | None:
         """About how many training examples the run will have (rows after the split and the cap), so
@@ -225,13 +321,17 @@ class App:
             if summary is None:
                 skipped.append(name)
                 continue
-            after = summary.get("after") or {}
-            rows.append({"label": name, "method": summary.get("method"), "accuracy": after.get("accuracy"),
-                         "macro_f1": after.get("macro_f1"), "trainable_params": summary.get("trainable_parameters"),
-                         "peak_memory_mb": summary.get("peak_memory_mb"), "train_seconds": summary.get("seconds"),
-                         "infer_ms_per_example": 1000 * after["seconds"] / after["n"] if after.get("n") and
-                         "seconds" in after else None,
-                         "artifact_mb": summary["artifact_bytes"] / 2**20 if "artifact_bytes" in summary else None})
+            # Only finite numbers reach the table: a NaN, or a string where a number belongs, is a blank cell.
+            after = summary.get("after") if isinstance(summary.get("after"), dict) else {}
+            seconds, n = number(after.get("seconds")), number(after.get("n"))
+            size = number(summary.get("artifact_bytes"))
+            rows.append({"label": name, "method": str(summary.get("method") or ""),
+                         "accuracy": number(after.get("accuracy")), "macro_f1": number(after.get("macro_f1")),
+                         "trainable_params": number(summary.get("trainable_parameters")),
+                         "peak_memory_mb": number(summary.get("peak_memory_mb")),
+                         "train_seconds": number(summary.get("seconds")),
+                         "infer_ms_per_example": 1000 * seconds / n if seconds is not None and n else None,
+                         "artifact_mb": size / 2**20 if size is not None else None})
         if not rows:
             raise UserError("none of the chosen runs has finished", "Compare", fix="choose runs with a summary.json")
         key = hashlib.sha1(json.dumps(names).encode()).hexdigest()[:12]
@@ -244,7 +344,7 @@ class App:
                 "chart": f"/api/compare/{key}/compare.png?v={(out / 'compare.png').stat().st_mtime_ns}"}
 
     def compare_dir(self, key: str) -> Path:
-        return self.runs.root / SIDE / ".compare" / key
+        return self.runs.inside(self.runs.root / SIDE / ".compare" / key)
 
 
 async def _body(request: Request) -> dict:
@@ -252,27 +352,31 @@ async def _body(request: Request) -> dict:
         body = await request.json()
     except ValueError:
         raise UserError("the request is not valid JSON", "request") from None
+    except RecursionError:
+        raise UserError("the request is nested deeper than a form is", "request") from None
     if not isinstance(body, dict):
         raise UserError("the request must be a JSON object", "request")
     return body
 
 
-def _error(exc: UserError) -> JSONResponse:
-    return JSONResponse({"error": exc.line(), "key": form.error_key(exc.where)},
-                        status_code=404 if isinstance(exc, NotFound) else 400)
+def _error(exc: UserError) -> Json:
+    return Json({"error": exc.line(), "key": form.error_key(exc.where)}, status_code=STATUS.get(type(exc), 400))
 
 
-def create_app(runs_dir: str | Path, data_dirs: list[str | Path], *, token: str | None = None, local: bool = True,
+def create_app(runs_dir: str | Path, data_dirs: list[str | Path], *, token: str, local: bool = True,
                cwd: str | Path | None = None) -> Gate:
-    """The whole app as an ASGI callable; ``token`` (for a non-local host) is required by every request."""
+    """The whole app as an ASGI callable; ``token`` is required by every request."""
     return build(App(runs_dir, data_dirs, cwd), token, local)
 
 
-def build(app: App, token: str | None, local: bool) -> Gate:
+def build(app: App, token: str, local: bool) -> Gate:
     runs = app.runs
+    # The page carries the token for its script to send; only a request that already had it gets the page.
+    html = (STATIC / "index.html").read_text(encoding="utf-8").replace(
+        "<head>", f'<head>\n<meta name="tuneforge-token" content="{token}">', 1)
 
     def page(_request):
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     def known(name: str) -> str:
         if not (runs.folder(name).is_dir() or runs.side(name).is_dir()):
@@ -281,25 +385,23 @@ def build(app: App, token: str | None, local: bool) -> Gate:
         return name
 
     async def options(_request):
-        return JSONResponse(app.options())
+        return Json(app.options())
 
-    async def resolve(request):
-        name, cfg = app.resolve(await _body(request))
-        return JSONResponse({"name": name, "yaml": config.to_yaml(cfg)})
+    async def resolve(request):  # the parser, in a worker thread: the page's other requests go on meanwhile
+        name, cfg = await run_in_threadpool(app.resolve, await _body(request))
+        return Json({"name": name, "yaml": config.to_yaml(cfg)})
 
     def estimate_sync(body: dict) -> dict:
         _name, cfg = app.resolve(body)
         return app.estimator(cfg, app.examples(cfg))
 
     async def estimate(request):
-        from starlette.concurrency import run_in_threadpool
-
-        return JSONResponse(await run_in_threadpool(estimate_sync, await _body(request)))
+        return Json(await run_in_threadpool(estimate_sync, await _body(request)))
 
     async def start(request):
-        name, cfg = app.resolve(await _body(request))
+        name, cfg = await run_in_threadpool(app.resolve, await _body(request))
         runs.start(name, config.to_yaml(cfg))
-        return JSONResponse({"name": name, "url": f"/runs/{name}"})
+        return Json({"name": name, "url": f"/runs/{name}"})
 
     def runs_list(_request):
         out = []
@@ -308,42 +410,38 @@ def build(app: App, token: str | None, local: bool) -> Gate:
                 out.append(runs.row(name))
             except OSError as exc:  # a folder deleted while it was read
                 out.append({"name": name, "status": "failed", "detail": f"could not read it: {exc.strerror}"})
-        return JSONResponse({"runs": out, "runs_dir": runs.display(runs.root)})
+        return Json({"runs": out, "runs_dir": runs.display(runs.root)})
 
     def run_detail(request):
         name = known(request.path_params["name"])
         row = runs.row(name)
         records, dropped = runs.metrics(name)
-        path = runs.config_path(name)
-        return JSONResponse({**row, "config": path.read_text(encoding="utf-8") if path else None,
-                             "summary": runs.summary(name), "log": runs.log(name),
-                             "launched_here": runs.side(name).is_dir(), "folder": runs.display(runs.folder(name)),
-                             "dropped": dropped})
+        return Json({**row, "config": runs.config_text(name), "summary": runs.summary(name), "log": runs.log(name),
+                     "launched_here": runs.side(name).is_dir(), "stoppable": runs.child(name) is not None,
+                     "folder": runs.display(runs.folder(name)), "dropped": dropped})
 
     def run_metrics(request):
         name = known(request.path_params["name"])
         records, dropped = runs.metrics(name)
         keep = ("step", "loss", "eval_loss", "eval_accuracy")
-        return JSONResponse({"records": [{k: r[k] for k in keep if k in r} for r in records], "dropped": dropped})
+        return Json({"records": [{k: r[k] for k in keep if k in r} for r in records], "dropped": dropped})
 
     def stop(request):
         pid = runs.stop(known(request.path_params["name"]))
-        return JSONResponse({"stopped": pid})
+        return Json({"stopped": pid})
 
     def resume(request):
         name = known(request.path_params["name"])
-        runs.resume(name)
-        return JSONResponse({"resumed": name})
+        app.resume(name)
+        return Json({"resumed": name})
 
     async def compare(request):
-        from starlette.concurrency import run_in_threadpool
-
         names = (await _body(request)).get("runs")
         if not isinstance(names, list) or not names:
             raise UserError("no runs chosen", "Compare", fix="tick the runs to compare")
         for name in names:
             known(name)
-        return JSONResponse(await run_in_threadpool(app.compare, names))
+        return Json(await run_in_threadpool(app.compare, names))
 
     def compare_png(request):
         key = request.path_params["key"]
@@ -352,26 +450,21 @@ def build(app: App, token: str | None, local: bool) -> Gate:
             raise NotFound("no such chart", "Compare", fix="compare the runs again")
         return FileResponse(path)
 
-    def try_info(request):
-        return JSONResponse(app.playground.get(known(request.path_params["name"])).info())
+    def try_info(request):  # a POST: it loads a model
+        return Json(app.playground.get(known(request.path_params["name"])).info())
 
     async def try_classify(request):
-        from starlette.concurrency import run_in_threadpool
-
         name, body = known(request.path_params["name"]), await _body(request)
-        return JSONResponse({"labels": await run_in_threadpool(app.playground.classify, name,
-                                                                str(body.get("text") or ""))})
+        return Json({"labels": await run_in_threadpool(app.playground.classify, name, str(body.get("text") or ""))})
 
     async def try_generate(request):
-        from starlette.concurrency import run_in_threadpool
-
         name, body = known(request.path_params["name"]), await _body(request)
         try:
             max_new = int(body.get("max_new_tokens") or 64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError("max new tokens must be a whole number", "Try", fix="write a number such as 64") from None
         pieces = await run_in_threadpool(app.playground.generate, name, str(body.get("text") or ""),
-                                         max(1, min(max_new, 2048)), body.get("system"))
+                                         max(1, min(max_new, 2048)), str(body.get("system") or ""))
         return StreamingResponse(pieces, media_type="text/plain; charset=utf-8")
 
     async def user_error(_request, exc):
@@ -379,7 +472,7 @@ def build(app: App, token: str | None, local: bool) -> Gate:
 
     async def crash(_request, exc):  # anything else: said on the page; the server goes on
         traceback.print_exception(exc, file=sys.stderr)
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        return Json({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     routes = [
         *(Route(p, page) for p in ("/", "/runs", "/runs/{name}", "/compare", "/try")),
@@ -395,7 +488,7 @@ def build(app: App, token: str | None, local: bool) -> Gate:
         Route("/api/runs/{name}/resume", resume, methods=["POST"]),
         Route("/api/compare", compare, methods=["POST"]),
         Route("/api/compare/{key}/compare.png", compare_png),
-        Route("/api/try/{name}", try_info),
+        Route("/api/try/{name}", try_info, methods=["POST"]),
         Route("/api/try/{name}/classify", try_classify, methods=["POST"]),
         Route("/api/try/{name}/generate", try_generate, methods=["POST"]),
     ]
@@ -404,21 +497,42 @@ def build(app: App, token: str | None, local: bool) -> Gate:
 
 def serve(runs_dir: str, data_dirs: list[str], host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve the page until Ctrl-C; runs it launched go on after it stops."""
-    local = host in LOCAL_NAMES
-    token = None if local else secrets.token_urlsafe(24)
-    app = App(runs_dir, data_dirs)
-    app.estimator.warm()
+    sock = listen(host, port)
     try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}", "--port",
-                        fix="choose another port with --port (0 takes any free one), or stop what uses it") from None
+        app = App(runs_dir, data_dirs)
+    except UserError:
+        sock.close()
+        raise
+    app.estimator.warm()
+    token = secrets.token_urlsafe(24)
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
+    url = f"http://{shown}:{sock.getsockname()[1]}/?token={token}"
     print(f"tuneforge ui: {url}", flush=True)
     print(f"tuneforge ui: runs in {app.runs.display(app.runs.root)}, data from "
           f"{', '.join(app.runs.display(d) for d in app.data_dirs) or '(none)'}; Ctrl-C stops the page "
           "(runs it started go on)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(build(app, token, local), log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(build(app, token, host in LOCAL_NAMES), log_level="warning",
+                                           access_log=False))
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The page's socket; what stops it is said of the option at fault: a port out of range, taken or
+    kept for root is --port's, a name that does not resolve or an address this machine lacks --host's."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"{port} is not a port", "--port", fix="choose one from 1 to 65535 (0 takes any free one)")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError, ValueError) as exc:  # UnicodeError: a name no DNS label can hold
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise UserError(f"cannot find the address {host!r}: {reason}", "--host",
+                        fix="give an address of this machine, such as 127.0.0.1 (the default)") from None
+    try:
+        return socket.create_server(address, family=family)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}", "--port", fix="choose another port "
+                            "with --port (0 takes any free one), or stop what uses it") from None
+        raise UserError(f"cannot listen on {host}: {exc.strerror}", "--host",
+                        fix="give an address of this machine, such as 127.0.0.1 (the default)") from None

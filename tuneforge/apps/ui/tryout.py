@@ -3,7 +3,8 @@ a text (the probability of each label, scored as the run's evaluation scores it)
 
 The base model and the run's adapter (or the run's whole model, for full fine-tuning) are loaded
 once and kept while the page keeps asking about the same run; one request uses the model at a time.
-This is inference: nothing here trains.
+This is inference: nothing here trains. What a run's config.yaml names (the base model, the data its
+labels come from) is checked as the New run form's paths are, and nothing is read through a link.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -26,7 +27,7 @@ from tuneforge.methods import feature_cache
 from tuneforge.io.load import load_model
 from tuneforge.io.peft_format import CONFIG, load_adapter
 from tuneforge.methods._shared import Injected
-from tuneforge.apps.ui.runs import Runs
+from tuneforge.apps.ui.runs import Runs, first_link
 
 
 @dataclass
@@ -53,10 +54,11 @@ class Loaded:
 
 
 class Playground:
-    """The loaded result of one run at a time."""
+    """The loaded result of one run at a time; ``check(cfg, source)`` refuses a config naming files
+    outside the folders the page may read."""
 
-    def __init__(self, runs: Runs):
-        self.runs = runs
+    def __init__(self, runs: Runs, check: Callable[[RunCfg, str], None]):
+        self.runs, self.check = runs, check
         self._loaded: Loaded | None = None
         self._load_lock = threading.Lock()
         self.use_lock = threading.Lock()  # one generation or scoring at a time
@@ -67,6 +69,10 @@ class Playground:
         if not final.is_dir() or not (folder / "config.yaml").is_file():
             raise UserError("this run has no result to try yet", self.runs.display(folder),
                             fix="choose a finished run")
+        for path in (folder / "config.yaml", final):
+            if (link := first_link(path)) is not None:
+                raise UserError("a link in the run's folder, which this page does not follow",
+                                self.runs.display(link.parent) + "/" + link.name, fix="try it from a terminal")
         key = (name, final.stat().st_mtime_ns)
         with self._load_lock:
             if self._loaded is None or self._loaded.key != key:
@@ -76,6 +82,7 @@ class Playground:
 
     def _load(self, name: str, key: tuple, folder) -> Loaded:
         cfg = config.from_yaml(folder / "config.yaml")
+        self.check(cfg, self.runs.display(folder / "config.yaml"))
         final = folder / "final"
         if (final / CONFIG).is_file():
             model, tokenizer = load_model(cfg.model, device=cfg.train.device, allow_pickle=cfg.allow_pickle)

@@ -3,6 +3,9 @@
 "use strict";
 
 const main = document.getElementById("main");
+// The access token the server put in this page: sent with every request, as only this page's own
+// script can (a page elsewhere can neither read it nor set the header).
+const TOKEN = document.querySelector('meta[name="tuneforge-token"]')?.content || "";
 
 // ---- small helpers ---------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -17,18 +20,26 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+function post(path, body) {
+  return fetch(path, { method: "POST", headers: { "Content-Type": "application/json", "X-Tuneforge-Token": TOKEN },
+                       body: JSON.stringify(body) });
+}
+
 async function api(path, body) {
-  const opts = body === undefined ? {} :
-    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
-  const response = await fetch(path, opts);
+  const response = body === undefined ? await fetch(path, { headers: { "X-Tuneforge-Token": TOKEN } })
+                                      : await post(path, body);
+  if (!response.ok) throw await failure(response);
+  return response.json();
+}
+
+// The error a refused request carries: the API's JSON {error, key}, or the gate's line of text.
+async function failure(response) {
+  const text = await response.text();
   let data;
-  try { data = await response.json(); } catch { data = { error: `${response.status} ${response.statusText}` }; }
-  if (!response.ok) {
-    const err = new Error(data.error || response.statusText);
-    err.key = data.key; err.status = response.status;
-    throw err;
-  }
-  return data;
+  try { data = JSON.parse(text); } catch { data = { error: text.trim() || `${response.status} ${response.statusText}` }; }
+  const err = new Error(data.error || response.statusText);
+  err.key = data.key; err.status = response.status;
+  return err;
 }
 
 const int = (n) => (n === null || n === undefined) ? "—" : Number(n).toLocaleString("en-US");
@@ -384,7 +395,8 @@ async function runPage(name) {
     if (!run.launched_here) notes.push("This run was not started from this page, so its log is not here.");
     message.textContent = notes.join(" ");
     message.hidden = !notes.length;
-    stop.disabled = run.status !== "running";
+    stop.disabled = !run.stoppable;  // only a run this page started: another is stopped where it runs
+    stop.title = run.status === "running" && !run.stoppable ? "started elsewhere: stop it where it runs" : "";
     resume.disabled = run.status !== "interrupted";
     tryLink.hidden = !run.has_result || run.status === "running";
     if (run.summary) summaryBox.replaceChildren(summaryTable(run.summary));
@@ -450,7 +462,7 @@ async function tryPage() {
     const name = select.value, base = `/api/try/${encodeURIComponent(name)}`;
     panels.append(el("p", { class: "muted", text: "loading the model and the run's result…" }));
     let info;
-    try { info = await api(base); } catch (err) { panels.replaceChildren(); showError(errorBox, err); return; }
+    try { info = await api(base, {}); } catch (err) { panels.replaceChildren(); showError(errorBox, err); return; }
     panels.replaceChildren();
     if (info.generates) {
       const system = el("textarea", { id: "try-system", rows: 2 });
@@ -463,9 +475,9 @@ async function tryPage() {
       go.addEventListener("click", async () => {
         go.disabled = true; out.textContent = ""; out.dataset.done = "";
         try {
-          const response = await fetch(`${base}/generate`, { method: "POST", headers: { "Content-Type": "application/json" },
-            body: JSON.stringify({ text: prompt.value, system: system.value, max_new_tokens: Number(maxNew.value) }) });
-          if (!response.ok) throw new Error((await response.json()).error);
+          const response = await post(`${base}/generate`,
+            { text: prompt.value, system: system.value, max_new_tokens: Number(maxNew.value) });
+          if (!response.ok) throw await failure(response);
           const reader = response.body.getReader(), decoder = new TextDecoder();
           for (;;) {
             const { value, done } = await reader.read();
