@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -287,3 +288,21 @@ def test_length_grouped_batches_cover_once_and_are_deterministic():
     assert max(lengths[i] for i in batches[0]) == max(lengths)  # the largest batch first
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 10  # random batches of 8 would spread about 80
+
+
+def test_the_render_limit_leaves_no_exception_behind():
+    """A block that ends as its time limit passes raises nothing later: an exception the watchdog sent
+    but the thread had not yet raised is withdrawn. A block past its limit is stopped."""
+    from tuneforge.data import instruct
+
+    for _ in range(200):
+        try:
+            with instruct.time_limit(0.001):
+                sum(range(20_000))
+        except instruct.RenderTimeout:
+            pass
+        time.sleep(0.002)  # where a late exception would surface
+    with pytest.raises(instruct.RenderTimeout):
+        with instruct.time_limit(0.05):
+            while True:
+                pass

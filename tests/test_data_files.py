@@ -162,7 +162,9 @@ def test_mixture_counts_keep_the_weights_without_repeating():
 
 
 def test_a_mixture_keeps_each_source_s_format_and_the_weights(tmp_path, tiny_tokenizer):
-    chats = write_file(tmp_path, "parquet", CHATS * 5)  # 60 chats
+    chats = write_file(tmp_path, "parquet", [{"messages": [{"role": "user", "content": f"say {i}"},
+                                                           {"role": "assistant", "content": f"{i} it is"}]}
+                                             for i in range(60)])  # 60 chats, none twice
     pairs = tmp_path / "pairs.csv"  # no header: the columns are named by the source
     pairs.write_text("".join(f"count to {i},{i + 1}\n" for i in range(30)))
     cfg = DataCfg(path=[SourceCfg(str(chats), weight=1), SourceCfg(str(pairs), weight=2, format="completion",

@@ -8,6 +8,11 @@ format and counts everything it drops or truncates in ``Datasets.report``.
 read, split and built into examples with its own format and columns, exactly as a run on that one
 file would be, and then each split takes from every source its share of the largest mixture that
 keeps the weights without repeating an example.
+
+An example split off for validation that is also a training example (a file with duplicate rows; for
+classification, a text also trained on under any label) is not held out: it would measure memory,
+not generalisation. The eval report counts those dropped. An explicit ``data.eval_path`` is taken as
+it is.
 """
 
 from __future__ import annotations
@@ -102,14 +107,32 @@ def load_datasets(cfg, tokenizer, seed: int = 0) -> Datasets:
         _check_documents(eval_rows or [], cfg.eval_path, cfg)
         data = _text(rows, eval_rows, cfg, tokenizer, seed)
     else:
-        if eval_rows is None:
+        split = eval_rows is None
+        if split:
             rows, eval_rows = split_rows(rows, cfg.val_fraction, seed)
         else:  # shuffled too, so that a cap takes a sample rather than a file's first rows
             rows, eval_rows = shuffled(rows, seed), shuffled(eval_rows, seed)
-        data = _supervised(rows, eval_rows, cfg, tokenizer)
+        data = _supervised(rows, eval_rows, cfg, tokenizer, unseen_only=split)
     if not data.train:
         _no_examples(data.report["train"], cfg.path, cfg)
     return data
+
+
+SEEN = "also a training example"  # dropped from a split-off validation share
+
+
+def example_keys(examples: list, items: list[ClassifyItem] | None) -> list[int]:
+    """A hash of what the model is shown of each example: a classification row's prompt (its text,
+    under any label), else the tokens of every row the example makes."""
+    if items is not None:
+        return [hash(tuple(item.prompt_ids)) for item in items]
+    return [hash(tuple(tuple(row.input_ids) for row in example.rows())) for example in examples]
+
+
+def unseen(trained: set[int], examples: list, items: list | None) -> tuple[list, list | None, int]:
+    """(the examples not in ``trained``, their items, how many were dropped)."""
+    keep = [k for k, key in enumerate(example_keys(examples, items)) if key not in trained]
+    return [examples[k] for k in keep], None if items is None else [items[k] for k in keep], len(examples) - len(keep)
 
 
 def _check_documents(rows: list[Row], path, cfg) -> None:
@@ -165,14 +188,18 @@ def _examples(rows: list[Row], cfg, tokenizer, names: list[str] | None) -> tuple
     return examples, None, dropped, truncated
 
 
-def _supervised(train_rows: list[Row], eval_rows: list[Row], cfg, tokenizer) -> Datasets:
-    """The instruction, completion and classification formats: one split of rows at a time."""
+def _supervised(train_rows: list[Row], eval_rows: list[Row], cfg, tokenizer, unseen_only: bool = False) -> Datasets:
+    """The instruction, completion and classification formats: one split of rows at a time.
+    ``unseen_only``: the eval rows were split off the training file, so they keep no training example."""
     words, names, built = None, None, {}
     if cfg.format == "classification":
         names = label_names(train_rows + eval_rows, cfg)  # both files: a label only in eval still gets a word
         words = label_words(names, cfg.verbalizer)
     for split, rows, cap in (("train", train_rows, cfg.max_examples), ("eval", eval_rows, cfg.max_eval_examples)):
         examples, items, dropped, truncated = _examples(rows, cfg, tokenizer, names)
+        if split == "eval" and unseen_only:
+            trained = set(example_keys(built["train"][0], built["train"][1]))
+            examples, items, dropped[SEEN] = unseen(trained, examples, items)
         examples, items = _capped(examples, items, cap)
         built[split] = (examples, items, _report(len(rows), examples, dropped, truncated))
     return Datasets(train=built["train"][0], eval=built["eval"][0], train_items=built["train"][1],
@@ -274,7 +301,11 @@ def _supervised_parts(mixed: list, rows: list[list[Row]], eval_rows: list[Row] |
         for split, split_of in (("train", train), ("eval", held)):
             examples, items, dropped, truncated = _examples(split_of, source.cfg, tokenizer, names)
             parts[split].append(_Part(examples, items, len(split_of), dropped, truncated))
-    if eval_rows is not None:
+    if eval_rows is None:  # held out of every source's training examples: the sources may share rows
+        trained = {key for part in parts["train"] for key in example_keys(part.examples, part.items)}
+        for part in parts["eval"]:
+            part.examples, part.items, part.dropped[SEEN] = unseen(trained, part.examples, part.items)
+    else:
         examples, items, dropped, truncated = _examples(shuffled(eval_rows, seed), cfg, tokenizer, names)
         parts["eval"] = [_Part(examples, items, len(eval_rows), dropped, truncated)]
     return parts, words

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tuneforge.data.readers import Row, field
+from tuneforge.data.readers import Row, as_text, text_field
 from tuneforge.core.errors import UserError
 
 # ShareGPT's role names (and those of the datasets derived from it) -> chat roles; "tool_call" makes
@@ -92,9 +92,10 @@ def prompt_completion(row: Row, prompt: Any, completion: Any) -> Conversation:
 
 def alpaca(row: Row) -> list[Conversation]:
     """One Alpaca triple (instruction, optional input, output), or one conversation per Self-Instruct instance."""
-    instruction = str(row["instruction"])
+    instruction = text_field(row, "instruction")
     if row.get("instances") is None:
-        return [_pair(instruction, row.get("input"), field(row, "output"))]
+        extra = row.get("input")
+        return [_pair(instruction, None if extra is None else text_field(row, "input"), text_field(row, "output"))]
     instances = row["instances"]
     if not isinstance(instances, list):
         raise UserError("'instances' must be a list of {input, output}", row.where)
@@ -103,13 +104,15 @@ def alpaca(row: Row) -> list[Conversation]:
         if not isinstance(instance, dict) or instance.get("output") is None:
             raise UserError(f"missing field 'instances[{k}].output'", row.where,
                             fix="give every instance an 'output' (and optionally an 'input')")
-        out.append(_pair(instruction, instance.get("input"), instance["output"]))
+        extra = instance.get("input")
+        out.append(_pair(instruction, None if extra is None else as_text(extra, f"'instances[{k}].input'", row.where),
+                         as_text(instance["output"], f"'instances[{k}].output'", row.where)))
     return out
 
 
-def _pair(instruction: str, extra, output) -> Conversation:
+def _pair(instruction: str, extra: str | None, output: str) -> Conversation:
     user = f"{instruction}\n\n{extra}" if extra else instruction
-    return Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": str(output)}], [1, 1])
+    return Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": output}], [1, 1])
 
 
 def chat_messages(messages: Any, key: str, where: str) -> tuple[list[dict], list[int]]:

@@ -7,7 +7,9 @@ training and evaluation share ``classification_prompt`` and ``answer_ids``.
 
 Labels are strings (mapped through ``verbalizer``, or used as their own word) or numeric scores
 cut by ``score_thresholds`` into "negative" and "positive"; scores between the two are dropped.
-Label order is the sorted label names (numeric names by value), so negative=0, positive=1.
+Label order is the sorted label names (numeric names by value), so negative=0, positive=1. Two
+spellings of one label ("Positive" and "positive"; 1, 1.0 and true) are refused rather than made two
+classes, unless the verbalizer lists both.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from tuneforge.data.collate import Example
 from tuneforge.data.instruct import render, special_ids, split_end_of_turn, to_example, tokens, uses_template
-from tuneforge.data.readers import Row, field
+from tuneforge.data.readers import Row, field, text_field
 from tuneforge.data.text import eos_id
 from tuneforge.core.errors import UserError
 
@@ -88,6 +90,30 @@ def label_text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value).strip()
 
 
+def label_key(name: str) -> str | float:
+    """What two spellings of one label share: its number (true is 1), else its lower case."""
+    low = name.casefold()
+    if low in ("true", "false"):
+        return float(low == "true")
+    try:
+        return float(name)
+    except ValueError:
+        return low
+
+
+def check_spellings(rows: list[Row], counts: Counter, column: str) -> None:
+    """Refuse labels that differ only in case or in how a number is written: they would be two classes."""
+    seen: dict[str | float, str] = {}
+    for name, _ in counts.most_common():
+        other = seen.setdefault(label_key(name), name)
+        if other != name:
+            where = {n: next(row.where for row in rows if label_text(row.get(column)) == n) for n in (other, name)}
+            raise UserError(f"label {name!r} here and label {other!r} ({where[other]}, {counts[other]} rows) are one "
+                            "label written two ways, and would train as two classes", where[name],
+                            fix="write the label one way in every row, or list both in data.verbalizer (label: word) "
+                                "if they are two classes")
+
+
 def sorted_labels(names) -> list[str]:
     """Numeric names by value ("2" before "10"), the others alphabetically after them."""
     def key(name: str):
@@ -110,6 +136,7 @@ def label_names(rows: list[Row], cfg) -> list[str]:
     if cfg.verbalizer:
         return sorted_labels(cfg.verbalizer)
     counts = Counter(label_text(field(row, cfg.label_column)) for row in rows)
+    check_spellings(rows, counts, cfg.label_column)
     # A label seen once or twice beside labels seen many times is most likely a typo, which would
     # silently become a class of its own.
     stray = [name for name, n in counts.items() if n <= 2 and max(counts.values()) >= 20]
@@ -183,7 +210,7 @@ def classify_examples(rows: list[Row], tokenizer, cfg, names: list[str]
         if label is None:
             dropped["a score between the thresholds"] += 1
             continue
-        text = clean_text(str(field(row, cfg.text_column)))
+        text = clean_text(text_field(row, cfg.text_column))
         prompt, cut = fitted_prompt(tokenizer, text, cfg, words, budget)
         if prompt is None:
             dropped["the question and an answer do not fit in max_length"] += 1

@@ -11,18 +11,31 @@ The prompt/answer boundary comes from the template itself: the conversation up t
 with the generation prompt, must be a prefix of the conversation including that turn; the text in
 between is the answer. Each piece is tokenized on its own, exactly as generation will see it: the
 prompt's tokens first, then whatever the model produces.
+
+A chat template is code from the model's folder. jinja's sandbox keeps it from Python's internals
+(reaching past it is a SecurityError, refused naming the template's file), but not from looping:
+every render here runs within ``RENDER_SECONDS``, and a template that runs longer is stopped and
+refused (``apply_template``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
 import re
+import threading
+import time
 from collections import Counter
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from jinja2.exceptions import SecurityError
 
 from tuneforge.data.chat import PROMPT_FIELD, Conversation, conversations, form, prompt_completion
 from tuneforge.data.collate import IGNORE, Example
-from tuneforge.data.readers import Row, field
+from tuneforge.data.readers import Row, field, text_field
 from tuneforge.data.text import eos_id
 from tuneforge.core.errors import UserError
 
@@ -50,10 +63,110 @@ def special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
 
 
+RENDER_SECONDS = 10.0  # a chat template renders in milliseconds; nested loops over the messages can take hours
+
+
+class RenderTimeout(Exception):
+    """Raised inside a render that ran past its time limit."""
+
+
+class _Watchdog:
+    """One daemon thread that sends RenderTimeout into each thread whose render passed its deadline. A
+    trace function could stop a loop too, but it slows every render threefold; this costs a lock."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.deadlines: dict[int, float] = {}  # thread id -> when the render that thread is in must stop
+        self.fired: set[int] = set()  # threads a RenderTimeout was sent to
+        self.thread: threading.Thread | None = None
+        self.idle = True  # waiting for no deadline: a new one must wake it
+
+    def run(self) -> None:
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                for ident, deadline in self.deadlines.items():
+                    if deadline <= now and ident not in self.fired:
+                        self.fired.add(ident)
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                                   ctypes.py_object(RenderTimeout))
+                waiting = [d for ident, d in self.deadlines.items() if ident not in self.fired]
+                self.idle = not waiting
+                self.cond.wait(min(waiting) - now if waiting else None)
+
+    @contextlib.contextmanager
+    def limit(self, seconds: float) -> Iterator[None]:
+        """Raise RenderTimeout in the block once it has run ``seconds`` (when it next runs Python code)."""
+        ident = threading.get_ident()
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="tuneforge-render-limit", daemon=True)
+                self.thread.start()
+            self.fired.discard(ident)
+            self.deadlines[ident] = time.monotonic() + seconds
+            if self.idle:
+                self.cond.notify()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.deadlines.pop(ident, None)
+                fired = ident in self.fired
+                self.fired.discard(ident)
+                if fired:  # an exception sent but not yet raised must not surface after the block
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+            if fired:
+                raise RenderTimeout
+
+
+_watchdog = _Watchdog()
+os.register_at_fork(after_in_child=_watchdog.__init__)  # a forked child has no watchdog thread, maybe a held lock
+time_limit = _watchdog.limit
+
+
+def template_source(tokenizer) -> str:
+    """The file of the folder the tokenizer came from that holds its chat template ("" if none)."""
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    return next((str(folder / name) for name in ("chat_template.jinja", "tokenizer_config.json")
+                 if (folder / name).is_file()), "")
+
+
+def apply_template(tokenizer, messages: list[dict], generation_prompt: bool = False, tools: list | None = None,
+                   where: str | None = None, source: str | None = None) -> str:
+    """The chat template applied to ``messages``, within RENDER_SECONDS. A template that runs longer or
+    reaches past jinja's sandbox is a UserError naming its file (``source``) and ``where``; its own
+    errors (roles must alternate, ...) propagate for the caller to word."""
+    try:
+        with time_limit(RENDER_SECONDS):
+            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+    except RenderTimeout:
+        what = f"did not finish rendering in {RENDER_SECONDS:g} s (it loops too long)"
+        fix = "fix or replace the template, or set data.chat_template: false"
+    except SecurityError as exc:
+        what, fix = f"reaches past jinja's sandbox ({exc})", "replace the template with one that only formats messages"
+    source = source or template_source(tokenizer)
+    raise UserError(f"the chat template{f' in {source}' if source else ''} {what}", where, fix=fix)
+
+
+def check_template(tokenizer, source: str | None = None) -> None:
+    """Render the chat template once as the tokenizer loads: a template that loops without end or
+    reaches past the sandbox is refused then, naming its file (``source``), whatever command uses it."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    try:
+        apply_template(tokenizer, [{"role": "user", "content": "Hello"}], True, source=source)
+    except UserError:
+        raise
+    except Exception:  # a template's own refusals (a system turn it needs, ...) concern conversations, not it
+        return
+
+
 def render(tokenizer, messages: list[dict], generation_prompt: bool, where: str, tools: list | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        return apply_template(tokenizer, messages, generation_prompt, tools, where)
+    except UserError:
+        raise
     except Exception as exc:  # a template raises its own errors (roles must alternate, ...)
         raise UserError(f"the chat template cannot render this conversation: {exc}", where,
                         fix="check the roles and their order, or set data.chat_template: false") from None
@@ -166,9 +279,10 @@ def check_tools_render(tokenizer, conv: Conversation, where: str) -> None:
         else:
             continue
         try:
-            shown = tokenizer.apply_chat_template(messages[:turn + 1], tools=tools, tokenize=False)
-            hidden = tokenizer.apply_chat_template(messages[:turn] + ([bare] if bare else []), tools=tools,
-                                                   tokenize=False)
+            shown = apply_template(tokenizer, messages[:turn + 1], tools=tools, where=where)
+            hidden = apply_template(tokenizer, messages[:turn] + ([bare] if bare else []), tools=tools, where=where)
+        except UserError:
+            raise
         except Exception as exc:
             raise UserError(f"the chat template cannot render {what}: {exc}", where, fix=fix) from None
         if shown == hidden:
@@ -246,24 +360,24 @@ def to_example(pieces: Pieces, max_length: int, train_on_prompt: bool, source: s
     return Example(ids, labels, source), truncated
 
 
-def completion_pieces(tokenizer, prompt, completion) -> Pieces:
+def completion_pieces(tokenizer, prompt: str, completion: str) -> Pieces:
     """A raw prompt then its completion and EOS; the loss is on the completion and EOS."""
-    return [(tokens(tokenizer, str(prompt)), PROMPT),
-            (tokens(tokenizer, str(completion)) + [eos_id(tokenizer)], ANSWER)]
+    return [(tokens(tokenizer, prompt), PROMPT), (tokens(tokenizer, completion) + [eos_id(tokenizer)], ANSWER)]
 
 
 def row_pieces(row: Row, tokenizer, cfg) -> list[Pieces]:
     """Each example of one row, as pieces."""
     if cfg.format == "completion":
         column = cfg.prompt_column if cfg.prompt_column in row or cfg.text_column not in row else cfg.text_column
-        prompt, completion = field(row, column), field(row, cfg.completion_column)
+        names = column, cfg.completion_column
     elif form(row) == "prompt_completion":
-        prompt, completion = row[PROMPT_FIELD], row["completion"]
+        names = PROMPT_FIELD, "completion"
     else:
         return [conversation_pieces(tokenizer, conv, cfg, row.where)[0] for conv in conversations(row, cfg.roles)]
+    prompt, completion = field(row, names[0]), field(row, names[1])
     if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
         return [conversation_pieces(tokenizer, prompt_completion(row, prompt, completion), cfg, row.where)[0]]
-    return [completion_pieces(tokenizer, prompt, completion)]
+    return [completion_pieces(tokenizer, text_field(row, names[0]), text_field(row, names[1]))]
 
 
 def supervised_examples(rows: list[Row], tokenizer, cfg) -> tuple[list[Example], Counter, int]:

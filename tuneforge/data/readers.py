@@ -56,6 +56,21 @@ def field(row: Row, name: str) -> Any:
     return row[name]
 
 
+def as_text(value: Any, what: str, where: str) -> str:
+    """``value`` if it is a string: a number, list or object would be trained on as its Python repr."""
+    if isinstance(value, str):
+        return value
+    kind = ("null" if value is None else "true/false" if isinstance(value, bool) else
+            f"a number ({value})" if isinstance(value, (int, float)) else f"a {type(value).__name__}")
+    raise UserError(f"{what} is {kind}, not text", where,
+                    fix="write it as a string (a number in quotes), or point the config at the column that holds text")
+
+
+def text_field(row: Row, name: str) -> str:
+    """``field(row, name)``, which must be text."""
+    return as_text(field(row, name), f"field '{name}'", row.where)
+
+
 class Source(NamedTuple):
     """One training source: its name in reports, the DataCfg that reads it and builds its examples
     (data's own, with this source's path, format, columns and text_column), its weight and row cap."""

