@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from transformers import TextStreamer
 
+from tuneforge.data.instruct import apply_template
+
 
 def encode_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None) -> dict[str, torch.Tensor]:
     """Token ids for one prompt: through the tokenizer's chat template when it has one, unless raw;
@@ -14,8 +16,8 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None 
     if not raw and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": prompt}]
-        return dict(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True))
+        text = apply_template(tokenizer, messages, True, where="--prompt")  # under the render time limit
+        return dict(tokenizer(text, add_special_tokens=False, return_tensors="pt"))
     return dict(tokenizer(prompt, return_tensors="pt"))
 
 

@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass
 
 from tuneforge.core.errors import UserError
+from tuneforge.data.instruct import RENDER_SECONDS, time_limit
 
 SYSTEM, USER, ASSISTANT, NEXT = "SYSTEM-MARK-7f3", "USER-MARK-7f3", "ASSISTANT-MARK-7f3", "NEXT-MARK-7f3"
 BOS = "BOS-MARK-7f3"  # passed as bos_token, to tell the template's {{ bos_token }} from text that merely equals it
@@ -126,8 +127,9 @@ def adds_bos(tokenizer) -> bool:
 
 def _jinja(tokenizer, messages: list[tuple[str, str]], generation: bool = True, **kwargs) -> str:
     try:
-        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                             add_generation_prompt=generation, **kwargs)
+        with time_limit(RENDER_SECONDS):  # a template that loops is refused as a failed render
+            return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                                 add_generation_prompt=generation, **kwargs)
     except Exception as exc:  # jinja2's own errors, and those the template raises itself
         raise _Failed(" ".join(f"{type(exc).__name__}: {exc}".split())) from None
 
