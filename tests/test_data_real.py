@@ -25,7 +25,8 @@ TOOLS = [{"tools": [WEATHER], "messages": [
         {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
     {"role": "tool", "name": "get_weather", "content": f"{degrees} degrees and sunny"},
     {"role": "assistant", "content": f"It is {degrees} degrees and sunny in {city}."}]}
-    for city, degrees in [("Paris", 21), ("Oslo", 9), ("Lima", 18), ("Cairo", 33)] * 2]
+    for city, degrees in [("Paris", 21), ("Oslo", 9), ("Lima", 18), ("Cairo", 33), ("Quito", 14), ("Perth", 25),
+                          ("Tunis", 27), ("Riga", 4)]]  # all different: a held-out copy of a training row is dropped
 CHATS = [{"messages": [{"role": "user", "content": f"Name a colour, number {i}."},
                        {"role": "assistant", "content": ["Red.", "Blue.", "Green.", "Amber."][i % 4]}]}
          for i in range(8)]

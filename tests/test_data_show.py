@@ -19,7 +19,8 @@ def test_data_shows_the_counts_and_marks_exactly_the_trained_tokens(tiny_dir, tm
     assert cli.main(["data", str(config)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("train: 3 rows -> 3 examples (0 dropped, 0 truncated)")
-    assert "\neval: 1 rows -> 1 examples" in out
+    # The held-out row is a copy of the training rows: dropped, and the line says why.
+    assert "\neval: 1 rows -> 0 examples (1 dropped" in out and "also a training example" in out.splitlines()[1]
     shown = out.split("\n--- ", 1)[1]
     assert shown.startswith(f"{data}:") and "trained)" in shown.splitlines()[0]
     text = shown.split("\n", 1)[1]

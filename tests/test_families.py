@@ -179,6 +179,7 @@ def test_an_encoder_is_refused_for_gradient_methods_and_named_features(tmp_path,
 
     bert = BertLMHeadModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, intermediate_size=128))
+    (tmp_path / "never-read.jsonl").write_text("not JSON: reading it would fail\n")  # it exists, so only reading fails
     cfg = config.from_dict({"method": {"name": "lora"}, "data": {"path": str(tmp_path / "never-read.jsonl")},
                             "train": {"output_dir": str(tmp_path / "run")}})
     with pytest.raises(UserError, match="is an encoder.*method.name: features"):

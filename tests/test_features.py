@@ -172,8 +172,9 @@ def test_config():
 
 
 def write_task(tmp_path, n: int = 40):
-    texts, labels = sentiment_task(n)
-    (tmp_path / "data.tsv").write_text("".join(f"{t}\t{['bad', 'good'][y]}\n" for t, y in zip(texts, labels)))
+    texts, labels = sentiment_task(n)  # numbered: a held-out text that is also a training text would be dropped
+    (tmp_path / "data.tsv").write_text("".join(f"{i}. {t}\t{['bad', 'good'][y]}\n"
+                                               for i, (t, y) in enumerate(zip(texts, labels))))
     return tmp_path / "data.tsv"
 
 
