@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tuneforge.model import targets
 from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
-from tuneforge.model.kernels import lora_update
+from tuneforge.model.kernels import lora_one_position, lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, find_targets,
                                        fold, in_out, injected, merge_wrapped, modules_of, peft_keys, same_config,
@@ -80,6 +80,9 @@ class LoRALinear(nn.Module, MethodModule):
         return weight
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if self._one_position(x):
+            return lora_one_position(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                                     self.lora_B.weight, self.scale)
         result = self.base_layer(x)
         if self.merged or not self.enabled:
             return result
@@ -97,6 +100,17 @@ class LoRALinear(nn.Module, MethodModule):
             bias = self.base_layer.bias
             base = result if bias is None else result - bias
         return (result + (g - 1) * base + g * lora).to(result.dtype)
+
+    def _one_position(self, x: Tensor) -> bool:
+        """Whether ``x`` is one position to decode through a plain linear base, with no graph, no dropout,
+        no autocast and no hook on the base layer: then ``lora_one_position`` does the whole layer."""
+        base = self.base_layer
+        return (x.numel() == x.shape[-1] and type(base) is nn.Linear and not self.merged and self.enabled
+                and self.lora_magnitude_vector is None and not torch.is_grad_enabled()
+                and not (self.training and isinstance(self.dropout, nn.Dropout))
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and x.dtype == base.weight.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     @torch.no_grad()
     def folded(self) -> nn.Module:

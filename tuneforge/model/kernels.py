@@ -17,6 +17,8 @@ for every adapted layer) and the gated MLP's three intermediate tensors. Here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,10 +31,14 @@ HEAD_CHUNK = 1024  # positions per chunk of logits: 1024 x 49,152 floats is 200 
 MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 
 
-# Dropout masks from a hash of (position, seed) instead of a random number per element: on the CPU, drawing
-# 0.6 M Bernoulli numbers costs several times the layer's own LoRA matmuls, while a multiply-xorshift hash
-# (the "lowbias32" constants) is a few integer passes. The seed is one draw of torch's generator per call, so
-# runs stay reproducible and resume to the same masks. int32 arithmetic wraps; shifts are made logical.
+# Dropout picks the elements it zeroes instead of drawing a number for each. Every element is hit by a
+# Poisson(lam) number of uniform draws, lam = -ln(1 - p), so it is zeroed (hit at least once) with probability
+# 1 - e^-lam = p, independently of every other element (Poisson splitting): in all a Poisson(n lam) number of
+# draws, each a position from a multiply-xorshift hash (the "lowbias32" constants) of its index and the seed.
+# At LoRA's usual rates that is a few draws per hundred elements: zeroing them in a copy of x is a scatter,
+# where a mask took a hash of every element and a masked pass, and backward keeps the draws (8 bytes each)
+# instead of a mask (1 byte per element) while they are fewer than an eighth of the elements. The seed is one draw of torch's CPU generator per call, so runs stay reproducible and resume to
+# the same masks. int32 arithmetic wraps; shifts are made logical.
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # as signed 32-bit integers
 _mixed_positions: dict[torch.device, Tensor] = {}
 
@@ -51,12 +57,37 @@ def _positions(n: int, device: torch.device) -> Tensor:
     return mixed[:n]
 
 
+def dropout_draws(n: int, p: float, seed: int, device: torch.device) -> Tensor:
+    """The positions (int64, in [0, n), some repeated) that dropout at rate ``p`` zeroes among ``n`` elements:
+    each element is among them independently with probability ``p`` (to 2^-32), a function of ``seed``
+    alone (the count is drawn from a generator seeded with it). On the meta device, as many as expected."""
+    lam = -math.log1p(-p)
+    if device.type == "meta":
+        return torch.empty(round(n * lam), dtype=torch.int64, device=device)
+    count = torch.Generator().manual_seed(seed % 2 ** 63)
+    draws = int(torch.poisson(torch.tensor(n * lam, dtype=torch.float64), generator=count))
+    h = _positions(draws, device).bitwise_xor(seed)
+    h = _mix(h, _MIX1).mul_(_MIX2)  # the high bits of the last product are the best mixed: scale on them
+    return h.to(torch.int64).bitwise_and_(0xFFFFFFFF).mul_(n).bitwise_right_shift_(32)  # uniform in [0, n)
+
+
+def _mask(draws: Tensor, n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.bool, device=draws.device).index_put_((draws,), torch.tensor(True))
+
+
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> Tensor:
-    """A boolean tensor of ``shape``, True where dropout zeroes an element: each element independently with
-    probability ``p`` (to 2^-32), a function of ``seed`` and its position alone."""
-    h = _positions(shape.numel(), device).bitwise_xor(seed)
-    h = _mix(h, _MIX1).mul_(_MIX2)  # the high bits of the last product are the best mixed: compare on them
-    return (h < round(p * 2 ** 32) - 2 ** 31).view(shape)
+    """A boolean tensor of ``shape``, True where dropout zeroes an element (``dropout_draws``' positions)."""
+    return _mask(dropout_draws(shape.numel(), p, seed, device), shape.numel()).view(shape)
+
+
+def _dropped(t: Tensor, drop: Tensor, dtype: torch.dtype, copy: bool = True) -> Tensor:
+    """``t`` in ``dtype`` with the elements ``drop`` names zeroed: positions (int64), or a boolean mask.
+    A copy, or ``t`` itself when ``copy`` is False (then ``t`` is contiguous)."""
+    if drop.dtype == torch.bool:
+        return t.to(dtype).masked_fill(drop.view(t.shape), 0) if copy else t.masked_fill_(drop.view(t.shape), 0)
+    out = t.to(dtype, copy=True, memory_format=torch.contiguous_format) if copy else t
+    out.view(-1).index_put_((drop,), torch.zeros((), dtype=out.dtype, device=out.device))  # quicker than index_fill_
+    return out
 
 
 def draw_seed() -> int:
@@ -68,12 +99,14 @@ class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
         # result (..., out), x (..., in), A (r, in), B (out, r). Dropout's 1 / (1 - p) is applied to the
-        # rank-r products, so that x itself takes one pass (the masked copy) in forward and one in backward.
-        xs = x.to(A.dtype)
-        drop = None
+        # rank-r products, so that x itself is copied once in forward and once in backward, its dropped
+        # positions zeroed in the copy.
+        xs, drop = x.to(A.dtype), None
         if p > 0:
-            drop = dropout_mask(x.shape, p, draw_seed(), x.device)
-            xs = xs.masked_fill(drop, 0)
+            drop = dropout_draws(x.numel(), p, draw_seed(), x.device)  # positions, while fewer than n / 8
+            if 8 * drop.numel() >= x.numel():  # else a one-byte mask is smaller and as quick
+                drop = _mask(drop, x.numel())
+            xs = _dropped(x, drop, A.dtype)
         a = xs.reshape(-1, xs.shape[-1]) @ A.t()  # (n, r)
         if p > 0:
             a.mul_(1 / (1 - p))
@@ -91,16 +124,24 @@ class _LoRAUpdate(torch.autograd.Function):
         ga = (g @ B).mul_(ctx.scale / (1 - ctx.p))  # (n, r), the dropout's rescaling included
         grad_A = grad_x = None
         if ctx.needs_input_grad[2]:
-            xd = x.reshape(-1, x.shape[-1]).to(A.dtype)
-            if drop is not None:
-                xd = xd.masked_fill(drop.reshape(xd.shape), 0)
-            grad_A = ga.t() @ xd  # (r, in)
+            xd = x.to(A.dtype) if drop is None else _dropped(x, drop, A.dtype)
+            grad_A = ga.t() @ xd.reshape(-1, x.shape[-1])  # (r, in)
         if ctx.needs_input_grad[1]:
-            gx = (ga @ A).view(x.shape)
+            gx = ga @ A  # (n, in), a new tensor
             if drop is not None:
-                gx.masked_fill_(drop, 0)
-            grad_x = gx.to(x.dtype)
+                _dropped(gx, drop, gx.dtype, copy=False)
+            grad_x = gx.view(x.shape).to(x.dtype)
         return grad, grad_x, grad_A, grad_B, None, None
+
+
+def lora_one_position(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``W x + b + s B A x`` for one position with no graph (a decoding step): three matrix-vector
+    products. A decoding step runs every adapted layer for one token, where the number of calls, not
+    their arithmetic, is the cost: this is the base layer's product and the update's two, with no module
+    call and no reshaping of a batch between them."""
+    v = x.reshape(-1)
+    y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
+    return torch.addmv(y, B, torch.mv(A, v), alpha=scale).view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_update(result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
