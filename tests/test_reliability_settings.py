@@ -138,10 +138,13 @@ def rank(monkeypatch, index: int, port: int, *args: str):
     return tuneforge(*args)
 
 
-def test_a_killed_process_is_one_line_for_the_others(tmp_path, tiny_dir, monkeypatch):
-    """Its peer's next collective fails: one line, exit 3, no backend traceback of forty lines."""
-    cfg = config(tmp_path, tiny_dir, train={"max_steps": 400, "save_steps": 2, "eval_steps": 0,
-                                            "grad_accum": 1, "dist_timeout_s": 60})
+@pytest.mark.parametrize("shape", ["ddp", "fsdp, evaluating"])
+def test_a_killed_process_is_one_line_for_the_others(shape, tmp_path, tiny_dir, monkeypatch):
+    """Its peer's next collective fails: one line, exit 3, no backend traceback of forty lines. Under
+    FSDP2 an evaluation after every step, most of the run: its forward gathers weights from the peer."""
+    sharded = {"fsdp": True, "eval_steps": 1} if shape.startswith("fsdp") else {"eval_steps": 0}
+    cfg = config(tmp_path, tiny_dir, train={"max_steps": 400, "save_steps": 2, "grad_accum": 1,
+                                            "dist_timeout_s": 60, **sharded})
     port = free_port()
     first, second = rank(monkeypatch, 0, port, "train", str(cfg)), rank(monkeypatch, 1, port, "train", str(cfg))
     deadline = time.time() + 120

@@ -178,6 +178,11 @@ class Distributed(Local):
                             else contextlib.nullcontext()):
             yield
 
+    def communicating(self):
+        """An evaluation of a sharded model gathers each block's weights in its forward: a lost peer
+        there is one line too."""
+        return _peers_lost()
+
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``t``: its shard of a DTensor, else ``t`` itself."""
         return t.to_local() if isinstance(t, DTensor) else t
