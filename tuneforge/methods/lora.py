@@ -19,6 +19,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks as _forward_hooks
+from torch.nn.modules.module import _global_forward_pre_hooks as _forward_pre_hooks
 
 from tuneforge.model import targets
 from tuneforge.core.errors import UserError
@@ -80,9 +82,8 @@ class LoRALinear(nn.Module, MethodModule):
         return weight
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if self._one_position(x):
-            return lora_one_position(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
-                                     self.lora_B.weight, self.scale)
+        if (one := self._one_position(x)) is not None:
+            return lora_one_position(x, *one, self.scale)
         result = self.base_layer(x)
         if self.merged or not self.enabled:
             return result
@@ -101,16 +102,23 @@ class LoRALinear(nn.Module, MethodModule):
             base = result if bias is None else result - bias
         return (result + (g - 1) * base + g * lora).to(result.dtype)
 
-    def _one_position(self, x: Tensor) -> bool:
-        """Whether ``x`` is one position to decode through a plain linear base, with no graph, no dropout,
-        no autocast and no hook on the base layer: then ``lora_one_position`` does the whole layer."""
-        base = self.base_layer
-        return (x.numel() == x.shape[-1] and type(base) is nn.Linear and not self.merged and self.enabled
-                and self.lora_magnitude_vector is None and not torch.is_grad_enabled()
-                and not (self.training and isinstance(self.dropout, nn.Dropout))
-                and not (base._forward_hooks or base._forward_pre_hooks)
-                and x.dtype == base.weight.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+    def _one_position(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
+        """The base weight and bias and A and B, when ``x`` is one position to decode through a plain linear
+        base with no graph, no dropout, no autocast, no hook and no replaced forward on the base layer: then
+        ``lora_one_position`` does the whole layer. Else None. Called once per layer and token, so it reads
+        the module's dictionaries directly (nn.Module's attribute lookup costs microseconds each)."""
+        if torch.is_grad_enabled() or x.numel() != x.shape[-1] or self.merged or not self.enabled:
+            return None
+        modules = self._modules
+        base = modules["base_layer"]
+        if (type(base) is not nn.Linear or self.lora_magnitude_vector is not None
+                or (self.training and type(modules["dropout"]) is nn.Dropout)
+                or base._forward_hooks or base._forward_pre_hooks or _forward_hooks or _forward_pre_hooks
+                or "forward" in base.__dict__ or torch.is_autocast_enabled(x.device.type)):
+            return None
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        A, B = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
+        return (weight, bias, A, B) if x.dtype == weight.dtype == A.dtype == B.dtype else None
 
     @torch.no_grad()
     def folded(self) -> nn.Module:

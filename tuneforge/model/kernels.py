@@ -6,9 +6,9 @@ What a training step of the default model kept, measured by the tensors autograd
 (``bench/memory.py``): two thirds of it were LoRA's dropout (a float32 mask and the dropped input
 for every adapted layer) and the gated MLP's three intermediate tensors. Here:
 
-- ``lora_update``: y = result + s * B A drop(x), saving x (which the base layer reads anyway), a
-  one-byte dropout mask (hashed from a seed, not drawn element by element) and the rank-r product
-  A drop(x); the dropped input is rebuilt in backward.
+- ``lora_update``: y = result + s * B A drop(x), saving x (which the base layer reads anyway), the
+  positions dropout zeroed (drawn, not a number per element; a one-byte mask where that is smaller)
+  and the rank-r product A drop(x); the dropped input is rebuilt in backward.
 - ``swiglu``: silu(gate) * up, saving gate and up only; silu is recomputed in backward.
 - ``head_logprobs``: the log-probabilities of chosen tokens under the output head, computed in
   chunks of positions and recomputed in backward, so that (positions, vocabulary) logits, their
@@ -34,12 +34,15 @@ MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 # Dropout picks the elements it zeroes instead of drawing a number for each. Every element is hit by a
 # Poisson(lam) number of uniform draws, lam = -ln(1 - p), so it is zeroed (hit at least once) with probability
 # 1 - e^-lam = p, independently of every other element (Poisson splitting): in all a Poisson(n lam) number of
-# draws, each a position from a multiply-xorshift hash (the "lowbias32" constants) of its index and the seed.
+# draws, each a position from two multiply-xorshift hashes (the "lowbias32" constants) of its index and the
+# seed: 53 bits, so that every position is as likely to within n / 2^53.
 # At LoRA's usual rates that is a few draws per hundred elements: zeroing them in a copy of x is a scatter,
 # where a mask took a hash of every element and a masked pass, and backward keeps the draws (8 bytes each)
-# instead of a mask (1 byte per element) while they are fewer than an eighth of the elements. The seed is one draw of torch's CPU generator per call, so runs stay reproducible and resume to
-# the same masks. int32 arithmetic wraps; shifts are made logical.
+# instead of a mask (1 byte per element) while they are fewer than an eighth of the elements. The seed is
+# one draw of torch's CPU generator per call, so runs stay reproducible and resume to the same masks. int32
+# arithmetic wraps; shifts are made logical.
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # as signed 32-bit integers
+_SECOND = 0x5BD1E995  # the second hash's seed, against the first's
 _mixed_positions: dict[torch.device, Tensor] = {}
 
 
@@ -59,20 +62,26 @@ def _positions(n: int, device: torch.device) -> Tensor:
 
 def dropout_draws(n: int, p: float, seed: int, device: torch.device) -> Tensor:
     """The positions (int64, in [0, n), some repeated) that dropout at rate ``p`` zeroes among ``n`` elements:
-    each element is among them independently with probability ``p`` (to 2^-32), a function of ``seed``
+    each element is among them independently with probability ``p`` (to n / 2^53), a function of ``seed``
     alone (the count is drawn from a generator seeded with it). On the meta device, as many as expected."""
     lam = -math.log1p(-p)
     if device.type == "meta":
         return torch.empty(round(n * lam), dtype=torch.int64, device=device)
     count = torch.Generator().manual_seed(seed % 2 ** 63)
     draws = int(torch.poisson(torch.tensor(n * lam, dtype=torch.float64), generator=count))
-    h = _positions(draws, device).bitwise_xor(seed)
-    h = _mix(h, _MIX1).mul_(_MIX2)  # the high bits of the last product are the best mixed: scale on them
-    return h.to(torch.int64).bitwise_and_(0xFFFFFFFF).mul_(n).bitwise_right_shift_(32)  # uniform in [0, n)
+    if draws >= 2 ** 31:  # beyond the int32 hash's indices: a number per element
+        return torch.rand(n, device=device).lt_(p).nonzero().squeeze(1)
+    mixed = _positions(draws, device)
+    high, low = (_mix(mixed.bitwise_xor(s), _MIX1).mul_(_MIX2) for s in (seed, seed ^ _SECOND))
+    # the high bits of each last product are the best mixed: 21 of the first and 32 of the second
+    u = high.bitwise_right_shift(11).bitwise_and_(0x1FFFFF).to(torch.int64).bitwise_left_shift_(32)
+    u.add_(low.to(torch.int64).bitwise_and_(0xFFFFFFFF))  # uniform in [0, 2^53), exact in float64
+    return u.double().mul_(n / 2 ** 53).long().clamp_(max=n - 1)
 
 
 def _mask(draws: Tensor, n: int) -> Tensor:
-    return torch.zeros(n, dtype=torch.bool, device=draws.device).index_put_((draws,), torch.tensor(True))
+    return torch.zeros(n, dtype=torch.bool, device=draws.device).index_put_((draws,), torch.ones((), dtype=torch.bool,
+                                                                                            device=draws.device))
 
 
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> Tensor:
@@ -101,8 +110,10 @@ class _LoRAUpdate(torch.autograd.Function):
         # result (..., out), x (..., in), A (r, in), B (out, r). Dropout's 1 / (1 - p) is applied to the
         # rank-r products, so that x itself is copied once in forward and once in backward, its dropped
         # positions zeroed in the copy.
-        xs, drop = x.to(A.dtype), None
-        if p > 0:
+        drop = None
+        if p == 0:
+            xs = x.to(A.dtype)
+        else:
             drop = dropout_draws(x.numel(), p, draw_seed(), x.device)  # positions, while fewer than n / 8
             if 8 * drop.numel() >= x.numel():  # else a one-byte mask is smaller and as quick
                 drop = _mask(drop, x.numel())

@@ -178,10 +178,10 @@ class Distributed(Local):
                             else contextlib.nullcontext()):
             yield
 
-    def communicating(self):
+    def communicating(self, model: nn.Module):
         """An evaluation of a sharded model gathers each block's weights in its forward: a lost peer
-        there is one line too."""
-        return _peers_lost()
+        there is one line too. Other models do not communicate in forward: their errors are their own."""
+        return _peers_lost() if self.sharded(model) else contextlib.nullcontext()
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``t``: its shard of a DTensor, else ``t`` itself."""

@@ -166,7 +166,8 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     with Guard(immediate=runtime.immediate_signals) as guard:
         try:
             if evaluator and cfg.eval_at_start and state.step == 0 and state.first is None:
-                with run.stop_point(guard), guard.abortable(), runtime.communicating():  # before/after's before
+                # the "before" of before/after, at step 0
+                with run.stop_point(guard), guard.abortable(), runtime.communicating(run.scored):
                     state.first = _timed(evaluator, run.scored)
                 run.log({"step": 0, **_numbers(state.first, "eval_")})
                 model.train()
@@ -330,7 +331,7 @@ class _Run:
     def evaluate(self, guard: Guard) -> str | None:
         """An evaluation of the current weights; a signal in it leaves it pending, for the resumed run."""
         self.progress.pending_eval = True
-        with self.stop_point(guard), guard.abortable(), self.runtime.communicating():
+        with self.stop_point(guard), guard.abortable(), self.runtime.communicating(self.scored):
             stop = _evaluate(self.scored, self.evaluator, self.progress, self.cfg, self.log)
         self.progress.pending_eval = False
         return stop

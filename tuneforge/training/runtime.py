@@ -77,9 +77,9 @@ class Local:
     def no_sync(self, model: nn.Module, last: bool):
         return contextlib.nullcontext()
 
-    def communicating(self):
-        """A region whose forward passes communicate (a sharded model's evaluation), where a lost peer
-        is one line: nothing to watch in one process."""
+    def communicating(self, model: nn.Module):
+        """A region where ``model``'s forward passes communicate (a sharded model's evaluation), where a
+        lost peer is one line: nothing to watch in one process."""
         return contextlib.nullcontext()
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
