@@ -57,8 +57,28 @@ def _before_classify():
         f.write(source)
     spec = importlib.util.spec_from_file_location("classify_before", f.name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def reference_predictions(model, pad_id: int, prompts: list[list[int]], answers: list[list[int]],
+                          batch_size: int = 8) -> list[int]:
+    """The plain way to label prompts with a Transformers model: batches left-padded, the whole logits
+    of the last position, the (one-token) label words' columns compared. Returns each prompt's label."""
+    import torch
+
+    columns = [a[0] for a in answers]
+    predicted = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            rows = prompts[i:i + batch_size]
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+            predicted += logits[:, columns].argmax(1).tolist()
+    return predicted
 
 
 def child(side: str, batch_size: int) -> dict:
@@ -78,17 +98,8 @@ def child(side: str, batch_size: int) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), dtype=torch.float32)
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **LORA)).eval()
-        columns = [a[0] for a in answers]  # one-token label words
         start = time.perf_counter()
-        predicted = []
-        with torch.no_grad():
-            for i in range(0, len(items), 8):
-                rows = [it.prompt_ids for it in items[i:i + 8]]
-                width = max(map(len, rows))
-                ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-                predicted += logits[:, columns].argmax(1).tolist()
+        predicted = reference_predictions(model, tokenizer.pad_token_id, [it.prompt_ids for it in items], answers)
         seconds = time.perf_counter() - start
         accuracy = (torch.tensor(predicted) == gold).float().mean().item()
     else:

@@ -13,11 +13,12 @@ into it, and the parts follow:
 - overhead: the process and its libraries, and what the allocator holds beyond the live tensors,
   both measured on real runs (``bench/estimate.py`` compares prediction and measurement).
 
-Time is the step's work over the device's measured matmul rate, in five parts (``TIME_COST``): the
+Time is the step's work over the device's measured matmul rate, in six parts (``TIME_COST``): the
 floating-point work of the matmuls (the mean batch, the shared prefix counted once), the elementwise
 passes over each block's activations (norms, rotary, activation functions, residuals), LoRA's dropout
-masks, the dequantization of 4-bit weights in forward and backward, and the optimizer's update of every
-trainable value. Each part's cost per unit of work, in flops of matmul time, is fitted on the measured
+masks, the dequantization of 4-bit weights in forward and backward, the optimizer's update of every
+trainable value, and each block's fixed cost per pass (the operations it runs whatever their size:
+what a short batch pays most for). Each part's cost per unit of work, in flops of matmul time, is fitted on the measured
 steps of every method (``python bench/estimate.py --fit``).
 """
 
@@ -56,8 +57,10 @@ STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate,
 # runs of ``bench/methods.py`` (every method, both workloads) on the reference machine: "matmul" per flop
 # (1 / the share of the matmul rate a step's matmuls reach), "elementwise" per activation value of a block
 # (hidden plus MLP width, per token position and layer), "dropout" per value masked, "dequantize" per 4-bit
-# weight rebuilt, "optimizer" per trainable value. No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
-TIME_COST = {"cpu": {"matmul": 1 / 0.55, "elementwise": 0.0, "dropout": 0.0, "dequantize": 0.0, "optimizer": 0.0}}
+# weight rebuilt, "optimizer" per trainable value, "blocks" per block a micro-batch passes through (forward,
+# and backward again). No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
+TIME_COST = {"cpu": {"matmul": 1.448, "elementwise": 0.0, "dropout": 293.5, "dequantize": 1453.0, "optimizer": 986.5,
+                     "blocks": 1.372e9}}
 PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
 ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
 
@@ -308,7 +311,8 @@ def _other_work(model: nn.Module, text, cfg: RunCfg, positions: float, probe: bo
     passes = 1 if probe else 2  # forward, and backward's second look at each activation and weight
     return {"elementwise": passes * runs * text.num_hidden_layers * (text.hidden_size + wide),
             "dropout": 0 if probe else runs * dropped, "dequantize": passes * cfg.train.grad_accum * quantized,
-            "optimizer": 0 if probe else n_trainable}
+            "optimizer": 0 if probe else n_trainable,
+            "blocks": passes * cfg.train.grad_accum * text.num_hidden_layers}
 
 
 def batch_shapes(examples, batches: list[list[int]], pad_id: int = 0) -> list[Shape]:
