@@ -132,7 +132,7 @@ def child_progress(steps: int, run: Path, reference: Path) -> None:
     model, _ = load_model(cfg.model, dtype="float32", device="cpu")
     load_adapter(model, run / "final")
     for folder in sorted((run / "checkpoints").glob("step-*")):
-        missing, unexpected = model.load_state_dict(load_file(folder / "trainable.safetensors"), strict=False)
+        _, unexpected = model.load_state_dict(load_file(folder / "trainable.safetensors"), strict=False)
         assert not unexpected, unexpected
         step = int(folder.name.split("-")[1])
         result["checkpoints"].append({"step": step, "seconds": seconds[step],

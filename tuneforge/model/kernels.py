@@ -80,8 +80,8 @@ def dropout_draws(n: int, p: float, seed: int, device: torch.device) -> Tensor:
 
 
 def _mask(draws: Tensor, n: int) -> Tensor:
-    return torch.zeros(n, dtype=torch.bool, device=draws.device).index_put_((draws,), torch.ones((), dtype=torch.bool,
-                                                                                            device=draws.device))
+    true = torch.ones((), dtype=torch.bool, device=draws.device)
+    return torch.zeros(n, dtype=torch.bool, device=draws.device).index_put_((draws,), true)
 
 
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> Tensor:
@@ -157,8 +157,9 @@ def lora_one_position(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
 
 def lora_update(result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
     """``result + scale * drop_p(x) @ A^T @ B^T``: LoRA's output; ``p`` is the dropout rate (0 in eval).
-    With no graph to build (evaluation, generation) it is one small matmul and one fused multiply-add:
-    a decoding step calls this in every adapted layer for one token, where each call's overhead counts."""
+    With no graph to build (evaluation, generation) it is one small matmul and one fused multiply-add, or
+    two matrix-vector products for one position: a decoding step over a base that is not a plain linear
+    layer (a 4-bit one); over a plain one, ``lora_one_position`` does the whole layer."""
     if (p == 0 and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                                      or result.requires_grad))
             and result.dtype == x.dtype == A.dtype == B.dtype and not torch.is_autocast_enabled(x.device.type)):

@@ -18,8 +18,8 @@ floating-point work of the matmuls (the mean batch, the shared prefix counted on
 passes over each block's activations (norms, rotary, activation functions, residuals), LoRA's dropout
 masks, the dequantization of 4-bit weights in forward and backward, the optimizer's update of every
 trainable value, and each block's fixed cost per pass (the operations it runs whatever their size:
-what a short batch pays most for). Each part's cost per unit of work, in flops of matmul time, is fitted on the measured
-steps of every method (``python bench/estimate.py --fit``).
+what a short batch pays most for). Each part's cost per unit of work, in flops of matmul time, is fitted
+on the measured steps of every method (``python bench/estimate.py --fit``).
 """
 
 from __future__ import annotations
