@@ -101,16 +101,17 @@ def test_swiglu_and_the_gated_mlp_equal_the_model_s_own():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_head_logprobs_in_chunks_equal_log_softmax(bias):
+@pytest.mark.parametrize("head_trains", [True, False])
+def test_head_logprobs_in_chunks_equal_log_softmax(bias, head_trains):
     torch.manual_seed(0)
-    head = nn.Linear(16, 50, bias=bias)
+    head = nn.Linear(16, 50, bias=bias).requires_grad_(head_trains)  # frozen: backward from softmax @ W
     hidden = torch.randn(11, 16, requires_grad=True)
     targets = torch.randint(0, 50, (11, 3))
     ours = head_logprobs(hidden, head, targets, chunk=4)  # three chunks, the last short
     ref = torch.log_softmax(head(hidden), -1).gather(1, targets)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
     g = torch.randn_like(ours)
-    inputs = (hidden, head.weight) + ((head.bias,) if bias else ())
+    inputs = (hidden,) + ((head.weight,) + ((head.bias,) if bias else ()) if head_trains else ())
     for a, b in zip(torch.autograd.grad((ours * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

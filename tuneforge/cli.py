@@ -19,6 +19,7 @@ from tuneforge import __version__
 from tuneforge.core import config
 from tuneforge.core.atomic import write_text
 from tuneforge.core.errors import UserError
+from tuneforge.core.host import keep_freed_memory
 from tuneforge.training.interrupts import Interrupted
 
 
@@ -441,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    keep_freed_memory()  # before torch's first large allocation (core.host)
     if threading.current_thread() is threading.main_thread():  # SIGTERM ends a command as Ctrl-C does
         signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuneforge.core.atomic import atomic_dir, atomic_path
 from tuneforge.model.devices import resolve_device, resolve_dtype
 from tuneforge.core.cache import cache_dir
+from tuneforge.core.host import keep_freed_memory
 from tuneforge.core.errors import UserError
 from tuneforge.data.instruct import check_template
 
@@ -332,7 +333,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
 
     Weights are read from safetensors (or GGUF); a folder with pickled weights only is refused unless
     ``allow_pickle``, and then read with torch's weights-only loader. No code from the model folder
-    ever runs (``trust_remote_code`` stays off)."""
+    ever runs (``trust_remote_code`` stays off). The process's host memory is set up first
+    (``core.host``), unless that was done already."""
+    keep_freed_memory()
     _quiet_transformers()
     path = resolve_spec(spec)
     device = resolve_device(device)

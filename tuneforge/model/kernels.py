@@ -11,8 +11,8 @@ for every adapted layer) and the gated MLP's three intermediate tensors. Here:
   and the rank-r product A drop(x); the dropped input is rebuilt in backward.
 - ``swiglu``: silu(gate) * up, saving gate and up only; silu is recomputed in backward.
 - ``head_logprobs``: the log-probabilities of chosen tokens under the output head, computed in
-  chunks of positions and recomputed in backward, so that (positions, vocabulary) logits, their
-  softmax and their gradient never exist whole (packed text puts a label on every position).
+  chunks of positions, so that (positions, vocabulary) logits, their softmax and their gradient never
+  exist whole (packed text puts a label on every position); a frozen head's backward needs no logits.
 """
 
 from __future__ import annotations
@@ -27,20 +27,22 @@ from transformers.activations import SiLUActivation
 from tuneforge.model import targets
 from tuneforge.model.families import family_of
 
-HEAD_CHUNK = 1024  # positions per chunk of logits: 1024 x 49,152 floats is 200 MB
+HEAD_CHUNK = 512  # positions per chunk of logits: 512 x 49,152 floats is 100 MB
 MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 
 
 # Dropout picks the elements it zeroes instead of drawing a number for each. Every element is hit by a
 # Poisson(lam) number of uniform draws, lam = -ln(1 - p), so it is zeroed (hit at least once) with probability
 # 1 - e^-lam = p, independently of every other element (Poisson splitting): in all a Poisson(n lam) number of
-# draws, each a position from two multiply-xorshift hashes (the "lowbias32" constants) of its index and the
-# seed: 53 bits, so that every position is as likely to within n / 2^53.
-# At LoRA's usual rates that is a few draws per hundred elements: zeroing them in a copy of x is a scatter,
-# where a mask took a hash of every element and a masked pass, and backward keeps the draws (8 bytes each)
-# instead of a mask (1 byte per element) while they are fewer than an eighth of the elements. The seed is
-# one draw of torch's CPU generator per call, so runs stay reproducible and resume to the same masks. int32
-# arithmetic wraps; shifts are made logical.
+# draws, N. They are drawn in ascending order, as the order statistics of N uniforms: the running sums of N + 1
+# exponential variates over their total. Each variate is -ln of a 53-bit uniform from two multiply-xorshift
+# hashes (the "lowbias32" constants) of its index and the seed. Ascending positions make zeroing them in a copy
+# of x a sequential scatter (a random one took three times as long here).
+# At LoRA's usual rates that is a few draws per hundred elements, where a mask took a hash of every element and
+# a masked pass, and backward keeps the draws (8 bytes each) instead of a mask (1 byte per element) while they
+# are fewer than an eighth of the elements. The seed is one draw of torch's CPU generator per call, and the
+# count one draw of a generator seeded with it, so runs stay reproducible, resume to the same masks, and no
+# device is waited for. int32 arithmetic wraps; shifts are made logical.
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # as signed 32-bit integers
 _SECOND = 0x5BD1E995  # the second hash's seed, against the first's
 _mixed_positions: dict[torch.device, Tensor] = {}
@@ -61,22 +63,23 @@ def _positions(n: int, device: torch.device) -> Tensor:
 
 
 def dropout_draws(n: int, p: float, seed: int, device: torch.device) -> Tensor:
-    """The positions (int64, in [0, n), some repeated) that dropout at rate ``p`` zeroes among ``n`` elements:
+    """The positions (int64, ascending, some repeated) that dropout at rate ``p`` zeroes among ``n`` elements:
     each element is among them independently with probability ``p`` (to n / 2^53), a function of ``seed``
-    alone (the count is drawn from a generator seeded with it). On the meta device, as many as expected."""
+    alone. On the meta device, as many as expected."""
     lam = -math.log1p(-p)
     if device.type == "meta":
         return torch.empty(round(n * lam), dtype=torch.int64, device=device)
     count = torch.Generator().manual_seed(seed % 2 ** 63)
     draws = int(torch.poisson(torch.tensor(n * lam, dtype=torch.float64), generator=count))
-    if draws >= 2 ** 31:  # beyond the int32 hash's indices: a number per element
+    if draws >= 2 ** 31 - 1:  # beyond the int32 hash's indices: a number per element
         return torch.rand(n, device=device).lt_(p).nonzero().squeeze(1)
-    mixed = _positions(draws, device)
+    mixed = _positions(draws + 1, device)
     high, low = (_mix(mixed.bitwise_xor(s), _MIX1).mul_(_MIX2) for s in (seed, seed ^ _SECOND))
     # the high bits of each last product are the best mixed: 21 of the first and 32 of the second
     u = high.bitwise_right_shift(11).bitwise_and_(0x1FFFFF).to(torch.int64).bitwise_left_shift_(32)
     u.add_(low.to(torch.int64).bitwise_and_(0xFFFFFFFF))  # uniform in [0, 2^53), exact in float64
-    return u.double().mul_(n / 2 ** 53).long().clamp_(max=n - 1)
+    sums = u.double().add_(1).mul_(2 ** -53).log_().cumsum_(0)  # running sums of -E, E exponential (u in (0, 1])
+    return (sums[:-1] / sums[-1:]).mul_(n).long().clamp_(max=n - 1)  # ascending, uniform in [0, n)
 
 
 def _mask(draws: Tensor, n: int) -> Tensor:
@@ -225,45 +228,67 @@ def use_lean_mlps(model: nn.Module) -> int:
 
 
 class _HeadLogprobs(torch.autograd.Function):
+    """Forward turns each chunk's logits into log-probabilities in one pass. Where only the hidden states
+    need a gradient (the head is frozen), it also keeps each position's expected output embedding under its
+    softmax, softmax @ W (a hidden state's size): since d logp(t) / d hidden = W[t] - softmax @ W, backward
+    then needs no logits at all, and the step runs the head's matmul twice (as the plain computation does)
+    instead of three times. Where the head trains, backward recomputes each chunk's logits for its gradient."""
+
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                expect: bool) -> Tensor:
         # hidden (n, h), weight (vocab, h), targets (n, k) token ids -> (n, k) log-probabilities
+        n = hidden.shape[0]
         out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[start:start + chunk], weight, bias).float()  # (c, vocab)
-            lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
-            out[start:start + chunk] = logits.gather(1, targets[start:start + chunk]) - lse[start:start + chunk, None]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk = chunk
+        lse = None if expect else torch.empty(n, dtype=torch.float32, device=hidden.device)
+        expected = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if expect else None
+        for start in range(0, n, chunk):
+            end = start + chunk
+            logits = F.linear(hidden[start:end], weight, bias).float()  # (c, vocab)
+            logp = torch.log_softmax(logits, dim=-1)
+            out[start:end] = logp.gather(1, targets[start:end])
+            if lse is not None:
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+            del logits
+            if expected is not None:
+                expected[start:end] = logp.exp_().to(weight.dtype) @ weight
+        ctx.chunk, ctx.expect, ctx.dtype = chunk, expect, hidden.dtype
+        ctx.save_for_backward(*((weight, targets, expected) if expect else (hidden, weight, bias, targets, lse)))
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        g = grad.float()  # (n, k)
+        if ctx.expect:  # sum_j g_j (W[t_j] - softmax @ W)
+            weight, targets, expected = ctx.saved_tensors
+            grad_hidden = torch.bmm(g[:, None, :], weight[targets].float())[:, 0] - g.sum(1, keepdim=True) * expected
+            return grad_hidden.to(ctx.dtype), None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[start:start + ctx.chunk]
-            g = grad[start:start + ctx.chunk].float()  # (c, k)
+            end = start + ctx.chunk
+            h, gc = hidden[start:end], g[start:end]
             # d logp(t) / d logits = onehot(t) - softmax: summed over the k targets, each weighted by its grad
-            glogits = torch.exp(F.linear(h, weight, bias).float() - lse[start:start + ctx.chunk, None])
-            glogits.mul_(-g.sum(1, keepdim=True)).scatter_add_(1, targets[start:start + ctx.chunk], g)
+            glogits = torch.exp(F.linear(h, weight, bias).float() - lse[start:end, None])
+            glogits.mul_(-gc.sum(1, keepdim=True)).scatter_add_(1, targets[start:end], gc)
             if grad_hidden is not None:
-                grad_hidden[start:start + ctx.chunk] = (glogits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start:end] = (glogits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += glogits.t() @ h.float()
             if grad_bias is not None:
                 grad_bias += glogits.sum(0)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
 
 def head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk: int = HEAD_CHUNK) -> Tensor:
     """(n, k) log-probabilities of ``targets`` (n, k) under ``head`` (an nn.Linear over the vocabulary)
     for ``hidden`` (n, h), without (n, vocab) logits alive at once."""
-    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk)
+    head_trains = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
+    expect = torch.is_grad_enabled() and hidden.requires_grad and not head_trains
+    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk, expect)
 
 
 def shared_prefix(input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> int:

@@ -267,7 +267,8 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
         activations, basis = _activations_from_shapes(model_config, longest), "config shapes"
     if probe:  # no backward: about one block's activations at a time, and the hidden states read out
         activations = 4 * longest.rows * longest.width * hidden * (text.num_hidden_layers + 8)
-    head = 4 * longest.loss_tokens * hidden + 3 * 4 * (min(longest.loss_tokens, HEAD_CHUNK) if shortcut
+    # the head: a hidden state per label kept for backward, and a chunk's logits and log-probabilities at once
+    head = 4 * longest.loss_tokens * hidden + 2 * 4 * (min(longest.loss_tokens, HEAD_CHUNK) if shortcut
                                                        else longest.loss_tokens) * vocab
     parts = {"process": PROCESS_BYTES[kind], "weights": _tensor_bytes(model), "train_state": 12 * n_trainable,
              "activations": activations, "head": 0 if probe else head,
