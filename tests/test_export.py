@@ -434,12 +434,25 @@ PROMPTS = [(QUESTION, "Text: A gorgeous, funny and deeply moving film."),
            (None, "What is the capital of France?")]
 
 
+# llama.cpp multiplies a quantized base with 8-bit activations, so on such a base its logits differ from those
+# of tuneforge's dequantized float weights (by up to 0.8 on Gemma 3's Q4_K_M file, where two tokens 0.2 apart
+# swapped): there its logits are compared within this, and the adapter must move them by more than twice it
+QUANTIZED_TOLERANCE = 1.25
+
+
+def continuation_logits(model, ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """tuneforge's logits at each step of the continuation ``tokens`` of ``ids``, the step after the last included."""
+    with torch.no_grad():
+        return model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:].float()
+
+
 def assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(spec: str, base, tmp_path: Path, lora_base: Path | None,
                                                             *settings: str) -> None:
     """``spec`` LoRA-tuned on sentiment (configs/sentiment-lora.yaml with ``settings``, for a few steps at a
     rate high enough that the answers change), exported merged as f32, and as a GGUF LoRA applied to
     ``lora_base`` (None: the base exported as f32): each of PROMPTS gets in llama.cpp the tokens
-    `tuneforge generate --adapter` gives. ``base``: the model and tokenizer of ``spec``, untouched."""
+    `tuneforge generate --adapter` gives; on a quantized ``lora_base``, tuneforge's logits along them
+    within QUANTIZED_TOLERANCE. ``base``: the model and tokenizer of ``spec``, untouched."""
     run = tmp_path / "run"
     sets = [f"model={spec}", f"train.output_dir={run}", "train.save_steps=0", "train.eval_at_start=false",
             "data.max_eval_examples=8", *settings]
@@ -450,22 +463,35 @@ def assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(spec: str, base, tmp
     load_adapter(model, adapter)
     exports = [["--adapter", str(adapter), "--out", str(tmp_path / "merged.gguf")],
                ["--adapter", str(adapter), "--format", "gguf-lora", "--out", str(tmp_path / "lora.gguf")]]
+    quantized = lora_base is not None
     if lora_base is None:
         exports.append(["--out", str(tmp_path / "base.gguf")])
         lora_base = tmp_path / "base.gguf"
     for argv in exports:
         assert cli.main(["export", "--model", spec, *argv]) == 0
     with llama(tmp_path / "merged.gguf") as merged, llama(lora_base, tmp_path / "lora.gguf") as lora:
-        changed = 0
+        changed, moved = 0, 0.0 if quantized else math.inf
         for system, prompt in PROMPTS:
             ids = encode_prompt(tokenizer, prompt, system=system)["input_ids"][0].tolist()
             expected = generate(model, tokenizer, prompt, system=system, max_new_tokens=8)
             changed += expected != generate(base[0], base[1], prompt, system=system, max_new_tokens=8)
             for llm in (merged, lora):
                 assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
-                got = greedy(llm, ids, tokenizer.eos_token_id, 8)
-                assert tokenizer.decode(got, skip_special_tokens=True) == expected, (prompt, expected)
+            tokens = greedy(merged, ids, tokenizer.eos_token_id, 8)  # the f32 file: every token
+            assert tokenizer.decode(tokens, skip_special_tokens=True) == expected, (prompt, expected)
+            if not quantized:
+                assert greedy(lora, ids, tokenizer.eos_token_id, 8) == tokens, (prompt, expected)
+                continue
+            ours = continuation_logits(model, ids, tokens)
+            top = ours.topk(16, dim=-1).indices  # each step's likeliest tokens under tuneforge
+            lora.reset()
+            lora.eval(ids + tokens)
+            theirs = torch.tensor(np.array(lora.scores[len(ids) - 1:len(ids) + len(tokens)]))
+            plain = continuation_logits(base[0], ids, tokens)
+            assert (theirs.gather(1, top) - ours.gather(1, top)).abs().max() < QUANTIZED_TOLERANCE, prompt
+            moved = max(moved, float((plain.gather(1, top) - ours.gather(1, top)).abs().max()))
         assert changed  # the adapter matters, so the comparison can fail
+        assert moved > 2 * QUANTIZED_TOLERANCE  # on the quantized base too
 
 
 @needs_llama_cpp
