@@ -110,6 +110,8 @@ def test_head_logprobs_in_chunks_equal_log_softmax(bias, head_trains):
     ours = head_logprobs(hidden, head, targets, chunk=4)  # three chunks, the last short
     ref = torch.log_softmax(head(hidden), -1).gather(1, targets)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # no graph: nothing kept for a backward
+        torch.testing.assert_close(head_logprobs(hidden, head, targets, chunk=4), ref, rtol=1e-6, atol=1e-6)
     g = torch.randn_like(ours)
     inputs = (hidden,) + ((head.weight,) + ((head.bias,) if bias else ()) if head_trains else ())
     for a, b in zip(torch.autograd.grad((ours * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):

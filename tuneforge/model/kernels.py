@@ -228,7 +228,8 @@ def use_lean_mlps(model: nn.Module) -> int:
 
 
 class _HeadLogprobs(torch.autograd.Function):
-    """Forward turns each chunk's logits into log-probabilities in one pass. Where only the hidden states
+    """Forward turns each chunk's logits into log-probabilities in one pass (where the head trains, into their
+    log-sum-exp, kept for backward, and the targets' logits less it). Where only the hidden states
     need a gradient (the head is frozen), it also keeps each position's expected output embedding under its
     softmax, softmax @ W (a hidden state's size): since d logp(t) / d hidden = W[t] - softmax @ W, backward
     then needs no logits at all, and the step runs the head's matmul twice (as the plain computation does)
@@ -236,24 +237,28 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
-                expect: bool) -> Tensor:
-        # hidden (n, h), weight (vocab, h), targets (n, k) token ids -> (n, k) log-probabilities
+                backward: str) -> Tensor:
+        # hidden (n, h), weight (vocab, h), targets (n, k) token ids -> (n, k) log-probabilities;
+        # backward: "expect" (the head frozen), "recompute" (the head trains) or "none" (no graph)
         n = hidden.shape[0]
         out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
-        lse = None if expect else torch.empty(n, dtype=torch.float32, device=hidden.device)
-        expected = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if expect else None
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device) if backward == "recompute" else None
+        expected = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if backward == "expect" else None
         for start in range(0, n, chunk):
             end = start + chunk
             logits = F.linear(hidden[start:end], weight, bias).float()  # (c, vocab)
+            if lse is not None:  # backward recomputes the logits: only their log-sum-exp is kept
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                out[start:end] = logits.gather(1, targets[start:end]) - lse[start:end, None]
+                continue
             logp = torch.log_softmax(logits, dim=-1)
             out[start:end] = logp.gather(1, targets[start:end])
-            if lse is not None:
-                lse[start:end] = torch.logsumexp(logits, dim=-1)
             del logits
             if expected is not None:
                 expected[start:end] = logp.exp_().to(weight.dtype) @ weight
-        ctx.chunk, ctx.expect, ctx.dtype = chunk, expect, hidden.dtype
-        ctx.save_for_backward(*((weight, targets, expected) if expect else (hidden, weight, bias, targets, lse)))
+        ctx.chunk, ctx.expect, ctx.dtype = chunk, backward == "expect", hidden.dtype
+        if backward != "none":
+            ctx.save_for_backward(*((weight, targets, expected) if ctx.expect else (hidden, weight, bias, targets, lse)))
         return out
 
     @staticmethod
@@ -287,8 +292,9 @@ def head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk: int =
     """(n, k) log-probabilities of ``targets`` (n, k) under ``head`` (an nn.Linear over the vocabulary)
     for ``hidden`` (n, h), without (n, vocab) logits alive at once."""
     head_trains = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
-    expect = torch.is_grad_enabled() and hidden.requires_grad and not head_trains
-    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk, expect)
+    graph = torch.is_grad_enabled() and (hidden.requires_grad or head_trains)
+    backward = ("recompute" if head_trains else "expect") if graph else "none"
+    return _HeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk, backward)
 
 
 def shared_prefix(input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> int:
