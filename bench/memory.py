@@ -41,7 +41,7 @@ def main() -> None:
     from tuneforge.data import Collator, load_datasets
     from tuneforge.eval.lm import label_loss
     from tuneforge.io.load import load_model
-    from tuneforge.model.kernels import use_lean_mlps
+    from tuneforge.model.kernels import use_lean_modules
     from tuneforge.methods.registry import get_method
     from tuneforge.training.optim import make_optimizer
     from tuneforge.training.run import batch_order, run_estimate
@@ -51,7 +51,7 @@ def main() -> None:
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     est = run_estimate(cfg, data, tokenizer, model.config)
     handle = get_method(cfg.method.name).inject(model, config.method_config(cfg))
-    use_lean_mlps(model)
+    use_lean_modules(model)
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2]]), use_cache=False)  # every weight read once
     loaded = rss_mb()

@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 from test_train import VOCAB, collate, synthetic_examples
 from tuneforge.core.config import TrainCfg
 from tuneforge.eval.lm import label_loss
-from tuneforge.model.kernels import head_logprobs, lora_update, use_lean_mlps
+from tuneforge.model.kernels import head_logprobs, lora_update, use_lean_modules
 from tuneforge.methods import lora, qlora
 from tuneforge.training.loop import train
 
@@ -37,7 +37,7 @@ def test_a_lora_step_on_the_gpu_matches_the_cpu(precision):
     for device in ("cpu", "cuda"):
         model = make_tiny_model(VOCAB, seed=1).to(device)
         handle = lora.inject(model, lora.Config(r=4, target_modules="all-linear", init_lora_weights=False))
-        use_lean_mlps(model)
+        use_lean_modules(model)
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         model.train()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16" and device == "cuda"):

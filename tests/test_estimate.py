@@ -13,7 +13,7 @@ from tuneforge.core import config
 from tuneforge.data import Collator
 from tuneforge.training.estimate import Shape, batch_shapes, estimate, saved_bytes
 from tuneforge.eval.lm import label_loss
-from tuneforge.model.kernels import use_lean_mlps
+from tuneforge.model.kernels import use_lean_modules
 from tuneforge.methods import lora
 from tuneforge.methods.registry import REGISTRY
 
@@ -46,7 +46,7 @@ def test_saved_bytes_on_the_meta_device_are_what_the_real_step_keeps(tiny, share
     model, _ = tiny
     cfg = lora.Config(r=4, lora_dropout=0.1, target_modules="all-linear")
     lora.inject(model, cfg)
-    use_lean_mlps(model)
+    use_lean_modules(model)
     from tuneforge.training.estimate import _meta_model
 
     meta, _, _ = _meta_model(config.from_dict({"method": {"name": "lora", "r": 4, "lora_dropout": 0.1,

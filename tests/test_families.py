@@ -17,7 +17,7 @@ from tuneforge.eval.lm import label_loss
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods.registry import get_method
 from tuneforge.model.families import family_of
-from tuneforge.model.kernels import use_lean_mlps
+from tuneforge.model.kernels import use_lean_modules
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -54,7 +54,7 @@ def test_the_loss_is_the_models_own(name):
     """tuneforge's loss, through every speed-up the family allows, equals ``model(..., labels=...)``."""
     own = tiny_model(name, VOCAB)(**batch()).loss
     model = tiny_model(name, VOCAB)
-    use_lean_mlps(model)
+    use_lean_modules(model)
     torch.testing.assert_close(mean_loss(model), own, rtol=1e-5, atol=0)
 
 
@@ -63,7 +63,7 @@ def test_an_unknown_family_runs_its_own_forward(capsys):
     model.config.model_type = "not_a_family_tuneforge_knows"
     family = family_of(model)
     assert not family.known and "not a family tuneforge knows" in capsys.readouterr().err
-    assert use_lean_mlps(model) == 0
+    assert use_lean_modules(model) == 0
     torch.testing.assert_close(mean_loss(model), tiny_model("gemma2", VOCAB)(**batch()).loss, rtol=1e-5, atol=0)
 
 
@@ -109,7 +109,7 @@ def test_every_method_trains_saves_loads_and_merges(name, method_name, tmp_path)
     except UserError as exc:  # a refusal is one line that says what to set
         OUTCOMES[name, method_name] = f"refused: {exc}"
         pytest.xfail(str(exc))
-    use_lean_mlps(model)
+    use_lean_modules(model)
     params = handle.trainable(model)
     before = {k: p.detach().clone() for k, p in params.items()}
     losses = _train_two_steps(model, params)

@@ -13,8 +13,8 @@ from torch import nn
 
 from conftest import make_tiny_model
 from tuneforge.eval.lm import label_loss
-from tuneforge.model.kernels import (GatedMLP, draw_seed, dropout_mask, head_logprobs, lora_update, shared_prefix,
-                                     swiglu, use_lean_mlps)
+from tuneforge.model.kernels import (LLAMA_RMS_NORMS, GatedMLP, RMSNorm, draw_seed, dropout_mask, head_logprobs,
+                                     lora_linear, lora_update, shared_prefix, swiglu, use_lean_mlps, use_lean_norms)
 from tuneforge.methods.registry import get_method
 
 VOCAB = 259
@@ -43,28 +43,62 @@ def test_lora_update_is_the_formula_with_and_without_dropout():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_decoding_step_through_a_lora_layer_is_the_layer(bias):
-    """One position with no graph takes three matrix-vector products (base, A, B): the same output as the
-    layer's batch path; a hook on the base layer keeps the base layer's own call, so the hook runs."""
+def test_lora_linear_is_the_base_layer_plus_the_update(bias):
+    """The fused layer against base(x) + lora_update: the same output and every gradient (x, A, B, and the
+    base weight and bias where they train), with and without dropout, from the same draws."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    base = nn.Linear(16, 12, bias=bias)
+    A, B = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    for p in (0.0, 0.05, 0.3):
+        for frozen in (True, False):
+            base.requires_grad_(not frozen)
+            inputs = (x, A, B) if frozen else (x, A, B, *base.parameters())
+            torch.manual_seed(1)
+            out = lora_linear(x, base.weight, base.bias, A, B, 2.0, p)
+            torch.manual_seed(1)
+            ref = lora_update(base(x), x, A, B, 2.0, p)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(out)
+            for a, b in zip(torch.autograd.grad((out * g).sum(), inputs), torch.autograd.grad((ref * g).sum(), inputs)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no graph: a batch, and one position
+        for xs in (x, x[:1, -1:]):
+            torch.testing.assert_close(lora_linear(xs, base.weight, base.bias, A, B, 2.0, 0.0),
+                                       base(xs) + 2.0 * (xs @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_lora_layer_over_a_plain_base_is_one_function(bias):
+    """Over a plain linear base the layer is ``lora_linear`` (one position with no graph: three
+    matrix-vector products), in training with dropout as in a decoding step; a hook on the base layer
+    keeps the base layer's own call, so the hook runs, and the output is the same."""
     from tuneforge.methods import lora
 
     torch.manual_seed(0)
     layer = lora.LoRALinear(nn.Linear(16, 12, bias=bias), lora.Config(r=4, lora_alpha=8, lora_dropout=0.1)).eval()
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(1, 1, 16)
+    plain = layer.base_layer(x) + layer.scale * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
+    assert layer._plain(x) is not None and layer(x).grad_fn is not None
     with torch.no_grad():
-        assert layer._one_position(x) and not layer._one_position(torch.randn(1, 2, 16))
-        plain = layer.base_layer(x) + layer.scale * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
         torch.testing.assert_close(layer(x), plain, rtol=1e-6, atol=1e-6)
         assert layer(x).shape == (1, 1, 12)
-        assert not layer.train()._one_position(x)  # dropout
-        layer.eval()
-    assert not layer._one_position(x)  # a graph to build: the autograd path
+    layer.train()
+    torch.manual_seed(3)
+    fused = layer(torch.randn(2, 5, 16))
+    assert type(fused.grad_fn).__name__ == "_LoRALinearBackward"
+    calls = []
+    hook = layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    assert layer._plain(x) is None
+    torch.manual_seed(3)
+    torch.testing.assert_close(layer(torch.randn(2, 5, 16)), fused, rtol=1e-6, atol=1e-6)  # the same draws
     with torch.no_grad():
-        calls = []
-        layer.base_layer.register_forward_hook(lambda *a: calls.append(1))
-        torch.testing.assert_close(layer(x), plain, rtol=1e-6, atol=1e-6)
-        assert calls == [1]
+        torch.testing.assert_close(layer.eval()(x), plain, rtol=1e-6, atol=1e-6)
+    assert calls == [1, 1]
+    hook.remove()
+    layer.lora_A.to(torch.float64)  # one dtype, or the general path
+    assert layer._plain(x) is None
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -98,6 +132,49 @@ def test_swiglu_and_the_gated_mlp_equal_the_model_s_own():
     assert lean.state_dict().keys() == model.state_dict().keys()
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     assert torch.equal(lean(ids).logits, model(ids).logits)
+
+
+NORM_MODULES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "MixtralRMSNorm": "mixtral",
+                "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3", "Qwen3MoeRMSNorm": "qwen3_moe",
+                "SmolLM3RMSNorm": "smollm3", "Phi3RMSNorm": "phi3"}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_RMS_NORMS))
+def test_the_lean_rms_norm_is_each_classs_own(name):
+    """Each norm the swap takes: the same output to the bit in float32 (the same arithmetic in the same
+    order), the same gradients for x and a training weight to rounding, and the same output in bfloat16."""
+    import importlib
+
+    module = NORM_MODULES[name]
+    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+    torch.manual_seed(0)
+    own = cls(24, eps=1e-5)
+    nn.init.uniform_(own.weight, 0.5, 1.5)
+    lean = RMSNorm(own)
+    x = torch.randn(3, 5, 24, requires_grad=True) * 3
+    assert torch.equal(lean(x), own(x))
+    g = torch.randn(3, 5, 24)
+    for a, b in zip(torch.autograd.grad((lean(x) * g).sum(), (x, own.weight)),
+                    torch.autograd.grad((own(x) * g).sum(), (x, own.weight))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    own.to(torch.bfloat16)
+    lean = RMSNorm(own)
+    xb = x.detach().to(torch.bfloat16)
+    assert torch.equal(lean(xb), own(xb))
+
+
+def test_the_lean_norms_replace_every_llama_norm_and_keep_the_loss():
+    assert set(NORM_MODULES) == LLAMA_RMS_NORMS
+    model = make_tiny_model(VOCAB)
+    lean = copy.deepcopy(model)
+    assert use_lean_norms(lean) == 2 * 2 + 1  # two per block, and the final norm
+    assert lean.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(lean(ids).logits, model(ids).logits)
+    for m in (model, lean):
+        m(ids, labels=ids).loss.backward()
+    for (key, a), b in zip(lean.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -25,7 +25,7 @@ from torch.nn.modules.module import _global_forward_pre_hooks as _forward_pre_ho
 from tuneforge.model import targets
 from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
-from tuneforge.model.kernels import lora_one_position, lora_update
+from tuneforge.model.kernels import lora_linear, lora_one_position, lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, find_targets,
                                        fold, in_out, injected, merge_wrapped, modules_of, peft_keys, same_config,
@@ -82,8 +82,11 @@ class LoRALinear(nn.Module, MethodModule):
         return weight
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if (one := self._one_position(x)) is not None:
-            return lora_one_position(x, *one, self.scale)
+        if (plain := self._plain(x)) is not None:  # the base layer and the update in one function
+            p = self._modules["dropout"].p if self.training and type(self._modules["dropout"]) is nn.Dropout else 0.0
+            if p == 0 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():  # a decoding step
+                return lora_one_position(x, *plain, self.scale)
+            return lora_linear(x, *plain, self.scale, p)
         result = self.base_layer(x)
         if self.merged or not self.enabled:
             return result
@@ -102,19 +105,16 @@ class LoRALinear(nn.Module, MethodModule):
             base = result if bias is None else result - bias
         return (result + (g - 1) * base + g * lora).to(result.dtype)
 
-    def _one_position(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
-        """The base weight and bias and A and B, when ``x`` is one position to decode through a plain linear
-        base with no graph, no dropout, no autocast, no hook and no replaced forward on the base layer: then
-        ``lora_one_position`` does the whole layer. Else None. Called once per layer and token, so it reads
-        the module's dictionaries directly (nn.Module's attribute lookup costs microseconds each)."""
-        if torch.is_grad_enabled() or x.numel() != x.shape[-1] or self.merged or not self.enabled:
-            return None
+    def _plain(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
+        """The base weight and bias and A and B, when this layer is a plain linear base plus its update: no
+        DoRA, not merged, enabled, no hook and no replaced forward on the base layer, no autocast, one dtype.
+        Then ``lora_linear`` does the whole layer. Else None. Called once per layer and decoded token, so
+        it reads the module's dictionaries directly (nn.Module's attribute lookup costs microseconds each)."""
         modules = self._modules
         base = modules["base_layer"]
-        if (type(base) is not nn.Linear or self.lora_magnitude_vector is not None
-                or (self.training and type(modules["dropout"]) is nn.Dropout)
+        if (type(base) is not nn.Linear or self.merged or not self.enabled or self.lora_magnitude_vector is not None
                 or base._forward_hooks or base._forward_pre_hooks or _forward_hooks or _forward_pre_hooks
-                or "forward" in base.__dict__ or torch.is_autocast_enabled(x.device.type)):
+                or "forward" in base.__dict__ or (not x.is_meta and torch.is_autocast_enabled(x.device.type))):
             return None
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         A, B = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]

@@ -6,7 +6,8 @@ there), the experts' 3-D parameters of a Mixture-of-Experts model, and which spe
 the model's own computation:
 
 - ``gated_mlp``: each block's MLP is ``down(silu(gate(x)) * up(x))`` in ``gate_proj``/``up_proj``/
-  ``down_proj``, so ``kernels.GatedMLP`` (the same math, less kept for backward) may stand in for it;
+  ``down_proj``, so ``kernels.GatedMLP`` (the same math, less kept for backward) may stand in for it
+  (the RMS norms are known by class, whatever the family: ``kernels.LLAMA_RMS_NORMS``);
 - ``head_transforms``: the config keys of what the model does to the head's output before it is
   the logits (Gemma 2's ``final_logit_softcapping``). The head shortcut, which returns the targets'
   log-probabilities in place of the logits, runs only while every one of them is unset;

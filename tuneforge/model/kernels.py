@@ -1,6 +1,6 @@
-"""Autograd functions that keep for backward only what it needs, and the module swap that puts the
-gated MLP's into a loaded model. Each computes what the code it replaces computes: the same forward,
-the same gradients (up to rounding).
+"""Autograd functions that keep for backward only what it needs and make as few passes over an
+activation as they can, and the module swaps that put them into a loaded model. Each computes what the
+code it replaces computes: the same forward, the same gradients (up to rounding).
 
 What a training step of the default model kept, measured by the tensors autograd saves
 (``bench/memory.py``): two thirds of it were LoRA's dropout (a float32 mask and the dropped input
@@ -9,7 +9,11 @@ for every adapted layer) and the gated MLP's three intermediate tensors. Here:
 - ``lora_update``: y = result + s * B A drop(x), saving x (which the base layer reads anyway), the
   positions dropout zeroed (drawn, not a number per element; a one-byte mask where that is smaller)
   and the rank-r product A drop(x); the dropped input is rebuilt in backward.
+- ``lora_linear``: the same over a plain linear base, base product and update in one function: the
+  update is accumulated into the base product, and x's two gradients into one, in place.
 - ``swiglu``: silu(gate) * up, saving gate and up only; silu is recomputed in backward.
+- ``RMSNorm``: Llama's RMS norm, saving x and one number per position; its backward takes four passes
+  over x where autograd's takes ten.
 - ``head_logprobs``: the log-probabilities of chosen tokens under the output head, computed in
   chunks of positions, so that (positions, vocabulary) logits, their softmax and their gradient never
   exist whole (packed text puts a label on every position); a frozen head's backward needs no logits.
@@ -148,6 +152,68 @@ class _LoRAUpdate(torch.autograd.Function):
         return grad, grad_x, grad_A, grad_B, None, None
 
 
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                p: float) -> Tensor:
+        # x (..., in), weight (out, in), A (r, in), B (out, r), one dtype. The update is accumulated into
+        # the base product in place, and backward accumulates x's two gradients the same way: no pass over
+        # (n, out) or (n, in) beyond the matmuls' own.
+        x2, drop = x.reshape(-1, x.shape[-1]), None
+        xs = x2
+        if p > 0:
+            drop = dropout_draws(x.numel(), p, draw_seed(), x.device)
+            if 8 * drop.numel() >= x.numel():
+                drop = _mask(drop, x.numel())
+            xs = _dropped(x2, drop, x2.dtype)
+        a = xs @ A.t()  # (n, r)
+        if p > 0:
+            a.mul_(1 / (1 - p))
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        out.addmm_(a, B.t(), alpha=scale)
+        ctx.save_for_backward(x, drop, weight, A, B, a)
+        ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, drop, weight, A, B, a = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # (n, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_B = (g.t() @ a).mul_(ctx.scale) if need[4] else None
+        ga = (g @ B).mul_(ctx.scale / (1 - ctx.p))  # (n, r)
+        grad_A = None
+        if need[3]:
+            grad_A = ga.t() @ (x2 if drop is None else _dropped(x2, drop, x2.dtype))
+        grad_x = None
+        if need[0]:
+            if drop is None:
+                grad_x = (g @ weight).addmm_(ga, A)
+            else:  # the update's part has the dropped positions zeroed before the base's is added
+                grad_x = _dropped(ga @ A, drop, ga.dtype, copy=False).addmm_(g, weight)
+            grad_x = grad_x.view(x.shape)
+        grad_weight = g.t() @ x2 if need[1] else None
+        grad_bias = g.sum(0) if ctx.has_bias and need[2] else None
+        return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                p: float) -> Tensor:
+    """``x W^T + b + scale * drop_p(x) A^T B^T``: a LoRA layer over a dense base in one function, all
+    tensors in one dtype. Beside the base layer and ``lora_update`` it saves, per layer, the update's
+    scaling and addition in forward and the addition of the two x gradients in backward: three passes
+    over an activation. ``p`` is the dropout rate (0 in eval)."""
+    if p == 0 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                       for t in (x, weight, bias, A, B))):
+        if x.numel() == x.shape[-1]:  # one position (a decoding step)
+            return lora_one_position(x, weight, bias, A, B, scale)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        return out.addmm_(x2 @ A.t(), B.t(), alpha=scale).view(*x.shape[:-1], weight.shape[0])
+    return _LoRALinear.apply(x, weight, bias, A, B, scale, p)
+
+
 def lora_one_position(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``W x + b + s B A x`` for one position with no graph (a decoding step): three matrix-vector
     products. A decoding step runs every adapted layer for one token, where the number of calls, not
@@ -155,7 +221,7 @@ def lora_one_position(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     call and no reshaping of a batch between them."""
     v = x.reshape(-1)
     y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
-    return torch.addmv(y, B, torch.mv(A, v), alpha=scale).view(*x.shape[:-1], weight.shape[0])
+    return y.addmv_(B, torch.mv(A, v), alpha=scale).view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_update(result: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float) -> Tensor:
@@ -182,12 +248,9 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        gate, up = ctx.saved_tensors
-        s = torch.sigmoid(gate)
-        silu = gate * s
-        grad_up = grad * silu
-        grad_gate = grad * up * (s + silu * (1 - s))  # d silu / d gate = s (1 + gate (1 - s))
-        return grad_gate, grad_up
+        gate, up = ctx.saved_tensors  # silu(gate) is recomputed, not kept: four passes, one fused
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, F.silu(gate).mul_(grad)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -225,6 +288,65 @@ def use_lean_mlps(model: nn.Module) -> int:
             block.mlp = GatedMLP(block.mlp)
             swapped += 1
     return swapped
+
+
+# The RMS norms whose forward is Llama's, w * (x / rms(x)) with the norm in float32 and the weight applied
+# in the input's dtype (``tests/test_kernels.py`` checks each against its class). Gemma's (1 + w) and OLMo 2's
+# weight-then-cast differ, and keep their own.
+LLAMA_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+                             "Qwen3MoeRMSNorm", "SmolLM3RMSNorm", "Phi3RMSNorm"})
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()  # x itself when it is float32
+        rstd = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # y = w * x r, r = (mean(x^2) + eps)^-1/2: dx = r (g w) - x r^3 mean(g w x), dw = sum(g x r)
+        x, weight, rstd = ctx.saved_tensors
+        xf = x.float()
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * (xf * rstd).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gw = (grad * weight).float()
+        c = rstd.pow(3).mul_(torch.linalg.vecdot(gw, xf).unsqueeze(-1)).mul_(-1 / x.shape[-1])
+        return gw.mul_(rstd).addcmul_(xf, c).to(x.dtype), grad_weight, None
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMS norm in one function: its forward's arithmetic in the same order (the same outputs), with
+    backward in four passes over x where autograd takes ten. Holds the norm's own ``weight``, so the state
+    dict and its keys are unchanged."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
+def use_lean_norms(model: nn.Module) -> int:
+    """Put an ``RMSNorm`` in place of each of Llama's RMS norms (``LLAMA_RMS_NORMS``, by class: a family's
+    norm may live in attention too, Qwen 3's per-head ones); returns how many. Other norms stay."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if (type(child).__name__ in LLAMA_RMS_NORMS and hasattr(child, "variance_epsilon")
+                    and isinstance(getattr(child, "weight", None), nn.Parameter)):
+                setattr(parent, name, RMSNorm(child))
+                swapped += 1
+    return swapped
+
+
+def use_lean_modules(model: nn.Module) -> int:
+    """Every module swap the model's family allows (``use_lean_mlps``, ``use_lean_norms``); returns how many."""
+    return use_lean_mlps(model) + use_lean_norms(model)
 
 
 class _HeadLogprobs(torch.autograd.Function):

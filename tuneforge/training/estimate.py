@@ -275,7 +275,8 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
              "allocator": int(ALLOCATOR_SHARE[kind] * activations)}
 
     # Forward 2 flops per weight per token; backward 2 more for the input gradient, plus 2 per
-    # trainable weight for its own gradient. The head runs only where a label is set.
+    # trainable weight for its own gradient. The head runs only where a label is set; a training head
+    # under the shortcut recomputes its logits in backward (2 more), where a frozen one needs none.
     head_weights = vocab * hidden
     body = n_total - head_weights - _inactive_expert_weights(model, model_config)  # embeddings: a lookup
     mean = Shape(b, sum(s.width for s in shapes) / len(shapes), sum(s.shared for s in shapes) / len(shapes),
@@ -283,7 +284,7 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     computed = mean.rows * (mean.width - mean.shared) + mean.shared  # token positions run per micro-batch
     attention = 4 * text.num_hidden_layers * mean.width * hidden  # scores and weighted values, per token
     per_token = 4 * body + 2 * min(n_trainable, body) + 2 * attention
-    per_loss_token = 4 * head_weights + (2 * head_weights if n_trainable >= n_total else 0)
+    per_loss_token = 4 * head_weights + ((4 if shortcut else 2) * head_weights if n_trainable >= n_total else 0)
     if probe:
         per_token, per_loss_token = 2 * body + attention, 0
     elif objectives.module(cfg.train.objective).REFERENCE and not method.WHOLE_MODEL:

@@ -9,7 +9,7 @@ from torch import nn
 from tuneforge.core import config as config_mod
 from tuneforge.core.config import RunCfg
 from tuneforge.methods._shared import GradientMethod, Injected
-from tuneforge.model.kernels import use_lean_mlps
+from tuneforge.model.kernels import use_lean_modules
 
 
 def prepare(model: nn.Module, method: GradientMethod, cfg: RunCfg,
@@ -19,5 +19,5 @@ def prepare(model: nn.Module, method: GradientMethod, cfg: RunCfg,
     if injected is None:
         injected = method.inject(model, config_mod.method_config(cfg))
     params = injected.trainable(model)
-    use_lean_mlps(model)
+    use_lean_modules(model)
     return injected, params
