@@ -59,8 +59,8 @@ STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate,
 # (hidden plus MLP width, per token position and layer), "dropout" per value masked, "dequantize" per 4-bit
 # weight rebuilt, "optimizer" per trainable value, "blocks" per block a micro-batch passes through (forward,
 # and backward again). No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
-TIME_COST = {"cpu": {"matmul": 1.0, "elementwise": 0.0, "dropout": 1683.0, "dequantize": 644.7, "optimizer": 1798.0,
-                     "blocks": 2.684e9}}
+TIME_COST = {"cpu": {"matmul": 1.027, "elementwise": 0.0, "dropout": 1271.0, "dequantize": 953.5, "optimizer": 1841.0,
+                     "blocks": 2.306e9}}
 PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
 ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
 

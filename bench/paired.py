@@ -1,0 +1,139 @@
+"""LoRA's step on packed text, both sides in one process, step by step in turn: the speed ratios and
+dropout's cost with the machine's drift shared.
+
+``bench/methods.py`` runs each configuration in a process of its own, minutes apart; on a machine whose
+speed drifts by tens of percent from one minute to the next, a ratio of two such runs carries that
+drift. Here the four models (tuneforge and Transformers + PEFT, LoRA r=16 alpha=32 on all linear
+layers, dropout 0.05 and 0) live in one process and take one optimizer step each in every round, on
+the same 4 x 256 batch of packed tinyshakespeare (``bench/methods.py``'s first text batch). Each
+ratio is the median over rounds of the ratio within a round. A step is forward, backward, AdamW's
+update and zeroing the gradients: tuneforge's as a run prepares the model and computes the loss
+(``training/prepare.py``, ``eval/lm.py``), the reference's loss from the model's own forward. Both
+sides must lower the batch's loss over the rounds and move their adapters (checked, printed).
+
+    python bench/paired.py               # 8 rounds; writes BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.methods import ROWS, run_config  # noqa: E402  (the repository on the path first)
+
+DROPOUT = {"lora": 0.05, "lora0": 0.0}  # the rows, by bench/methods.py's short names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds, after one to warm up")
+    args = parser.parse_args()
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.report import machine, write_section
+    from tuneforge.data import Collator, load_datasets
+    from tuneforge.eval.lm import label_loss
+    from tuneforge.io.load import load_model, resolve_spec
+    from tuneforge.methods.registry import get_method
+    from tuneforge.training.prepare import prepare
+    from tuneforge.training.run import batch_order
+
+    def mean_label_loss(model):  # as a run computes it
+        total, n = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return total / n
+
+    steps = {}  # (side, row): a function that takes one optimizer step and returns the batch's loss
+    moved = {}  # (side, row): a function that says whether its adapter moved
+    batch = None
+    for row, p in DROPOUT.items():
+        method, keys, _ = ROWS["LoRA, dropout 0.05" if p else "LoRA, dropout 0"]
+        cfg = run_config(method, keys, "text", 1)
+        model, tokenizer = load_model(cfg.model, dtype="float32", device="cpu")
+        if batch is None:
+            data = load_datasets(cfg.data, tokenizer, seed=0)
+            batch = Collator(tokenizer.pad_token_id)([data.train[i] for i in batch_order(cfg, data)(0)[0]])
+        _, params = prepare(model, get_method(method), cfg)
+        steps["tuneforge", row] = stepper(model, params, cfg.train.learning_rate, mean_label_loss)
+
+        ref = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), dtype=torch.float32)
+        ref = peft.get_peft_model(ref, peft.LoraConfig(task_type="CAUSAL_LM", r=keys["r"], lora_alpha=keys["lora_alpha"],
+                                                       lora_dropout=p, target_modules="all-linear"))
+        ref_params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
+        steps["reference", row] = stepper(ref, ref_params, cfg.train.learning_rate, lambda m: m(**batch).loss)
+        for side, ps in (("tuneforge", params), ("reference", ref_params)):
+            before = {n: q.detach().clone() for n, q in ps.items()}
+            moved[side, row] = lambda ps=ps, before=before: any(not torch.equal(q, before[n]) for n, q in ps.items())
+
+    seconds = {key: [] for key in steps}
+    losses = {key: [] for key in steps}
+    for round_ in range(args.rounds + 1):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            loss = step()
+            if round_:
+                seconds[key].append(time.perf_counter() - start)
+            losses[key].append(loss)
+        print(f"round {round_}: " + ", ".join(f"{s} {r} {seconds[s, r][-1]:.2f} s" for s, r in steps if round_),
+              flush=True)
+
+    def median_ratio(a, b) -> float:  # the median over rounds of a's time over b's, within each round
+        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))
+
+    works = {key: losses[key][-1] < losses[key][0] and moved[key]() for key in steps}
+    lines = []
+    for row, p in DROPOUT.items():
+        t, r = ("tuneforge", row), ("reference", row)
+        lines.append(f"| LoRA, dropout {p:g} | {statistics.median(seconds[t]):.2f} | {statistics.median(seconds[r]):.2f} "
+                     f"| {median_ratio(r, t):.2f}x | {'yes' if works[t] and works[r] else 'NO'}: "
+                     f"{losses[t][0]:.3f} -> {losses[t][-1]:.3f} / {losses[r][0]:.3f} -> {losses[r][-1]:.3f} |")
+    cost = {side: median_ratio((side, "lora"), (side, "lora0")) - 1 for side in ("tuneforge", "reference")}
+    for line in lines:
+        print(line)
+    print(f"dropout 0.05 costs tuneforge {cost['tuneforge']:+.1%}, the reference {cost['reference']:+.1%}")
+    write_section("paired", f"""
+## LoRA on packed text, both sides in one process
+
+`python bench/paired.py --rounds {args.rounds}` on {machine()}: LoRA r=16 alpha=32 on all linear layers, one
+4 x 256 batch of packed tinyshakespeare; the four models take one optimizer step each per round (forward,
+backward, AdamW, gradients zeroed), {args.rounds} timed rounds after one to warm up. Times are medians; the speed is
+the median over rounds of the reference's step time over tuneforge's in the same round, so the machine's
+drift falls on both. "works": over the rounds the batch's loss fell and the adapter moved, on both sides
+(first -> last loss, tuneforge / reference).
+
+| row | tuneforge s/step | reference s/step | speed | works |
+|---|---|---|---|---|
+{chr(10).join(lines)}
+
+Dropout 0.05 over dropout 0, the median over rounds of the ratio within a round: tuneforge
+{cost['tuneforge']:+.1%}, the reference {cost['reference']:+.1%}.
+""")
+
+
+def stepper(model, params: dict, lr: float, loss_of):
+    """One optimizer step of ``model`` on the batch (``loss_of(model)``), returning the loss before it."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params.values(), lr=lr)
+
+    def step() -> float:
+        model.train()
+        loss = loss_of(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+if __name__ == "__main__":
+    main()
