@@ -97,6 +97,15 @@ def test_a_lora_layer_over_a_plain_base_is_one_function(bias):
         torch.testing.assert_close(layer.eval()(x), plain, rtol=1e-6, atol=1e-6)
     assert calls == [1, 1]
     hook.remove()
+    fused = layer(torch.randn(2, 5, 16))  # not a view: a model or a hook may add into it in place
+    fused += 1
+    fused.sum().backward()
+    seen = []
+    hook = layer.base_layer.register_full_backward_hook(lambda *a: seen.append(1))
+    assert layer._plain(x) is None  # a backward hook on the base: its own call, so the hook runs
+    layer(torch.randn(2, 5, 16)).sum().backward()
+    assert seen == [1]
+    hook.remove()
     layer.lora_A.to(torch.float64)  # one dtype, or the general path
     assert layer._plain(x) is None
 

@@ -169,11 +169,17 @@ class _LoRALinear(torch.autograd.Function):
         a = xs @ A.t()  # (n, r)
         if p > 0:
             a.mul_(1 / (1 - p))
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        out.addmm_(a, B.t(), alpha=scale)
+        # Not a view: a model or a hook may change the output in place (Falcon's MLP adds into it)
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        out2 = out.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(x2, weight.t(), out=out2)
+        else:
+            torch.addmm(bias, x2, weight.t(), out=out2)
+        out2.addmm_(a, B.t(), alpha=scale)
         ctx.save_for_backward(x, drop, weight, A, B, a)
         ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -313,6 +319,8 @@ class _RMSNorm(torch.autograd.Function):
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * (xf * rstd).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None
         gw = (grad * weight).float()
         c = rstd.pow(3).mul_(torch.linalg.vecdot(gw, xf).unsqueeze(-1)).mul_(-1 / x.shape[-1])
         return gw.mul_(rstd).addcmul_(xf, c).to(x.dtype), grad_weight, None
