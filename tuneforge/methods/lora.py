@@ -27,7 +27,7 @@ from torch.nn.modules.module import _global_forward_pre_hooks as _forward_pre_ho
 from tuneforge.model import targets
 from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
-from tuneforge.model.kernels import lora_linear, lora_one_position, lora_update
+from tuneforge.model.kernels import lora_linear, lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
 from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, find_targets,
                                        fold, in_out, injected, merge_wrapped, modules_of, peft_keys, same_config,
@@ -86,8 +86,6 @@ class LoRALinear(nn.Module, MethodModule):
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if (plain := self._plain(x)) is not None:  # the base layer and the update in one function
             p = self._modules["dropout"].p if self.training and type(self._modules["dropout"]) is nn.Dropout else 0.0
-            if p == 0 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():  # a decoding step
-                return lora_one_position(x, *plain, self.scale)
             return lora_linear(x, *plain, self.scale, p)
         result = self.base_layer(x)
         if self.merged or not self.enabled:

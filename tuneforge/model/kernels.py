@@ -106,6 +106,15 @@ def _dropped(t: Tensor, drop: Tensor, dtype: torch.dtype, copy: bool = True) -> 
     return out
 
 
+def _draw_drop(x: Tensor, p: float) -> Tensor | None:
+    """What dropout at rate ``p`` zeroes in ``x``: None at p = 0, else the drawn positions while they are
+    fewer than an eighth of x's values, else a one-byte mask (smaller then, and as quick)."""
+    if p == 0:
+        return None
+    drop = dropout_draws(x.numel(), p, draw_seed(), x.device)
+    return _mask(drop, x.numel()) if 8 * drop.numel() >= x.numel() else drop
+
+
 def draw_seed() -> int:
     """A dropout mask's seed: one draw of torch's CPU generator, whatever the device."""
     return int(torch.randint(-2 ** 31, 2 ** 31 - 1, ()))
@@ -117,14 +126,8 @@ class _LoRAUpdate(torch.autograd.Function):
         # result (..., out), x (..., in), A (r, in), B (out, r). Dropout's 1 / (1 - p) is applied to the
         # rank-r products, so that x itself is copied once in forward and once in backward, its dropped
         # positions zeroed in the copy.
-        drop = None
-        if p == 0:
-            xs = x.to(A.dtype)
-        else:
-            drop = dropout_draws(x.numel(), p, draw_seed(), x.device)  # positions, while fewer than n / 8
-            if 8 * drop.numel() >= x.numel():  # else a one-byte mask is smaller and as quick
-                drop = _mask(drop, x.numel())
-            xs = _dropped(x, drop, A.dtype)
+        drop = _draw_drop(x, p)
+        xs = x.to(A.dtype) if drop is None else _dropped(x, drop, A.dtype)
         a = xs.reshape(-1, xs.shape[-1]) @ A.t()  # (n, r)
         if p > 0:
             a.mul_(1 / (1 - p))
@@ -159,13 +162,8 @@ class _LoRALinear(torch.autograd.Function):
         # x (..., in), weight (out, in), A (r, in), B (out, r), one dtype. The update is accumulated into
         # the base product in place, and backward accumulates x's two gradients the same way: no pass over
         # (n, out) or (n, in) beyond the matmuls' own.
-        x2, drop = x.reshape(-1, x.shape[-1]), None
-        xs = x2
-        if p > 0:
-            drop = dropout_draws(x.numel(), p, draw_seed(), x.device)
-            if 8 * drop.numel() >= x.numel():
-                drop = _mask(drop, x.numel())
-            xs = _dropped(x2, drop, x2.dtype)
+        x2, drop = x.reshape(-1, x.shape[-1]), _draw_drop(x, p)
+        xs = x2 if drop is None else _dropped(x2, drop, x2.dtype)
         a = xs @ A.t()  # (n, r)
         if p > 0:
             a.mul_(1 / (1 - p))
