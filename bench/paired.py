@@ -1,17 +1,19 @@
-"""LoRA's step on packed text, both sides in one process, step by step in turn: the speed ratios and
-dropout's cost with the machine's drift shared.
+"""LoRA's step, both sides in one process, step by step in turn: the speed ratios and dropout's cost
+with the machine's drift shared.
 
 ``bench/methods.py`` runs each configuration in a process of its own, minutes apart; on a machine whose
 speed drifts by tens of percent from one minute to the next, a ratio of two such runs carries that
 drift. Here the four models (tuneforge and Transformers + PEFT, LoRA r=16 alpha=32 on all linear
 layers, dropout 0.05 and 0) live in one process and take one optimizer step each in every round, on
-the same 4 x 256 batch of packed tinyshakespeare (``bench/methods.py``'s first text batch). Each
+the same batch: on packed text, 4 x 256 tokens of tinyshakespeare (``bench/methods.py``'s first text
+batch); on the sentiment task, the LoRA recipe's first batch of 8 prompts (a shared prefix). Each
 ratio is the median over rounds of the ratio within a round. A step is forward, backward, AdamW's
 update and zeroing the gradients: tuneforge's as a run prepares the model and computes the loss
 (``training/prepare.py``, ``eval/lm.py``), the reference's loss from the model's own forward. Both
 sides must lower the batch's loss over the rounds and move their adapters (checked, printed).
 
-    python bench/paired.py               # 8 rounds; writes BENCHMARKS.md
+    python bench/paired.py                          # packed text, 8 rounds; writes BENCHMARKS.md
+    python bench/paired.py --workload sentiment
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DROPOUT = {"lora": 0.05, "lora0": 0.0}  # the rows, by bench/methods.py's short 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds, after one to warm up")
+    parser.add_argument("--workload", choices=["text", "sentiment"], default="text")
     args = parser.parse_args()
 
     import peft
@@ -56,7 +59,7 @@ def main() -> None:
     batch = None
     for row, p in DROPOUT.items():
         method, keys, _ = ROWS["LoRA, dropout 0.05" if p else "LoRA, dropout 0"]
-        cfg = run_config(method, keys, "text", 1)
+        cfg = run_config(method, keys, args.workload, 1)
         model, tokenizer = load_model(cfg.model, dtype="float32", device="cpu")
         if batch is None:
             data = load_datasets(cfg.data, tokenizer, seed=0)
@@ -99,11 +102,15 @@ def main() -> None:
     for line in lines:
         print(line)
     print(f"dropout 0.05 costs tuneforge {cost['tuneforge']:+.1%}, the reference {cost['reference']:+.1%}")
-    write_section("paired", f"""
-## LoRA on packed text, both sides in one process
+    text = args.workload == "text"
+    what = ("one 4 x 256 batch of packed tinyshakespeare" if text else
+            f"the sentiment task's first batch ({batch['input_ids'].shape[0]} prompts of up to "
+            f"{batch['input_ids'].shape[1]} tokens, loss on the answer; tuneforge runs their shared prefix once)")
+    write_section("paired" if text else "paired-sentiment", f"""
+## LoRA on {"packed text" if text else "the sentiment task"}, both sides in one process
 
-`python bench/paired.py --rounds {args.rounds}` on {machine()}: LoRA r=16 alpha=32 on all linear layers, one
-4 x 256 batch of packed tinyshakespeare; the four models take one optimizer step each per round (forward,
+`python bench/paired.py --rounds {args.rounds}{"" if text else " --workload sentiment"}` on {machine()}: LoRA r=16
+alpha=32 on all linear layers, {what}; the four models take one optimizer step each per round (forward,
 backward, AdamW, gradients zeroed), {args.rounds} timed rounds after one to warm up. Times are medians; the speed is
 the median over rounds of the reference's step time over tuneforge's in the same round, so the machine's
 drift falls on both. "works": over the rounds the batch's loss fell and the adapter moved, on both sides
