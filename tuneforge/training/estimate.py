@@ -13,12 +13,13 @@ into it, and the parts follow:
 - overhead: the process and its libraries, and what the allocator holds beyond the live tensors,
   both measured on real runs (``bench/estimate.py`` compares prediction and measurement).
 
-Time is the step's work over the device's measured matmul rate, in six parts (``TIME_COST``): the
+Time is the step's work over the device's measured matmul rate, in seven parts (``TIME_COST``): the
 floating-point work of the matmuls (the mean batch, the shared prefix counted once), the elementwise
 passes over each block's activations (norms, rotary, activation functions, residuals), LoRA's dropout
-masks, the dequantization of 4-bit weights in forward and backward, the optimizer's update of every
-trainable value, and each block's fixed cost per pass (the operations it runs whatever their size:
-what a short batch pays most for). Each part's cost per unit of work, in flops of matmul time, is fitted
+masks (per value masked, and per mask drawn), the dequantization of 4-bit weights in forward and
+backward, the optimizer's update of every trainable value, and each block's fixed cost per pass (the
+operations it runs whatever their size: what a short batch pays most for; a shared prefix runs each
+block a second time). Each part's cost per unit of work, in flops of matmul time, is fitted
 on the measured steps of every method (``python bench/estimate.py --fit``).
 """
 
@@ -56,11 +57,12 @@ STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate,
 # Matmul-time cost of one unit of each part of a step's work, fitted by ``bench/estimate.py --fit`` on the
 # runs of ``bench/methods.py`` (every method, both workloads) on the reference machine: "matmul" per flop
 # (1 / the share of the matmul rate a step's matmuls reach), "elementwise" per activation value of a block
-# (hidden plus MLP width, per token position and layer), "dropout" per value masked, "dequantize" per 4-bit
-# weight rebuilt, "optimizer" per trainable value, "blocks" per block a micro-batch passes through (forward,
-# and backward again). No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
-TIME_COST = {"cpu": {"matmul": 1.027, "elementwise": 0.0, "dropout": 1271.0, "dequantize": 953.5, "optimizer": 1841.0,
-                     "blocks": 2.306e9}}
+# (hidden plus MLP width, per token position and layer), "dropout" per value masked, "dropout_calls" per mask
+# drawn (its fixed cost: the draw's operations, whatever the size), "dequantize" per 4-bit weight rebuilt,
+# "optimizer" per trainable value, "blocks" per block a micro-batch passes through (forward, and backward
+# again; a shared prefix is a second pass). No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
+TIME_COST = {"cpu": {"matmul": 1.108, "elementwise": 1037.0, "dropout": 0.0, "dropout_calls": 2.39e8, "dequantize": 722.1,
+                     "optimizer": 1317.0, "blocks": 4.685e8}}
 PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
 ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
 
@@ -292,7 +294,8 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
         per_loss_token += 2 * head_weights
     flops = cfg.train.grad_accum * (computed * per_token + mean.loss_tokens * per_loss_token)
     rate = flops_per_s or matmul_flops_per_s(device)
-    work = {"matmul": flops, **_other_work(model, text, cfg, computed, probe, n_trainable), "rate": rate}
+    calls = 1 + sum(s.shared > 0 for s in shapes) / len(shapes)  # forward calls per micro-batch: a shared prefix's too
+    work = {"matmul": flops, **_other_work(model, text, cfg, computed, calls, probe, n_trainable), "rate": rate}
     cost = TIME_COST.get(kind, {"matmul": 1 / STEP_EFFICIENCY[kind]})
     seconds = sum(cost.get(part, 0.0) * units for part, units in work.items() if part != "rate") / rate
 
@@ -302,19 +305,21 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
                     float(flops), seconds, work, steps, device.type, basis)
 
 
-def _other_work(model: nn.Module, text, cfg: RunCfg, positions: float, probe: bool, n_trainable: int) -> dict:
+def _other_work(model: nn.Module, text, cfg: RunCfg, positions: float, calls: float, probe: bool,
+                n_trainable: int) -> dict:
     """A step's units of the work beside the matmuls (see TIME_COST): per micro-batch, ``positions`` token
-    positions run through every block."""
+    positions run through every block, in ``calls`` forward calls (two where a prefix is shared)."""
     runs = cfg.train.grad_accum * positions
     wide = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    dropped = sum(m.lora_A.in_features for m in model.modules()
-                  if isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0)
+    dropping = [m.lora_A.in_features for m in model.modules()
+                if isinstance(m, LoRALinear) and isinstance(m.dropout, nn.Dropout) and m.dropout.p > 0]
     quantized = sum(math.prod(m.state.shape) for m in model.modules() if isinstance(m, NF4Linear))
     passes = 1 if probe else 2  # forward, and backward's second look at each activation and weight
     return {"elementwise": passes * runs * text.num_hidden_layers * (text.hidden_size + wide),
-            "dropout": 0 if probe else runs * dropped, "dequantize": passes * cfg.train.grad_accum * quantized,
-            "optimizer": 0 if probe else n_trainable,
-            "blocks": passes * cfg.train.grad_accum * text.num_hidden_layers}
+            "dropout": 0 if probe else runs * sum(dropping),
+            "dropout_calls": 0 if probe else cfg.train.grad_accum * calls * len(dropping),
+            "dequantize": passes * cfg.train.grad_accum * quantized, "optimizer": 0 if probe else n_trainable,
+            "blocks": passes * cfg.train.grad_accum * calls * text.num_hidden_layers}
 
 
 def batch_shapes(examples, batches: list[list[int]], pad_id: int = 0) -> list[Shape]:
