@@ -13,8 +13,10 @@ from torch import nn
 
 from conftest import make_tiny_model
 from tuneforge.eval.lm import label_loss
-from tuneforge.model.kernels import (LLAMA_RMS_NORMS, GatedMLP, RMSNorm, draw_seed, dropout_mask, head_logprobs,
-                                     lora_linear, lora_update, shared_prefix, swiglu, use_lean_mlps, use_lean_norms)
+from tuneforge.model import kernels
+from tuneforge.model.kernels import (LLAMA_RMS_NORMS, GatedMLP, RMSNorm, draw_seed, drawn_mask, dropout_mask,
+                                     head_logprobs, lora_linear, lora_update, shared_prefix, swiglu, use_lean_mlps,
+                                     use_lean_norms)
 from tuneforge.methods.registry import get_method
 
 VOCAB = 259
@@ -28,7 +30,7 @@ def test_lora_update_is_the_formula_with_and_without_dropout():
         torch.manual_seed(1)
         out = lora_update(result, x, A, B, 2.0, p)
         torch.manual_seed(1)
-        keep = ~dropout_mask(x.shape, p, draw_seed(), x.device) if p else torch.ones_like(x, dtype=torch.bool)
+        keep = ~drawn_mask(x, p) if p else torch.ones_like(x, dtype=torch.bool)
         ref = result + 2.0 * ((x * keep / (1 - p)) @ A.T) @ B.T
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # 1 / (1 - p) after the product: other rounding
         g = torch.randn_like(out)
@@ -126,6 +128,48 @@ def test_dropout_masks_drop_at_the_rate_independently(p):
     # counts in blocks of 64 follow the binomial spread: no clumping along positions
     counts = masks[0].view(-1, 64).sum(1)
     assert abs(counts.var().item() / (64 * p * (1 - p)) - 1) < 0.05
+
+
+def test_layers_draw_consecutive_segments_of_one_pool_until_the_generator_moves():
+    """On the CPU, layer after layer takes the next segment of one pool's positions (disjoint segments of a
+    Poisson draw: independent, each at the rate), a pool is new once anything else draws from the generator,
+    and the same generator state gives the same masks."""
+    p, xs = 0.05, [torch.empty(7, 16), torch.empty(3, 40), torch.empty(1, 16)]
+    torch.manual_seed(3)
+    masks = [drawn_mask(x, p).reshape(-1) for x in xs]
+    torch.manual_seed(3)
+    pool = dropout_mask(torch.Size([kernels.POOL_SPAN]), p, draw_seed(), torch.device("cpu"))
+    assert torch.equal(torch.cat(masks), pool[:sum(x.numel() for x in xs)])  # one pool, in order
+    torch.manual_seed(3)
+    assert torch.equal(drawn_mask(xs[0], p).reshape(-1), masks[0])  # a seed set: a new pool, the same one
+    torch.rand(1)  # another draw from the generator: the next layer starts a new pool
+    assert not torch.equal(drawn_mask(xs[1], p).reshape(-1), masks[1])
+    big = torch.empty(kernels.POOL_SPAN // 8 + 1)  # larger than a pool serves: a draw of its own
+    torch.manual_seed(4)
+    seed = draw_seed()
+    torch.manual_seed(4)
+    assert torch.equal(drawn_mask(big, p), dropout_mask(big.shape, p, seed, big.device))
+    many = torch.cat([drawn_mask(torch.empty(64, 64), p).reshape(-1).float() for _ in range(500)])  # 2M values
+    assert abs(many.mean().item() - p) < 5 * (p * (1 - p) / many.numel()) ** 0.5
+
+
+def test_a_checkpoint_s_generator_state_carries_the_dropout_pool():
+    """Resuming from a checkpoint's generator state draws what the uninterrupted run drew next: whether the
+    pool was serving (it goes on with it) or the generator had moved since (a new pool from the generator)."""
+    from tuneforge.training import checkpoint
+
+    x = torch.empty(5, 32)
+    for moved in (False, True):
+        torch.manual_seed(0)
+        drawn_mask(x, 0.3)  # a pool serves
+        if moved:
+            torch.rand(1)
+        saved = checkpoint._rng_join(*checkpoint._rng_split(checkpoint.rng_state()))  # as state.json keeps it
+        ahead = [drawn_mask(x, 0.3) for _ in range(3)]
+        kernels._pools.clear()  # a new process
+        torch.manual_seed(1)
+        checkpoint.set_rng_state(saved)
+        assert all(torch.equal(drawn_mask(x, 0.3), m) for m in ahead)
 
 
 def test_swiglu_and_the_gated_mlp_equal_the_model_s_own():

@@ -44,9 +44,9 @@ MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 # of x a sequential scatter (a random one took three times as long here).
 # At LoRA's usual rates that is a few draws per hundred elements, where a mask took a hash of every element and
 # a masked pass, and backward keeps the draws (8 bytes each) instead of a mask (1 byte per element) while they
-# are fewer than an eighth of the elements. The seed is one draw of torch's CPU generator per call, and the
-# count one draw of a generator seeded with it, so runs stay reproducible, resume to the same masks, and no
-# device is waited for. int32 arithmetic wraps; shifts are made logical.
+# are fewer than an eighth of the elements. The seed is one draw of torch's CPU generator per draw (per pool
+# on the CPU: see POOL_SPAN), and the count one draw of a generator seeded with it, so runs stay reproducible,
+# resume to the same masks, and no device is waited for. int32 arithmetic wraps; shifts are made logical.
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # as signed 32-bit integers
 _SECOND = 0x5BD1E995  # the second hash's seed, against the first's
 _mixed_positions: dict[torch.device, Tensor] = {}
@@ -106,13 +106,63 @@ def _dropped(t: Tensor, drop: Tensor, dtype: torch.dtype, copy: bool = True) -> 
     return out.put_(drop, torch.zeros((), dtype=out.dtype, device=out.device).expand(drop.shape))
 
 
+# On the CPU, where each operation's fixed cost outweighs a small layer's draw (a classification batch's shared
+# prefix is a few dozen positions), the draws of many layers come from one: a pool of POOL_SPAN elements'
+# positions, drawn at once with a seed of its own, which layer after layer hands out in consecutive segments.
+# The positions a Poisson splitting puts in disjoint segments are independent, so each layer's are distributed
+# as a draw of its own would be. A pool serves while torch's CPU generator is as the pool's seed left it: any
+# other draw from the generator (a seed set, a state restored, a random op) starts a new pool at the next
+# layer, so the draws stay a function of the generator's state and the order of the calls. A checkpoint
+# records the pool (``dropout_state``) beside the generator's state, so a resumed run goes on with it.
+POOL_SPAN = 1 << 24  # elements per pool: 16.8M, about 860,000 positions (7 MB) at p = 0.05
+_pools: dict[float, dict] = {}  # dropout rate -> seed, cursor, the generator's state after the seed, positions
+
+
+def _pool_draws(n: int, p: float) -> Tensor:
+    pool = _pools.get(p)
+    if pool is None or pool["cursor"] + n > POOL_SPAN or not torch.equal(torch.get_rng_state(), pool["after"]):
+        pool = _pools[p] = {"seed": draw_seed(), "cursor": 0, "after": torch.get_rng_state(), "positions": None}
+    if pool["positions"] is None:  # drawn when first used (after a checkpoint's restore too)
+        pool["positions"] = dropout_draws(POOL_SPAN, p, pool["seed"], torch.device("cpu"))
+    start = pool["cursor"]
+    lo, hi = torch.searchsorted(pool["positions"], torch.tensor([start, start + n])).tolist()
+    pool["cursor"] = start + n
+    return pool["positions"][lo:hi] - start
+
+
+def dropout_state() -> dict[str, list[int]]:
+    """The dropout pools that serve the generator's present state, as JSON: rate -> [seed, cursor]."""
+    now = torch.get_rng_state()
+    return {repr(p): [pool["seed"], pool["cursor"]] for p, pool in _pools.items() if torch.equal(now, pool["after"])}
+
+
+def set_dropout_state(state: dict[str, list[int]]) -> None:
+    """Restore ``dropout_state()``'s pools, after the generator's state they serve has been restored."""
+    _pools.clear()
+    now = torch.get_rng_state()
+    for p, (seed, cursor) in state.items():
+        _pools[float(p)] = {"seed": int(seed), "cursor": int(cursor), "after": now, "positions": None}
+
+
 def _draw_drop(x: Tensor, p: float) -> Tensor | None:
     """What dropout at rate ``p`` zeroes in ``x``: None at p = 0, else the drawn positions while they are
-    fewer than an eighth of x's values, else a one-byte mask (smaller then, and as quick)."""
+    fewer than an eighth of x's values, else a one-byte mask (smaller then, and as quick). On the CPU a
+    pool serves layers of up to an eighth of its span; elsewhere, and for larger layers, a draw of their own."""
     if p == 0:
         return None
-    drop = dropout_draws(x.numel(), p, draw_seed(), x.device)
-    return _mask(drop, x.numel()) if 8 * drop.numel() >= x.numel() else drop
+    n = x.numel()
+    if x.device.type == "cpu" and 8 * n <= POOL_SPAN:
+        drop = _pool_draws(n, p)
+    else:
+        drop = dropout_draws(n, p, draw_seed(), x.device)
+    return _mask(drop, n) if 8 * drop.numel() >= n else drop
+
+
+def drawn_mask(x: Tensor, p: float) -> Tensor:
+    """The boolean mask (x's shape, True where zeroed) that a LoRA layer's dropout at rate ``p`` draws for
+    ``x`` from here, as ``_draw_drop`` draws it (a pool's next segment on the CPU)."""
+    drop = _draw_drop(x, p)
+    return (drop if drop.dtype == torch.bool else _mask(drop, x.numel())).view(x.shape)
 
 
 def draw_seed() -> int:

@@ -8,7 +8,8 @@ code; a checkpoint an older tuneforge pickled (``optimizer.pt``) is refused with
         rng.safetensors         torch's CPU generator state (and each CUDA device's)
         state.json              progress (step, epoch, batch, ...), the optimizer's hyperparameters by
                                 group (tensors by name), the schedule, the loss scaler, python's and
-                                numpy's generator states, the sha256 of each tensor file's tensors, and
+                                numpy's generator states, the dropout pools torch's serves, the sha256
+                                of each tensor file's tensors, and
                                 the run's record (its resolved config and the hashes of its data files)
 
 A checkpoint exists under its final name only once complete (``atomic_dir``): a crash, a kill or a
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge.core.atomic import atomic_dir
 from tuneforge.core.errors import UserError
+from tuneforge.model import kernels
 from tuneforge.model.fingerprint import tensor_hash
 
 PREFIX = "step-"
@@ -45,8 +47,10 @@ REQUIRED = ("progress", "optimizer", "scheduler", "rng")  # what state.json must
 
 
 def rng_state() -> dict:
-    """Every random generator a step draws from: python's, numpy's, torch's CPU one and each CUDA device's."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator a step draws from: python's, numpy's, torch's CPU one and each CUDA device's,
+    and the dropout pools that torch's CPU one serves (``model.kernels``)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "dropout": kernels.dropout_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -56,6 +60,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    kernels.set_dropout_state(state.get("dropout", {}))  # a checkpoint from before the pools: none
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -66,14 +71,16 @@ def _rng_split(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     tensors = {"torch": state["torch"], **{f"cuda/{i}": s for i, s in enumerate(state.get("cuda", []))}}
     return tensors, {"python": [version, list(words), gauss],
-                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                     "dropout": state.get("dropout", {})}
 
 
 def _rng_join(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
     version, words, gauss = saved["python"]
     kind, keys, pos, has_gauss, cached = saved["numpy"]
     state = {"python": (version, tuple(words), gauss),
-             "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached), "torch": tensors["torch"]}
+             "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached), "torch": tensors["torch"],
+             "dropout": saved.get("dropout", {})}
     cuda = sorted((k for k in tensors if k.startswith("cuda/")), key=lambda k: int(k.split("/")[1]))
     if cuda:
         state["cuda"] = [tensors[k] for k in cuda]
