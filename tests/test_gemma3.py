@@ -64,14 +64,23 @@ def test_gemma3_loss_on_plain_english_is_low(gemma):
     assert loss < 4.0, loss
 
 
+# llama.cpp's Gemma 3 graph, in float32 with a float32 cache, gives logits up to 0.24 from transformers' along
+# its greedy tokens (the 16 likeliest at each of 8 steps, for the three prompts; the adapter moves them by 11
+# to 13): near-tied tokens may swap there (0.12 apart, after a change of dropout's draws), so the merged file
+# is held to its logits within twice that, not to the greedy tokens
+GEMMA3_F32_TOLERANCE = 0.5
+
+
 def test_gemma3_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(gemma, tmp_path):
     """Gemma 3 270M LoRA-tuned on sentiment (a few steps at a high rate), exported merged as f32 and as a
-    GGUF LoRA file applied to the Q4_K_M file the model ships as: llama.cpp gives the greedy tokens
-    `tuneforge generate --adapter` gives, for three prompts."""
+    GGUF LoRA file applied to the Q4_K_M file the model ships as: llama.cpp gives tuneforge's logits along
+    its greedy tokens, for three prompts (within GEMMA3_F32_TOLERANCE merged, QUANTIZED_TOLERANCE on the
+    quantized base)."""
     from test_export import assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp, needs_llama_cpp
 
     if needs_llama_cpp.args[0]:
         pytest.skip(needs_llama_cpp.kwargs["reason"])
     assert_lora_gives_tuneforges_greedy_tokens_in_llama_cpp(
         "gemma3-270m", gemma, tmp_path, load.find_named_gguf("gemma3-270m"), "train.max_steps=4",
-        "train.batch_size=4", "train.learning_rate=1e-3", "data.max_examples=40", "data.max_length=64")
+        "train.batch_size=4", "train.learning_rate=1e-3", "data.max_examples=40", "data.max_length=64",
+        f32_tolerance=GEMMA3_F32_TOLERANCE)
