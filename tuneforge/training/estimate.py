@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -115,19 +116,24 @@ class Estimate:
                 f"{self.tokens_per_step:,} tokens{total}")
 
 
-def matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 4) -> float:
-    """The device's fp32 matmul rate, measured in a fraction of a second."""
+def matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 4, rounds: int = 5) -> float:
+    """The device's fp32 matmul rate: the median of ``rounds`` timings of ``repeats`` products (about
+    0.2 s in all on two CPU cores). One timing alone moves with whatever else the machine does in its
+    40 ms; the median of five is steadier."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    timings = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - start)
+    return 2 * size**3 * repeats / statistics.median(timings)
 
 
 def _tensor_bytes(model: nn.Module) -> int:
