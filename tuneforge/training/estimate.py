@@ -62,8 +62,8 @@ STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate,
 # drawn (its fixed cost: the draw's operations, whatever the size), "dequantize" per 4-bit weight rebuilt,
 # "optimizer" per trainable value, "blocks" per block a micro-batch passes through (forward, and backward
 # again; a shared prefix is a second pass). No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
-TIME_COST = {"cpu": {"matmul": 1.108, "elementwise": 1037.0, "dropout": 0.0, "dropout_calls": 2.39e8, "dequantize": 722.1,
-                     "optimizer": 1317.0, "blocks": 4.685e8}}
+TIME_COST = {"cpu": {"matmul": 1.279, "elementwise": 0.0, "dropout": 1412.0, "dropout_calls": 1.324e8, "dequantize": 604.4,
+                     "optimizer": 1408.0, "blocks": 9.98e8}}
 PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
 ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
 
