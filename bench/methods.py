@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -210,7 +211,8 @@ def main() -> None:
                           REPO)
                 results[(workload, row, side)] = r
                 shown = r.get("error") or f"{r['step_seconds']:.2f} s/step, {r['peak_rss_mb']:.0f} MB, first " \
-                                          f"batch's loss {r['fixed_before']:.3f} -> {r['fixed_after']:.3f}"
+                                          f"batch's loss {r['fixed_before']:.3f} -> {r['fixed_after']:.3f}" + \
+                                          (f", {r['stolen']:.1%} of the CPU stolen" if "stolen" in r else "")
                 print(f"{workload:>9} {SHORT[row]:>26} {side:>9}: {shown}", flush=True)
     out = REPO / "bench" / "results" / "methods.json"
     out.parent.mkdir(exist_ok=True)
@@ -250,6 +252,12 @@ def table(results: dict, rate: float, args, machine_line: str) -> str:
                  "measured as it started (1024 x 1024 fp32; the rate of a shared machine drifts, so each row uses "
                  "its own), for both sides: the reference does at least that work, so its share is an upper bound "
                  "of its own.")
+    stolen = {key: r["stolen"] for key, r in results.items() if "stolen" in r}
+    if stolen:
+        worst = max(stolen, key=stolen.get)
+        lines.append(f"\nThe CPU time the machine's host gave to other guests while a row ran (`/proc/stat`'s "
+                     f"steal): at most {stolen[worst]:.1%} ({worst[0]}, {SHORT[worst[1]]}, {worst[2]}), a median of "
+                     f"{statistics.median(stolen.values()):.1%}.")
     return "\n".join(lines)
 
 

@@ -53,14 +53,31 @@ def trainer_timer(times: list[float], losses: list[float]):
     return Timer()
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) CPU ticks since boot from Linux's /proc/stat, or None elsewhere. Stolen ticks are
+    those a virtual machine's host gave to other guests while this one had work to run: a step timed
+    through them is slower for reasons of the host's, not of the code."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
 def spawn(script: str, args: list[str], cwd: Path) -> dict:
     """``script ARGS`` in a process of its own (its peak RSS its own): the JSON after its "RESULT " line,
-    or {"error": its last line of stderr}."""
+    or {"error": its last line of stderr}. Where the machine reports it, "stolen" is the share of the CPU
+    time the host took while it ran (``cpu_ticks``)."""
+    before = cpu_ticks()
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=cwd)
+    after = cpu_ticks()
     line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")]
     if proc.returncode or not line:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(line[0][len("RESULT "):])
+    result = json.loads(line[0][len("RESULT "):])
+    if before and after and after[1] > before[1]:
+        result["stolen"] = (after[0] - before[0]) / (after[1] - before[1])
+    return result
 
 
 def write_section(name: str, body: str, path: Path = PATH) -> None:
