@@ -2,8 +2,9 @@
 
 The default model, LoRA r=16 on all linear layers with B drawn at random (a trained-looking adapter,
 so the unmerged path does its full work), greedy decoding of 64 new tokens after each of a few chat
-prompts, with the KV cache. The models take turns, round after round, in one process; each figure is
-the median over rounds of tokens per second. The merged model must give the unmerged one's tokens
+prompts, with the KV cache. The models take turns on each prompt, round after round, in one process,
+in an order that rotates from round to round; each figure is the median over rounds of tokens per
+second. The merged model must give the unmerged one's tokens
 (checked). A rank-1 adapter, unmerged, makes the same calls per layer with next to no arithmetic in
 them: what keeping an adapter separate costs whatever its rank.
 
@@ -54,23 +55,32 @@ def main() -> None:
               "LoRA r=1, unmerged": rank1.eval()}
     inputs = [encode_prompt(tokenizer, p) for p in PROMPTS]
 
-    def run(model) -> tuple[float, list]:
-        tokens, outputs, start = 0, [], time.perf_counter()
+    def run(model, x) -> tuple[int, float, torch.Tensor]:
+        start = time.perf_counter()
         with torch.no_grad():
-            for x in inputs:
-                out = model.generate(**x, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     do_sample=False, temperature=None, top_p=None, top_k=None,
-                                     pad_token_id=tokenizer.pad_token_id)
-                tokens += out.shape[1] - x["input_ids"].shape[1]
-                outputs.append(out)
-        return tokens / (time.perf_counter() - start), outputs
+            out = model.generate(**x, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return out.shape[1] - x["input_ids"].shape[1], time.perf_counter() - start, out
 
+    # Each round, the models take turns on each prompt, in an order that rotates from round to round, so
+    # that a drift of the machine's speed within a round falls on every model alike.
+    names = list(models)
     rates = {name: [] for name in models}
-    outputs = {}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            rate, outputs[name] = run(model)
-            rates[name].append(rate)
+    outputs = {name: [] for name in models}
+    for round_ in range(args.rounds):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        tokens, seconds = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+        for x in inputs:
+            for name in order:
+                n, t, out = run(models[name], x)
+                tokens[name] += n
+                seconds[name] += t
+                if round_ == 0:
+                    outputs[name].append(out)
+        for name in names:
+            rates[name].append(tokens[name] / seconds[name])
+        print(f"round {round_ + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f}" for name in names), flush=True)
     same = all(torch.equal(a, b) for a, b in zip(outputs["LoRA, merged"], outputs["LoRA, unmerged"]))
     median = {name: statistics.median(r) for name, r in rates.items()}
     # against the base: the median over rounds of the ratio within a round, so the machine's drift falls on both
@@ -84,7 +94,7 @@ def main() -> None:
 
 `python bench/generate.py` on {machine()}: the default model, {args.new_tokens} new tokens after each of
 {len(PROMPTS)} chat prompts, KV cache on, one thread pool; medians of {args.rounds} rounds in which the models
-take turns; against the base, the median over rounds of the ratio within a round. LoRA r=16 on all linear layers, B random. The merged model gave the unmerged one's tokens:
+take turns on each prompt, in an order that rotates from round to round; against the base, the median over rounds of the ratio within a round. LoRA r=16 on all linear layers, B random. The merged model gave the unmerged one's tokens:
 {"yes" if same else "NO"}. The rank-1 adapter makes the same calls in each of the {n_layers} adapted layers
 (the base product and the update's two) with next to no arithmetic in them: the gap between it and the
 base is the price of keeping an adapter separate, whatever its rank, and the gap between it and r=16 is
