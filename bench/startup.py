@@ -62,7 +62,7 @@ def child() -> dict:
     marks.append(("model (tokenizer again inside)", time.perf_counter()))
     generate(model, tokenizer, "Hi", max_new_tokens=1)
     marks.append(("first token", time.perf_counter()))
-    return {name: b - a for (_, a), (name, b) in zip(marks, marks[1:])}
+    return {"stages": {name: b - a for (_, a), (name, b) in zip(marks, marks[1:])}}
 
 
 def timed(env: dict, command: list[str] = COMMAND) -> float:
@@ -93,8 +93,10 @@ def main() -> None:
         runs["reference"].append(timed(env, ["-c", REFERENCE, folder]))
         runs["floor"].append(timed(env, ["-c", FLOOR]))
     warm = {side: statistics.median(times) for side, times in runs.items()}
-    stages = spawn(__file__, ["--child"], REPO)
-    stages.pop("stolen", None)  # the host's share of the CPU meanwhile, not a stage
+    result = spawn(__file__, ["--child"], REPO)
+    if "error" in result:
+        sys.exit(f"the stages' run: {result['error']}")
+    stages = result["stages"]
     shown = {side: ", ".join(f"{t:.1f}" for t in times) for side, times in runs.items()}
     print(f"cold {cold:.1f} s; warm: " + "; ".join(f"{side} {warm[side]:.1f} s ({shown[side]})" for side in runs))
     print(stages)
