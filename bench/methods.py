@@ -216,7 +216,9 @@ def main() -> None:
                 print(f"{workload:>9} {SHORT[row]:>26} {side:>9}: {shown}", flush=True)
     out = REPO / "bench" / "results" / "methods.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({f"{w}|{r}|{s}": v for (w, r, s), v in results.items()}, indent=1))
+    # The host beside the rows: bench/estimate.py fits the time model on the runs of every host kept here
+    host = {"machine": machine(), "matmul_flops_per_s": rate, "date": time.strftime("%Y-%m-%d")}
+    out.write_text(json.dumps({"host": host, **{f"{w}|{r}|{s}": v for (w, r, s), v in results.items()}}, indent=1))
     write_section("methods" if args.device == "cpu" else f"methods-{args.device}", table(results, rate, args, machine()))
 
 
