@@ -6,7 +6,8 @@ prompts, with the KV cache. The models take turns on each prompt, round after ro
 in an order that rotates from round to round; each figure is the median over rounds of tokens per
 second. The merged model must give the unmerged one's tokens
 (checked). A rank-1 adapter, unmerged, makes the same calls per layer with next to no arithmetic in
-them: what keeping an adapter separate costs whatever its rank.
+them: what keeping an adapter separate costs whatever its rank; the adapter disabled runs the wrappers
+alone: what they cost.
 
     python bench/generate.py
 """
@@ -51,8 +52,10 @@ def main() -> None:
             layer.lora_B.weight.copy_(0.02 * torch.randn(layer.lora_B.weight.shape, generator=gen))
     merged = copy.deepcopy(unmerged)
     handle.merge(merged)
+    disabled = copy.deepcopy(unmerged)
+    lora.set_enabled(disabled, False)
     models = {"base": base, "LoRA, unmerged": unmerged.eval(), "LoRA, merged": merged.eval(),
-              "LoRA r=1, unmerged": rank1.eval()}
+              "LoRA r=1, unmerged": rank1.eval(), "LoRA, disabled": disabled.eval()}
     inputs = [encode_prompt(tokenizer, p) for p in PROMPTS]
 
     def run(model, x) -> tuple[int, float, torch.Tensor]:
@@ -82,6 +85,7 @@ def main() -> None:
             rates[name].append(tokens[name] / seconds[name])
         print(f"round {round_ + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f}" for name in names), flush=True)
     same = all(torch.equal(a, b) for a, b in zip(outputs["LoRA, merged"], outputs["LoRA, unmerged"]))
+    as_base = all(torch.equal(a, b) for a, b in zip(outputs["LoRA, disabled"], outputs["base"]))
     median = {name: statistics.median(r) for name, r in rates.items()}
     # against the base: the median over rounds of the ratio within a round, so the machine's drift falls on both
     ratio = {name: statistics.median(a / b for a, b in zip(r, rates["base"])) for name, r in rates.items()}
@@ -95,10 +99,11 @@ def main() -> None:
 `python bench/generate.py` on {machine()}: the default model, {args.new_tokens} new tokens after each of
 {len(PROMPTS)} chat prompts, KV cache on, one thread pool; medians of {args.rounds} rounds in which the models
 take turns on each prompt, in an order that rotates from round to round; against the base, the median over rounds of the ratio within a round. LoRA r=16 on all linear layers, B random. The merged model gave the unmerged one's tokens:
-{"yes" if same else "NO"}. The rank-1 adapter makes the same calls in each of the {n_layers} adapted layers
-(the base product and the update's two) with next to no arithmetic in them: the gap between it and the
-base is the price of keeping an adapter separate, whatever its rank, and the gap between it and r=16 is
-the arithmetic of rank 16.
+{"yes" if same else "NO"}. The price of keeping an adapter separate, in three steps: the disabled adapter
+runs each of the {n_layers} adapted layers through its wrapper to the base layer alone (it gave the base's
+tokens: {"yes" if as_base else "NO"}); the rank-1 adapter adds the update's two matrix-vector products with
+next to no arithmetic in them (their calls, and reading two small matrices from memory); r=16 adds the
+reading and arithmetic of rank 16.
 
 | model | tokens/s | against the base |
 |---|---|---|
