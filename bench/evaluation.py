@@ -81,6 +81,28 @@ def reference_predictions(model, pad_id: int, prompts: list[list[int]], answers:
     return predicted
 
 
+def matmul_floor(model, prompts: list[list[int]], batch_size: int) -> dict:
+    """The matmul work of tuneforge's evaluation (the linear layers' for every position it computes: each
+    prompt and its label word, padded to its batch's longest, past the set's shared beginning; the head's
+    for the one position per prompt that reaches it), and the device's fp32 matmul rate: what the same
+    work would take at that rate. Attention's own products are left out: a lower bound."""
+    import os
+
+    from torch import nn
+
+    from tuneforge.training.estimate import matmul_flops_per_s
+
+    shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+    lengths = sorted(len(p) + 1 for p in prompts)  # the prompt and its label word, in length order as batched
+    positions = sum(max(batch) * len(batch) for batch in (lengths[i:i + batch_size]
+                                                          for i in range(0, len(lengths), batch_size)))
+    positions -= shared * len(prompts)
+    head = model.get_output_embeddings()
+    per_position = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    flops = per_position * positions + 2 * head.weight.numel() * len(prompts)
+    return {"positions": positions, "flops": flops, "rate": matmul_flops_per_s(next(model.parameters()).device)}
+
+
 def child(side: str, batch_size: int) -> dict:
     import torch
 
@@ -112,6 +134,9 @@ def child(side: str, batch_size: int) -> dict:
         start = time.perf_counter()
         if side == "tuneforge":
             accuracy = make_evaluator(tokenizer, data, cfg).run(model)["accuracy"]
+            seconds = time.perf_counter() - start
+            return {"n": len(items), "seconds": seconds, "accuracy": accuracy, "peak_rss_mb": rss_mb(),
+                    **matmul_floor(model, [it.prompt_ids for it in items], batch_size)}
         else:
             scores = _before_classify().score_labels(model, [it.prompt_ids for it in items], answers, 8,
                                                      tokenizer.pad_token_id)
@@ -149,6 +174,11 @@ def main() -> None:
     # the same labels right: the accuracies' counts (each side's own division may differ in its last bit)
     correct = {side: round(r["accuracy"] * n) for side, r in first.items()}
     same = correct["tuneforge"] == correct["before"]
+    work = first["tuneforge"]
+    floor = work["flops"] / work["rate"]
+    print(f"matmul floor: {work['flops'] / 1e9:.0f} GFLOP over {work['positions']} positions at "
+          f"{work['rate'] / 1e9:.0f} GFLOP/s = {floor:.1f} s; tuneforge at {floor / seconds['tuneforge']:.0%} of "
+          f"the rate; at most {seconds['before'] / floor:.1f}x quicker than {BEFORE}")
     rows = "\n".join(f"| {name} | {seconds[side]:.1f} | {n / seconds[side]:.1f} | {seconds[side] / seconds['tuneforge']:.2f}x "
                      f"| {first[side]['accuracy']:.4%} | {first[side]['peak_rss_mb']:.0f} |"
                      for side, name in (("tuneforge", "tuneforge"), ("before", f"tuneforge at {BEFORE}"),
@@ -164,6 +194,13 @@ chat template's system turn and the question) runs once for the set, batches hol
 length, and the head sees only each prompt's last position. tuneforge at {BEFORE} ran the shared
 beginning once per batch of 8. The same number labelled right as at {BEFORE}: {'yes' if same else 'NO'}
 ({correct['tuneforge']} and {correct['before']} of {n}; the reference {correct['reference']}).
+
+The matmul work alone sets a floor: tuneforge's linear layers over the {work['positions']:,} positions it
+computes (each prompt and its label word, padded within a batch, past the shared beginning) and the head
+over one position per prompt, {work['flops'] / 1e9:,.0f} GFLOP, take {floor:.1f} s at the fp32 matmul rate
+measured as tuneforge's side started ({work['rate'] / 1e9:.0f} GFLOP/s, 1024 x 1024). tuneforge runs at
+{floor / seconds['tuneforge']:.0%} of that rate. Nothing that computes these positions in fp32 can be more than
+{seconds['before'] / floor:.1f}x quicker than tuneforge at {BEFORE} ({seconds['before']:.1f} s).
 
 | evaluator | seconds | examples/s | time against tuneforge | accuracy | peak RSS (MB) |
 |---|---|---|---|---|---|
