@@ -1,6 +1,8 @@
 """How a step computes: an autocast context (none in fp32) and a loss scaler that works only in fp16.
 
-``auto`` is bf16 on CUDA and fp32 elsewhere (on CPU, fp32 matmuls are the fastest). The scaler is
+``auto`` is bf16 on CUDA and fp32 elsewhere. On a CPU without bf16 matrix units fp32 matmuls are the
+fastest; one with them (AMX) multiplies bf16 several times faster, but bf16 changes the numbers a step
+computes, so there it is asked for by name (``bench/precision.py`` measures what it gives). The scaler is
 always there: ``GradScaler(enabled=False)`` passes the loss and the step through unchanged, so the
 loop calls it without asking whether it is fp16.
 """
