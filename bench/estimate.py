@@ -17,6 +17,7 @@ hold for both.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 
+@functools.cache
 def hosts() -> dict[str, dict]:
     """The kept runs of ``bench/methods.py`` by file name, the latest (methods.json) first."""
     files = sorted(RESULTS.glob("methods*.json"), key=lambda f: (f.name != "methods.json", f.name))

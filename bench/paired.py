@@ -10,7 +10,8 @@ batch); on the sentiment task, the LoRA recipe's first batch of 8 prompts (a sha
 ratio is the median over rounds of the ratio within a round. A step is forward, backward, AdamW's
 update and zeroing the gradients: tuneforge's as a run prepares the model and computes the loss
 (``training/prepare.py``, ``eval/lm.py``), the reference's loss from the model's own forward. Both
-sides must lower the batch's loss over the rounds and move their adapters (checked, printed).
+sides must lower the batch's loss over the rounds and move their adapters (checked, printed). The models
+take their turns in an order that rotates from round to round.
 
     python bench/paired.py                          # packed text, 8 rounds; writes BENCHMARKS.md
     python bench/paired.py --workload sentiment
@@ -38,80 +39,24 @@ def main() -> None:
     parser.add_argument("--workload", choices=["text", "sentiment"], default="text")
     args = parser.parse_args()
 
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from bench.report import machine, write_section
-    from tuneforge.data import Collator, load_datasets
-    from tuneforge.eval.lm import label_loss
-    from tuneforge.io.load import load_model, resolve_spec
-    from tuneforge.methods.registry import get_method
-    from tuneforge.training.prepare import prepare
-    from tuneforge.training.run import batch_order
 
-    def mean_label_loss(model):  # as a run computes it
-        total, n = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return total / n
-
-    steps = {}  # (side, row): a function that takes one optimizer step and returns the batch's loss
-    moved = {}  # (side, row): a function that says whether its adapter moved
-    batch = None
-    for row, p in DROPOUT.items():
-        method, keys, _ = ROWS["LoRA, dropout 0.05" if p else "LoRA, dropout 0"]
-        cfg = run_config(method, keys, args.workload, 1)
-        model, tokenizer = load_model(cfg.model, dtype="float32", device="cpu")
-        if batch is None:
-            data = load_datasets(cfg.data, tokenizer, seed=0)
-            batch = Collator(tokenizer.pad_token_id)([data.train[i] for i in batch_order(cfg, data)(0)[0]])
-        _, params = prepare(model, get_method(method), cfg)
-        steps["tuneforge", row] = stepper(model, params, cfg.train.learning_rate, mean_label_loss)
-
-        ref = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), dtype=torch.float32)
-        ref = peft.get_peft_model(ref, peft.LoraConfig(task_type="CAUSAL_LM", r=keys["r"], lora_alpha=keys["lora_alpha"],
-                                                       lora_dropout=p, target_modules="all-linear"))
-        ref_params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
-        steps["reference", row] = stepper(ref, ref_params, cfg.train.learning_rate, lambda m: m(**batch).loss)
-        for side, ps in (("tuneforge", params), ("reference", ref_params)):
-            before = {n: q.detach().clone() for n, q in ps.items()}
-            moved[side, row] = lambda ps=ps, before=before: any(not torch.equal(q, before[n]) for n, q in ps.items())
-
-    seconds = {key: [] for key in steps}
-    losses = {key: [] for key in steps}
-    for round_ in range(args.rounds + 1):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            loss = step()
-            if round_:
-                seconds[key].append(time.perf_counter() - start)
-            losses[key].append(loss)
-        print(f"round {round_}: " + ", ".join(f"{s} {r} {seconds[s, r][-1]:.2f} s" for s, r in steps if round_),
-              flush=True)
-
-    def median_ratio(a, b) -> float:  # the median over rounds of a's time over b's, within each round
-        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))
-
-    works = {key: losses[key][-1] < losses[key][0] and moved[key]() for key in steps}
-    lines = []
-    for row, p in DROPOUT.items():
-        t, r = ("tuneforge", row), ("reference", row)
-        lines.append(f"| LoRA, dropout {p:g} | {statistics.median(seconds[t]):.2f} | {statistics.median(seconds[r]):.2f} "
-                     f"| {median_ratio(r, t):.2f}x | {'yes' if works[t] and works[r] else 'NO'}: "
-                     f"{losses[t][0]:.3f} -> {losses[t][-1]:.3f} / {losses[r][0]:.3f} -> {losses[r][-1]:.3f} |")
-    cost = {side: median_ratio((side, "lora"), (side, "lora0")) - 1 for side in ("tuneforge", "reference")}
+    steps, moved, batch = lora_sides(args.workload, {row: (p, None) for row, p in DROPOUT.items()})
+    seconds, losses, works = take_turns(steps, moved, args.rounds)
+    lines = [table_row(f"LoRA, dropout {p:g}", row, seconds, losses, works) for row, p in DROPOUT.items()]
+    cost = {side: median_ratio(seconds, (side, "lora"), (side, "lora0")) - 1 for side in ("tuneforge", "reference")}
     for line in lines:
         print(line)
     print(f"dropout 0.05 costs tuneforge {cost['tuneforge']:+.1%}, the reference {cost['reference']:+.1%}")
     text = args.workload == "text"
-    what = ("one 4 x 256 batch of packed tinyshakespeare" if text else
-            f"the sentiment task's first batch ({batch['input_ids'].shape[0]} prompts of up to "
-            f"{batch['input_ids'].shape[1]} tokens, loss on the answer; tuneforge runs their shared prefix once)")
+    what = the_batch(args.workload, batch) + ("" if text else "; tuneforge runs their shared prefix once")
     write_section("paired" if text else "paired-sentiment", f"""
 ## LoRA on {"packed text" if text else "the sentiment task"}, both sides in one process
 
 `python bench/paired.py --rounds {args.rounds}{"" if text else " --workload sentiment"}` on {machine()}: LoRA r=16
 alpha=32 on all linear layers, {what}; the four models take one optimizer step each per round (forward,
-backward, AdamW, gradients zeroed), {args.rounds} timed rounds after one to warm up. Times are medians; the speed is
+backward, AdamW, gradients zeroed), in an order that rotates from round to round, {args.rounds} timed rounds
+after one to warm up. Times are medians; the speed is
 the median over rounds of the reference's step time over tuneforge's in the same round, so the machine's
 drift falls on both. "works": over the rounds the batch's loss fell and the adapter moved, on both sides
 (first -> last loss, tuneforge / reference).
@@ -125,15 +70,107 @@ Dropout 0.05 over dropout 0, the median over rounds of the ratio within a round:
 """)
 
 
-def stepper(model, params: dict, lr: float, loss_of):
-    """One optimizer step of ``model`` on the batch (``loss_of(model)``), returning the loss before it."""
+def lora_sides(workload: str, rows: dict) -> tuple[dict, dict, dict]:
+    """tuneforge's and Transformers + PEFT's LoRA (r=16, alpha=32, all linear layers) on the default model,
+    for each row of ``rows`` (its name: (its dropout, the precision its forward runs in: a
+    ``training/precision.py`` name, None for fp32)), each as a function taking one optimizer step on the
+    workload's first batch (as ``bench/methods.py`` takes it) and returning the loss before it: tuneforge's
+    loss as a run computes it (``training/prepare.py``, ``eval/lm.py``), the reference's from the model's own
+    forward. Returns ({(side, row): step}, {(side, row): whether its adapter moved}, the batch)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data import Collator, load_datasets
+    from tuneforge.eval.lm import label_loss
+    from tuneforge.io.load import load_model, resolve_spec
+    from tuneforge.methods.registry import get_method
+    from tuneforge.training.precision import Precision
+    from tuneforge.training.prepare import prepare
+    from tuneforge.training.run import batch_order
+
+    def mean_label_loss(model):  # as a run computes it
+        total, n = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return total / n
+
+    def reference_loss(model):
+        return model(**batch).loss
+
+    steps, moved, batch = {}, {}, None
+    for row, (dropout, precision) in rows.items():
+        method, keys, _ = ROWS["LoRA, dropout 0.05" if dropout else "LoRA, dropout 0"]
+        cfg = run_config(method, keys, workload, 1)
+        model, tokenizer = load_model(cfg.model, dtype="float32", device="cpu")
+        if batch is None:
+            data = load_datasets(cfg.data, tokenizer, seed=0)
+            batch = Collator(tokenizer.pad_token_id)([data.train[i] for i in batch_order(cfg, data)(0)[0]])
+        _, params = prepare(model, get_method(method), cfg)
+        ref = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), dtype=torch.float32)
+        ref = peft.get_peft_model(ref, peft.LoraConfig(task_type="CAUSAL_LM", r=keys["r"], lora_alpha=keys["lora_alpha"],
+                                                       lora_dropout=dropout, target_modules="all-linear"))
+        ref_params = {n: q for n, q in ref.named_parameters() if q.requires_grad}
+        autocast = Precision(precision or "fp32", torch.device("cpu")).autocast
+        for side, m, ps, loss_of in (("tuneforge", model, params, mean_label_loss),
+                                     ("reference", ref, ref_params, reference_loss)):
+            steps[side, row] = stepper(m, ps, cfg.train.learning_rate, loss_of, autocast)
+            before = {n: q.detach().clone() for n, q in ps.items()}
+            moved[side, row] = lambda ps=ps, before=before: any(not torch.equal(q, before[n]) for n, q in ps.items())
+    return steps, moved, batch
+
+
+def the_batch(workload: str, batch: dict) -> str:
+    """The batch, in words."""
+    if workload == "text":
+        return "one 4 x 256 batch of packed tinyshakespeare"
+    return (f"the sentiment task's first batch ({batch['input_ids'].shape[0]} prompts of up to "
+            f"{batch['input_ids'].shape[1]} tokens, loss on the answer)")
+
+
+def take_turns(steps: dict, moved: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """One step of each of ``steps`` per round, in an order that rotates from round to round (a drift of the
+    machine's speed within a round falls on each alike), ``rounds`` timed after one to warm up: (the timed
+    steps' seconds, every step's loss, whether the loss fell and the adapter moved (``moved``)), by key."""
+    keys = list(steps)
+    seconds = {key: [] for key in keys}
+    losses = {key: [] for key in keys}
+    for round_ in range(rounds + 1):
+        for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+            start = time.perf_counter()
+            loss = steps[key]()
+            if round_:
+                seconds[key].append(time.perf_counter() - start)
+            losses[key].append(loss)
+        if round_:
+            print(f"round {round_}: " + ", ".join(f"{' '.join(key)} {seconds[key][-1]:.2f} s" for key in keys),
+                  flush=True)
+    return seconds, losses, {key: losses[key][-1] < losses[key][0] and moved[key]() for key in keys}
+
+
+def median_ratio(seconds: dict, a, b) -> float:
+    """The median over rounds of a's time over b's, within each round."""
+    return statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))
+
+
+def table_row(label: str, row: str, seconds: dict, losses: dict, works: dict) -> str:
+    """``row``'s line of the table: both sides' median step, the speed (the reference's time over tuneforge's)
+    and whether both did the work (first -> last loss, tuneforge / reference)."""
+    t, r = ("tuneforge", row), ("reference", row)
+    return (f"| {label} | {statistics.median(seconds[t]):.2f} | {statistics.median(seconds[r]):.2f} "
+            f"| {median_ratio(seconds, r, t):.2f}x | {'yes' if works[t] and works[r] else 'NO'}: "
+            f"{losses[t][0]:.3f} -> {losses[t][-1]:.3f} / {losses[r][0]:.3f} -> {losses[r][-1]:.3f} |")
+
+
+def stepper(model, params: dict, lr: float, loss_of, autocast):
+    """One optimizer step of ``model`` on the batch (``loss_of(model)``, computed in the context ``autocast()``
+    gives), returning the loss before it."""
     import torch
 
     optimizer = torch.optim.AdamW(params.values(), lr=lr)
 
     def step() -> float:
         model.train()
-        loss = loss_of(model)
+        with autocast():
+            loss = loss_of(model)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

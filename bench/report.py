@@ -28,7 +28,7 @@ def machine() -> str:
 
 
 # The vector units that set a CPU's matmul rate, by their /proc/cpuinfo flags: hosts of one cloud type differ
-# in them (an AVX2 host multiplied fp32 at about 110 GFLOP/s here, an AVX-512 one at about 340), and with them
+# in them (two hosts here multiplied fp32 at about 170 and, with AVX-512, about 340 GFLOP/s), and with them
 # every ratio between matmul work and the rest.
 VECTOR_UNITS = (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 

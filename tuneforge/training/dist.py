@@ -238,9 +238,9 @@ class Distributed(Local):
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():
-            # What still holds the group (a DDP model and its reducer sit in reference cycles) goes now, while
+            # What may still hold the group (a DDP model and its reducer sit in reference cycles) goes now, while
             # torch is whole: left to the interpreter's exit, a process sometimes aborted there ("terminate
-            # called without an active exception", about one run in twenty of tests/test_distributed.py)
+            # called without an active exception", about 4 runs in 100 of a tests/test_distributed.py case)
             gc.collect()
             with contextlib.suppress(RuntimeError):  # a group whose peers are gone: the run's own error says so
                 dist.destroy_process_group()

@@ -118,12 +118,13 @@ class Estimate:
                 f"{self.tokens_per_step:,} tokens{total}")
 
 
-def matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 4, rounds: int = 5) -> float:
-    """The device's fp32 matmul rate: the median of ``rounds`` timings of ``repeats`` products (about
-    0.2 s in all on two CPU cores). One timing alone moves with whatever else the machine does in its
-    40 ms; the median of five is steadier."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 4, rounds: int = 5,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """The device's matmul rate (fp32 unless ``dtype`` says otherwise): the median of ``rounds`` timings of
+    ``repeats`` products (about 0.2 s in all on two CPU cores). One timing alone moves with whatever else the
+    machine does in its 40 ms; the median of five is steadier."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up
     timings = []
     for _ in range(rounds):
