@@ -52,12 +52,15 @@ class LoRALinear(nn.Module, MethodModule):
         device = device_of(base_layer)
         self.dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout else nn.Identity()
         n_in, n_out = in_out(base_layer)
-        self.lora_A = nn.Linear(n_in, cfg.r, bias=False, device=device)  # kaiming_uniform(a=sqrt(5))
-        self.lora_B = nn.Linear(cfg.r, n_out, bias=False, device=device)
+        # Drawn by the CPU's generator and moved, as PEFT draws them: one seed, one adapter on any device
+        drawn_on = device if device.type == "meta" else torch.device("cpu")
+        self.lora_A = nn.Linear(n_in, cfg.r, bias=False, device=drawn_on)  # kaiming_uniform(a=sqrt(5))
+        self.lora_B = nn.Linear(cfg.r, n_out, bias=False, device=drawn_on)
         if cfg.init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
         if cfg.init_lora_weights:  # False keeps nn.Linear's random B, as PEFT does
             nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device), self.lora_B.to(device)
         self.lora_magnitude_vector = None
         if cfg.use_dora:  # ||W0 + s B A|| per row: the identity at the start
             with torch.no_grad():
