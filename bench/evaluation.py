@@ -2,14 +2,15 @@
 
 The default model with LoRA r=16 on all linear layers, unmerged (B zero, so every side scores the base
 model's answers through the adapter's extra work, as a run's evaluation does), labels the recipe's whole
-held-out split (894 snippets) by the log-likelihood of each label word after the prompt. Three sides,
+held-out split (894 snippets) by the log-likelihood of each label word after the prompt. Four sides,
 each in its own process, taking turns:
 
 - tuneforge: the evaluator a run uses (``eval.evaluator.make_evaluator``) at ``eval.batch_size``;
 - before: ``eval/classify.py`` as it stood at commit BEFORE, loaded from git, on this version's
   primitives: the shared prefix run once per batch of 8, not once for the set;
 - Transformers + PEFT: the plain way, batches of 8 prompts left-padded, the whole logits of the last
-  position, the label words' columns compared.
+  position, the label words' columns compared;
+- bf16: tuneforge's evaluator in a run with ``train.precision: bf16`` (bf16 autocast, the weights float32).
 
 Each side reports its seconds, examples per second and accuracy; tuneforge and before must label the
 same number right (the same arithmetic), and the reference closely.
@@ -35,16 +36,17 @@ from bench.report import rss_mb, spawn  # noqa: E402  (the repository on the pat
 
 CONFIG = REPO / "configs" / "sentiment-lora.yaml"
 BEFORE = "3cec8da"  # the last commit before evaluation ran the prefix once per set
-SIDES = ("tuneforge", "before", "reference")
+SIDES = ("tuneforge", "before", "reference", "bf16")
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 
 
-def held_out(batch_size: int):
+def held_out(batch_size: int, precision: str = "auto"):
     from tuneforge.core import config
     from tuneforge.data import load_datasets
     from tuneforge.io.load import load_tokenizer
 
-    cfg = config.from_yaml(CONFIG, ["data.max_eval_examples=null", f"eval.batch_size={batch_size}"])
+    cfg = config.from_yaml(CONFIG, ["data.max_eval_examples=null", f"eval.batch_size={batch_size}",
+                                    f"train.precision={precision}"])
     tokenizer = load_tokenizer(cfg.model)
     return cfg, tokenizer, load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
 
@@ -81,13 +83,15 @@ def reference_predictions(model, pad_id: int, prompts: list[list[int]], answers:
     return predicted
 
 
-def matmul_floor(model, prompts: list[list[int]], batch_size: int) -> dict:
+def matmul_floor(model, prompts: list[list[int]], batch_size: int, dtype=None) -> dict:
     """The matmul work of tuneforge's evaluation (the linear layers' for every position it computes: each
     prompt and its label word, padded to its batch's longest, past the set's shared beginning; the head's
     for the one position per prompt that reaches it), and the device's fp32 matmul rate: what the same
-    work would take at that rate. Attention's own products are left out: a lower bound."""
+    work would take at that rate (``dtype``'s, fp32's by default). Attention's own products are left out: a
+    lower bound."""
     import os
 
+    import torch
     from torch import nn
 
     from tuneforge.training.estimate import matmul_flops_per_s
@@ -100,7 +104,8 @@ def matmul_floor(model, prompts: list[list[int]], batch_size: int) -> dict:
     head = model.get_output_embeddings()
     per_position = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     flops = per_position * positions + 2 * head.weight.numel() * len(prompts)
-    return {"positions": positions, "flops": flops, "rate": matmul_flops_per_s(next(model.parameters()).device)}
+    device = next(model.parameters()).device
+    return {"positions": positions, "flops": flops, "rate": matmul_flops_per_s(device, dtype=dtype or torch.float32)}
 
 
 def child(side: str, batch_size: int) -> dict:
@@ -108,7 +113,7 @@ def child(side: str, batch_size: int) -> dict:
 
     from tuneforge.data import word_ids
 
-    cfg, tokenizer, data = held_out(batch_size)
+    cfg, tokenizer, data = held_out(batch_size, "bf16" if side == "bf16" else "auto")
     items = data.eval_items
     gold = torch.tensor([it.label for it in items])
     answers = [word_ids(tokenizer, w, cfg.data.chat_template) for w in data.label_words]
@@ -132,7 +137,7 @@ def child(side: str, batch_size: int) -> dict:
         model, _ = load_model(cfg.model, dtype="float32", device="cpu")
         lora.inject(model, lora.Config(lora_dropout=0.0, **LORA))
         start = time.perf_counter()
-        if side == "tuneforge":
+        if side in ("tuneforge", "bf16"):  # bf16: the evaluator under the run's bf16 autocast
             accuracy = make_evaluator(tokenizer, data, cfg).run(model)["accuracy"]
         else:
             scores = _before_classify().score_labels(model, [it.prompt_ids for it in items], answers, 8,
@@ -140,7 +145,9 @@ def child(side: str, batch_size: int) -> dict:
             accuracy = (scores.argmax(1) == gold).float().mean().item()
         seconds = time.perf_counter() - start
     # tuneforge's matmul work and the matmul rate, measured after the timing
-    floor = matmul_floor(model, [it.prompt_ids for it in items], batch_size) if side == "tuneforge" else {}
+    prompts = [it.prompt_ids for it in items]
+    floor = {"tuneforge": lambda: matmul_floor(model, prompts, batch_size),
+             "bf16": lambda: matmul_floor(model, prompts, batch_size, torch.bfloat16)}.get(side, dict)()
     return {"n": len(items), "seconds": seconds, "accuracy": accuracy, "peak_rss_mb": rss_mb(), **floor}
 
 
@@ -181,7 +188,10 @@ def main() -> None:
     rows = "\n".join(f"| {name} | {seconds[side]:.1f} | {n / seconds[side]:.1f} | {seconds[side] / seconds['tuneforge']:.2f}x "
                      f"| {first[side]['accuracy']:.4%} | {first[side]['peak_rss_mb']:.0f} |"
                      for side, name in (("tuneforge", "tuneforge"), ("before", f"tuneforge at {BEFORE}"),
-                                        ("reference", "Transformers + PEFT, batches of 8")))
+                                        ("reference", "Transformers + PEFT, batches of 8"),
+                                        ("bf16", "tuneforge, train.precision bf16")))
+    half = first["bf16"]
+    half_floor = half["flops"] / half["rate"]
     write_section("evaluation", f"""
 ## Held-out evaluation: {n} sentiment snippets scored by label word
 
@@ -200,6 +210,12 @@ over one position per prompt, {work['flops'] / 1e9:,.0f} GFLOP, take {floor:.1f}
 measured as tuneforge's side started ({work['rate'] / 1e9:.0f} GFLOP/s, 1024 x 1024). tuneforge runs at
 {floor / seconds['tuneforge']:.0%} of that rate. Nothing that computes these positions in fp32 can be more than
 {seconds['before'] / floor:.1f}x quicker than tuneforge at {BEFORE} ({seconds['before']:.1f} s).
+
+In bf16 (`train.precision: bf16`: the evaluator under the run's autocast) the same matmuls take
+{half_floor:.1f} s at the bf16 rate ({half['rate'] / 1e9:.0f} GFLOP/s), yet the evaluation takes
+{seconds['bf16']:.1f} s, {seconds['before'] / seconds['bf16']:.2f}x quicker than {BEFORE}: autocast casts every
+float32 weight anew for each batch, and the work around the matmuls stays. It labels {correct['bf16']} right,
+against {correct['tuneforge']} in fp32: the rounding moves the answers of the closest snippets.
 
 | evaluator | seconds | examples/s | time against tuneforge | accuracy | peak RSS (MB) |
 |---|---|---|---|---|---|

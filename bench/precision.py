@@ -38,9 +38,8 @@ def main() -> None:
     import torch
 
     from bench.report import machine, write_section
+    from tuneforge.model.devices import PRECISIONS as DTYPES
     from tuneforge.training.estimate import matmul_flops_per_s
-
-    from tuneforge.training.precision import DTYPES
 
     rates = {p: matmul_flops_per_s(torch.device("cpu"), size=2048, dtype=DTYPES[p] or torch.float32)
              for p in PRECISIONS}

@@ -108,3 +108,25 @@ def test_version_and_every_option_says_what_it_does(capsys):
     assert not silent
     usage = commands["config"].format_usage()
     assert "CONFIG.yaml" in usage and " config\n" not in usage
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", "float32"), ("bf16", "bfloat16")])
+def test_a_model_is_evaluated_in_the_run_s_precision(precision, dtype, tmp_path, tiny):
+    """The evaluator runs the forward pass in the context a training step runs it (bf16 autocast for a bf16
+    run, none for fp32 on the CPU): its layers compute in that dtype, and the figures come out as numbers."""
+    import torch
+
+    from tuneforge.eval.evaluator import make_evaluator
+    from tuneforge.methods import lora
+
+    model, tokenizer = tiny
+    lora.inject(model, lora.Config(r=4, target_modules="all-linear"))
+    base = config.to_dict(run_config(write_scored(tmp_path / "d.jsonl", 30), val_fraction=0.3))
+    cfg = config.from_dict({**base, "train": {**base["train"], "precision": precision}})
+    data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    seen = set()
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.register_forward_hook(lambda module, args, out: seen.add(str(out.dtype).removeprefix("torch.")))
+    metrics = make_evaluator(tokenizer, data, cfg).run(model.eval())
+    assert seen == {dtype}
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] == metrics["loss"] and not torch.is_autocast_enabled("cpu")

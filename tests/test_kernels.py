@@ -112,6 +112,43 @@ def test_a_lora_layer_over_a_plain_base_is_one_function(bias):
     assert layer._plain(x) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_lora_layer_under_autocast_is_one_function_in_its_dtype(dtype):
+    """Under autocast the layer is still ``lora_linear``, run as autocast runs a linear layer: every
+    operand in autocast's dtype, the output in it, float32 gradients for the float32 parameters. It
+    computes what autocast makes of the base layer plus ``lora_update``, to that dtype's rounding."""
+    from tuneforge.methods import lora
+
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 24), lora.Config(r=4, lora_alpha=8, lora_dropout=0.1))
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    params = (x, layer.lora_A.weight, layer.lora_B.weight)
+    for training in (True, False):
+        layer.train(training)
+        with torch.autocast("cpu", dtype=dtype):
+            assert layer._plain(x) is not None
+            torch.manual_seed(1)
+            out = layer(x)
+            torch.manual_seed(1)
+            ref = lora_update(layer.base_layer(x), x, layer.lora_A.weight, layer.lora_B.weight, layer.scale,
+                              layer.dropout.p if training else 0.0)
+        assert out.dtype == ref.dtype == dtype
+        assert type(out.grad_fn).__name__ == "_LoRALinearBackward"
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        g = torch.randn_like(out)
+        ours, theirs = torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)
+        for a, b in zip(ours, theirs):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):  # no graph: a batch, and one position
+        for xs in (x, x[:1, -1:]):
+            out = layer.eval()(xs)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out, layer.base_layer(xs) + layer.lora_B(layer.lora_A(xs)) * layer.scale,
+                                       rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_dropout_masks_drop_at_the_rate_independently(p):
     """The hashed masks behave as independent Bernoulli draws: the rate, no correlation between neighbouring

@@ -4,7 +4,8 @@ Classification data is scored by label: with a gradient method, each label word'
 after the prompt (``score_labels``); with a probe (a feature classifier), its logits on the frozen
 model's features. Either way the prediction is the top-scoring label, and the held-out loss is the
 gold label's negative log-likelihood (per answer token, for label words). Other data gets the
-language-model loss and perplexity.
+language-model loss and perplexity. A gradient method's model is scored in the forward pass's own
+context, the run's ``train.precision`` (autocast to bf16 on CUDA by default), as it was trained.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from tuneforge.data import Collator, Datasets, word_ids
 from tuneforge.eval.classify import classification_metrics, score_labels
 from tuneforge.eval.lm import evaluate_lm, perplexity
 from tuneforge.methods import feature_cache
-from tuneforge.methods._shared import Probe
+from tuneforge.methods._shared import Probe, device_of
+from tuneforge.model.devices import autocast
 
 
 @dataclass(frozen=True)
@@ -60,17 +62,20 @@ def make_evaluator(tokenizer, data: Datasets, cfg: RunCfg, probe: Probe | None =
             loss = -gold_logprob.mean().item()
             return {"loss": loss, "perplexity": perplexity(loss), **m.as_dict()}
 
-        return Evaluator(_timed(run, len(items)), metric="accuracy", higher_is_better=True)
+        precision = cfg.train.precision if probe is None else "fp32"  # a probe scores features in float32
+        return Evaluator(_timed(run, len(items), precision), metric="accuracy", higher_is_better=True)
     if data.eval:
         return Evaluator(_timed(lambda model: evaluate_lm(model, data.eval, Collator(tokenizer.pad_token_id),
-                                                          cfg.eval.batch_size), len(data.eval)))
+                                                          cfg.eval.batch_size), len(data.eval), cfg.train.precision))
     return None
 
 
-def _timed(run: Callable[[nn.Module], dict], n: int) -> Callable[[nn.Module], dict]:
-    """``run`` with its speed added: ``examples_per_second`` over the ``n`` examples it scores."""
+def _timed(run: Callable[[nn.Module], dict], n: int, precision: str) -> Callable[[nn.Module], dict]:
+    """``run`` in ``precision``'s autocast, with its speed added: ``examples_per_second`` over the ``n``
+    examples it scores."""
     def timed(model: nn.Module) -> dict:
         start = time.perf_counter()
-        metrics = run(model)
+        with autocast(precision, device_of(model)):
+            metrics = run(model)
         return {**metrics, "examples_per_second": n / max(time.perf_counter() - start, 1e-9)}
     return timed

@@ -111,19 +111,21 @@ class LoRALinear(nn.Module, MethodModule):
     def _plain(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
         """The base weight and bias and A and B, when this layer is a plain linear base plus its update: no
         DoRA, not merged, enabled, no hook (forward or backward) and no replaced forward on the base layer,
-        no autocast, one dtype. Then ``lora_linear`` does the whole layer. Else None. Called once per layer
-        and decoded token, so it reads the module's dictionaries directly (nn.Module's attribute lookup costs
-        microseconds each)."""
+        one dtype or autocast (which computes all of them in its own). Then ``lora_linear`` does the whole
+        layer. Else None. Called once per layer and decoded token, so it reads the module's dictionaries
+        directly (nn.Module's attribute lookup costs microseconds each)."""
         modules = self._modules
         base = modules["base_layer"]
         if (type(base) is not nn.Linear or self.merged or not self.enabled or self.lora_magnitude_vector is not None
                 or base._forward_hooks or base._forward_pre_hooks or _forward_hooks or _forward_pre_hooks
                 or base._backward_hooks or base._backward_pre_hooks or _backward_hooks or _backward_pre_hooks
-                or "forward" in base.__dict__ or (not x.is_meta and torch.is_autocast_enabled(x.device.type))):
+                or "forward" in base.__dict__):
             return None
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         A, B = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
-        return (weight, bias, A, B) if x.dtype == weight.dtype == A.dtype == B.dtype else None
+        if x.dtype == weight.dtype == A.dtype == B.dtype or (not x.is_meta and torch.is_autocast_enabled(x.device.type)):
+            return weight, bias, A, B
+        return None
 
     @torch.no_grad()
     def folded(self) -> nn.Module:

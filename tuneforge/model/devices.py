@@ -3,6 +3,8 @@ half-precision units there) or bfloat16 on CUDA."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tuneforge.core.errors import UserError
@@ -28,6 +30,23 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", fix=f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast's dtype
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on ``device``: ``auto`` is bf16 on CUDA and fp32 elsewhere. A CPU with bf16
+    matrix units (AMX) multiplies bf16 several times faster than fp32, but bf16 changes the numbers a
+    forward pass computes, so there it is asked for by name (``bench/precision.py`` measures it)."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The context a forward pass runs in under ``precision``, in training and in evaluation alike:
+    none in fp32, else autocast to its dtype."""
+    dtype = PRECISIONS[resolve_precision(precision, device)]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def available_memory(device: torch.device) -> int | None:
