@@ -16,6 +16,7 @@ tuneforge side also records its estimate, for bench/estimate.py.
 
     python bench/methods.py                      # every row of both workloads; writes BENCHMARKS.md
     python bench/methods.py --rows lora,full --workloads text --steps 6
+    python bench/methods.py --device cuda --model DIR   # bench/gpu.sh: DIR a model of the default's shape
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ WORKLOADS = {
 
 
 DEVICE = "cpu"  # --device: cuda for bench/gpu.sh
+MODEL = MODEL_DEFAULT = "smollm2-135m"  # --model: another of the same shape where the default model's file cannot go (a GPU machine)
 
 
 def run_config(method: str, keys: dict, workload: str, steps: int):
@@ -61,7 +63,7 @@ def run_config(method: str, keys: dict, workload: str, steps: int):
     w = WORKLOADS[workload]
     sets = [*w["set"], f"train.max_steps={steps}", f"data.max_examples={steps * 8}", f"train.learning_rate={w['lr']}",
             "train.lr_schedule=constant", "data.group_by_length=true", "train.warmup_steps=0", "train.logging_steps=1",
-            f"train.device={DEVICE}"]
+            f"train.device={DEVICE}", f"model={MODEL}"]
     raw = config.to_dict(config.from_yaml(REPO / w["config"], sets))
     return config.from_dict({**raw, "method": {"name": method, **keys}})
 
@@ -84,7 +86,7 @@ def child_tuneforge(method: str, keys: dict, workload: str, steps: int) -> dict:
     _, params = prepare(model, get_method(method), cfg)  # as a run prepares it
     before = {k: p.detach().clone() for k, p in params.items()}
     order = batch_order(cfg, data)
-    fixed = Collator(tokenizer.pad_token_id)([data.train[i] for i in order(0)[0]])
+    fixed = {k: v.to(DEVICE) for k, v in Collator(tokenizer.pad_token_id)([data.train[i] for i in order(0)[0]]).items()}
 
     def fixed_loss() -> float:  # the mean token loss of the first batch, dropout off
         model.eval()
@@ -135,6 +137,8 @@ def child_reference(method: str, keys: dict, kind: str, workload: str, steps: in
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True,
                                                            bnb_4bit_compute_dtype=torch.float32)
+    if DEVICE != "cpu":  # on the device from the start, as the Trainer will hold it (the weights compared after)
+        kwargs["device_map"] = {"": DEVICE}
     model = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), **kwargs)
     if kind in ("lora", "qlora"):
         if kind == "qlora":
@@ -184,10 +188,11 @@ def main() -> None:
     parser.add_argument("--workloads", default="text,sentiment")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (default: 6 text, 10 sentiment)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (bench/gpu.sh)")
+    parser.add_argument("--model", default=MODEL_DEFAULT, help="the model (a named one, a folder or a .gguf file)")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "ROW", "WORKLOAD"))
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, MODEL
+    DEVICE, MODEL = args.device, args.model
     if args.child:
         side, row, workload = args.child
         method, keys, kind = ROWS[SHORT[row]]
@@ -201,20 +206,25 @@ def main() -> None:
     from tuneforge.model.devices import resolve_device
     from tuneforge.training.estimate import matmul_flops_per_s
 
-    rate = matmul_flops_per_s(resolve_device(args.device), size=2048)
+    import torch
+
+    device = resolve_device(args.device)
+    # the rate of the dtype a step's matmuls run in: train.precision auto is bf16 on CUDA, fp32 on the CPU
+    rate = matmul_flops_per_s(device, size=2048, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     results = {}
     for workload in args.workloads.split(","):
         steps = args.steps or {"text": 6, "sentiment": 10}[workload]
         for row in args.rows.split(","):
             for side in ("tuneforge", "reference"):
-                r = spawn(__file__, ["--child", side, row, workload, "--steps", str(steps), "--device", args.device],
-                          REPO)
+                r = spawn(__file__, ["--child", side, row, workload, "--steps", str(steps), "--device", args.device,
+                                     "--model", args.model], REPO)
                 results[(workload, row, side)] = r
                 shown = r.get("error") or f"{r['step_seconds']:.2f} s/step, {r['peak_rss_mb']:.0f} MB, first " \
                                           f"batch's loss {r['fixed_before']:.3f} -> {r['fixed_after']:.3f}" + \
                                           (f", {r['stolen']:.1%} of the CPU stolen" if "stolen" in r else "")
                 print(f"{workload:>9} {SHORT[row]:>26} {side:>9}: {shown}", flush=True)
-    out = REPO / "bench" / "results" / "methods.json"
+    # the CPU's runs only are methods*.json, the runs bench/estimate.py fits its time model on
+    out = REPO / "bench" / "results" / ("methods.json" if device.type == "cpu" else f"{device.type}-methods.json")
     out.parent.mkdir(exist_ok=True)
     # The host beside the rows: bench/estimate.py fits the time model on the runs of every host kept here
     host = {"machine": machine(), "matmul_flops_per_s": rate, "date": time.strftime("%Y-%m-%d")}
@@ -223,9 +233,14 @@ def main() -> None:
 
 
 def table(results: dict, rate: float, args, machine_line: str) -> str:
-    lines = [f"## Every method, step by step\n\n`python bench/methods.py` on {machine_line}; the matmul rate "
-             f"measured at 2048 x 2048 fp32 as the benchmark started: {rate / 1e9:.0f} GFLOP/s (the matmul shares "
-             "below use each row's own measurement). Medians of the timed steps (each run's "
+    cpu = args.device == "cpu"
+    command = " ".join(["python bench/methods.py", *([] if cpu else [f"--device {args.device}"]),
+                        *([] if args.model == MODEL_DEFAULT else [f"--model {Path(args.model).name}"])])
+    rates = ("the matmul shares below use each row's own measurement" if cpu else
+             "the steps run under bf16 autocast, train.precision auto on CUDA")
+    lines = [f"## Every method, step by step\n\n`{command}` on {machine_line}; the matmul rate "
+             f"measured at 2048 x 2048 {'fp32' if cpu else 'bf16'} as the benchmark started: {rate / 1e9:.0f} "
+             f"GFLOP/s ({rates}). Medians of the timed steps (each run's "
              "first step excluded), each configuration in its own process, the two sides alternating. \"works\": "
              "on both sides, the trained weights moved and training lowered the loss of one fixed batch (the "
              "first, scored in eval mode before and after by the side's own code: before -> after).\n"]
@@ -241,7 +256,7 @@ def table(results: dict, rate: float, args, machine_line: str) -> str:
                 lines.append(f"| {SHORT[row]} | {ours.get('error', '')} | {ref.get('error', '')} | | | | | | |")
                 continue
             flops = ours["estimate"]["flops_per_step"]
-            row_rate = ours["estimate"].get("work", {}).get("rate", rate)  # measured by this row's run as it started
+            row_rate = ours["estimate"].get("work", {}).get("rate", rate) if cpu else rate  # the row's own on the CPU
             works = all(r["fixed_after"] < r["fixed_before"] and r["moved"] > 0 for r in (ours, ref))
             lines.append(f"| {SHORT[row]} | {ours['step_seconds']:.2f} | {ref['step_seconds']:.2f} | "
                          f"{ref['step_seconds'] / ours['step_seconds']:.2f}x | {ours['peak_rss_mb']:.0f} | "
