@@ -147,6 +147,10 @@ def test_a_lora_layer_under_autocast_is_one_function_in_its_dtype(dtype):
             assert out.dtype == dtype
             torch.testing.assert_close(out, layer.base_layer(xs) + layer.lora_B(layer.lora_A(xs)) * layer.scale,
                                        rtol=2e-2, atol=2e-2)
+    layer.double()  # autocast leaves float64 as it is: so does the layer, by the general path
+    with torch.autocast("cpu", dtype=dtype):
+        x64 = x.detach().double()
+        assert layer._plain(x64) is None and layer(x64).dtype == layer.base_layer(x64).dtype == torch.float64
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])

@@ -181,3 +181,16 @@ def test_tuneforge_data_shows_a_pairs_two_rows(tmp_path, tiny_dir, capsys):
     assert cli.main(["data", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "⟦ Blue, " in out and "⟦ Green " in out  # the chosen row, then the rejected one, each answer marked
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("bf16", torch.bfloat16)])
+def test_held_out_pairs_are_scored_in_the_run_s_precision(tiny, precision, dtype):
+    """A preference objective's evaluator runs the forward pass in the context a training step runs it."""
+    model, tok = tiny
+    examples = [PreferencePair(tok(f"Sky {i}?")["input_ids"], tok(" Blue.")["input_ids"], tok(" Green.")["input_ids"],
+                               tok(" Blue.")["input_ids"], tok(" Green.")["input_ids"]) for i in range(3)]
+    seen = set()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    loss = objectives.make(config.TrainCfg(objective="simpo"))
+    figures = objectives.evaluator(loss, examples, RowsCollator(tok.pad_token_id), 2, precision).run(model)
+    assert seen == {dtype} and math.isfinite(figures["loss"]) and figures["examples"] == 3

@@ -193,6 +193,12 @@ def device_of(module: nn.Module) -> torch.device:
     return next(iter([*module.parameters(), *module.buffers()])).device
 
 
+def draw_device(device: torch.device) -> torch.device:
+    """Where a method draws its random starting weights, to move them to ``device`` after: the CPU, by torch's
+    CPU generator, as PEFT draws them (one seed, one adapter on any device); a meta model draws nothing."""
+    return device if device.type == "meta" else torch.device("cpu")
+
+
 # The wrap-the-targets methods: each target layer is replaced by the method's module holding it as
 # ``base_layer``. Their modules give ``adapter_params()`` (what trains) and ``folded()`` (the plain layer
 # with the update in its weight, for merge).

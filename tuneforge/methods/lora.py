@@ -29,9 +29,9 @@ from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
 from tuneforge.model.kernels import lora_linear, lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
-from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, find_targets,
-                                       fold, in_out, injected, merge_wrapped, modules_of, peft_keys, same_config,
-                                       saved_paths, wrap, wrapper_hooks, write_weight)
+from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, draw_device,
+                                       find_targets, fold, in_out, injected, merge_wrapped, modules_of, peft_keys,
+                                       same_config, saved_paths, wrap, wrapper_hooks, write_weight)
 from tuneforge.core.config.methods import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
 
@@ -52,10 +52,8 @@ class LoRALinear(nn.Module, MethodModule):
         device = device_of(base_layer)
         self.dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout else nn.Identity()
         n_in, n_out = in_out(base_layer)
-        # Drawn by the CPU's generator and moved, as PEFT draws them: one seed, one adapter on any device
-        drawn_on = device if device.type == "meta" else torch.device("cpu")
-        self.lora_A = nn.Linear(n_in, cfg.r, bias=False, device=drawn_on)  # kaiming_uniform(a=sqrt(5))
-        self.lora_B = nn.Linear(cfg.r, n_out, bias=False, device=drawn_on)
+        self.lora_A = nn.Linear(n_in, cfg.r, bias=False, device=draw_device(device))  # kaiming_uniform(a=sqrt(5))
+        self.lora_B = nn.Linear(cfg.r, n_out, bias=False, device=draw_device(device))
         if cfg.init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
         if cfg.init_lora_weights:  # False keeps nn.Linear's random B, as PEFT does
@@ -111,7 +109,7 @@ class LoRALinear(nn.Module, MethodModule):
     def _plain(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
         """The base weight and bias and A and B, when this layer is a plain linear base plus its update: no
         DoRA, not merged, enabled, no hook (forward or backward) and no replaced forward on the base layer,
-        one dtype or autocast (which computes all of them in its own). Then ``lora_linear`` does the whole
+        one dtype or autocast (which computes all of them in its own, float64 aside). Then ``lora_linear`` does the whole
         layer. Else None. Called once per layer and decoded token, so it reads the module's dictionaries
         directly (nn.Module's attribute lookup costs microseconds each)."""
         modules = self._modules
@@ -123,9 +121,9 @@ class LoRALinear(nn.Module, MethodModule):
             return None
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         A, B = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
-        if x.dtype == weight.dtype == A.dtype == B.dtype or (not x.is_meta and torch.is_autocast_enabled(x.device.type)):
-            return weight, bias, A, B
-        return None
+        if not x.is_meta and torch.is_autocast_enabled(x.device.type):  # all in autocast's dtype; float64 it leaves be
+            return None if torch.float64 in (x.dtype, weight.dtype, A.dtype, B.dtype) else (weight, bias, A, B)
+        return (weight, bias, A, B) if x.dtype == weight.dtype == A.dtype == B.dtype else None
 
     @torch.no_grad()
     def folded(self) -> nn.Module:

@@ -273,8 +273,10 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
                 f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
                 f"{packing['padding_packed']:,} token positions an epoch")
     collate = collator(cfg, tokenizer)
-    evaluator = objectives.evaluator(loss, data.eval, collate, cfg.eval.batch_size) if loss.paired and data.eval \
-        else make_evaluator(tokenizer, data, cfg)
+    if loss.paired and data.eval:
+        evaluator = objectives.evaluator(loss, data.eval, collate, cfg.eval.batch_size, cfg.train.precision)
+    else:
+        evaluator = make_evaluator(tokenizer, data, cfg)
     summary = train(wrapped, params, data.train, collate, cfg.train, ctx.out, batch_order=batch_order(cfg, data),
                     evaluator=evaluator, resume=ctx.resume, progress=ctx.progress, runtime=runtime, loss=loss)
     _save_final(ctx, injected)

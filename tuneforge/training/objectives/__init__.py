@@ -30,6 +30,7 @@ from tuneforge.core.errors import UserError
 from tuneforge.data.preference import PreferencePair
 from tuneforge.eval.evaluator import Evaluator
 from tuneforge.eval.lm import IGNORE, token_logprobs
+from tuneforge.model.devices import autocast
 
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
 
@@ -122,15 +123,16 @@ def pairs(batch: dict) -> int:
     return batch["input_ids"].shape[0] // 2
 
 
-def evaluator(loss: Loss, examples: list, collate, batch_size: int):
+def evaluator(loss: Loss, examples: list, collate, batch_size: int, precision: str):
     """The held-out figures of a preference objective: its loss and metrics, each a mean over the
-    held-out pairs (or KTO's examples), computed as in training but without gradients."""
+    held-out pairs (or KTO's examples), computed as in training (in ``precision``, the run's
+    ``train.precision``) but without gradients."""
     def run(model: nn.Module) -> dict:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         total, units, sums = 0.0, 0, {}
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device):
             for start in range(0, len(examples), batch_size):
                 batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
                 value, figures = loss.loss(model, batch, True, {})
