@@ -87,7 +87,7 @@ class LoRALinear(nn.Module, MethodModule):
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if (plain := self._plain(x)) is not None:  # the base layer and the update in one function
             p = self._modules["dropout"].p if self.training and type(self._modules["dropout"]) is nn.Dropout else 0.0
-            return lora_linear(x, *plain, self.scale, p)
+            return lora_linear(*plain, self.scale, p)
         result = self.base_layer(x)
         if self.merged or not self.enabled:
             return result
@@ -106,12 +106,13 @@ class LoRALinear(nn.Module, MethodModule):
             base = result if bias is None else result - bias
         return (result + (g - 1) * base + g * lora).to(result.dtype)
 
-    def _plain(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
-        """The base weight and bias and A and B, when this layer is a plain linear base plus its update: no
-        DoRA, not merged, enabled, no hook (forward or backward) and no replaced forward on the base layer,
-        one dtype or autocast (which computes all of them in its own, float64 aside). Then ``lora_linear`` does the whole
-        layer. Else None. Called once per layer and decoded token, so it reads the module's dictionaries
-        directly (nn.Module's attribute lookup costs microseconds each)."""
+    def _plain(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor] | None:
+        """x and the base weight and bias and A and B, when this layer is a plain linear base plus its update:
+        no DoRA, not merged, enabled, no hook (forward or backward) and no replaced forward on the base layer,
+        one dtype, or under autocast, which computes a linear layer in its own dtype (float64 aside): then
+        all of them cast to it, as autocast would cast them. Then ``lora_linear`` does the whole layer. Else
+        None. Called once per layer and decoded token, so it reads the module's dictionaries directly
+        (nn.Module's attribute lookup costs microseconds each)."""
         modules = self._modules
         base = modules["base_layer"]
         if (type(base) is not nn.Linear or self.merged or not self.enabled or self.lora_magnitude_vector is not None
@@ -121,9 +122,13 @@ class LoRALinear(nn.Module, MethodModule):
             return None
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         A, B = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
-        if not x.is_meta and torch.is_autocast_enabled(x.device.type):  # all in autocast's dtype; float64 it leaves be
-            return None if torch.float64 in (x.dtype, weight.dtype, A.dtype, B.dtype) else (weight, bias, A, B)
-        return (weight, bias, A, B) if x.dtype == weight.dtype == A.dtype == B.dtype else None
+        if not x.is_meta and torch.is_autocast_enabled(device := x.device.type):
+            if torch.float64 in (x.dtype, weight.dtype, A.dtype, B.dtype):
+                return None
+            dtype = torch.get_autocast_dtype(device)
+            return (x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), A.to(dtype),
+                    B.to(dtype))
+        return (x, weight, bias, A, B) if x.dtype == weight.dtype == A.dtype == B.dtype else None
 
     @torch.no_grad()
     def folded(self) -> nn.Module:

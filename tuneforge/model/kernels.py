@@ -255,15 +255,10 @@ class _LoRALinear(torch.autograd.Function):
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 p: float) -> Tensor:
     """``x W^T + b + scale * drop_p(x) A^T B^T``: a LoRA layer over a dense base in one function, all
-    tensors in one dtype, or under autocast, which runs it as it runs a linear layer: every operand cast to
-    its dtype (bf16 or fp16), the output in it, and the gradients cast back by autograd. Beside the base
-    layer and ``lora_update`` it saves, per layer, the update's scaling and addition in forward and the
-    addition of the two x gradients in backward: three passes over an activation. ``p`` is the dropout
-    rate (0 in eval)."""
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, A, B = x.to(dtype), weight.to(dtype), A.to(dtype), B.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    tensors in one dtype (under autocast, the caller casts them all to autocast's, as autocast would a
+    linear layer's). Beside the base layer and ``lora_update`` it saves, per layer, the update's scaling
+    and addition in forward and the addition of the two x gradients in backward: three passes over an
+    activation. ``p`` is the dropout rate (0 in eval)."""
     if p == 0 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                        for t in (x, weight, bias, A, B))):
         if x.numel() == x.shape[-1]:  # one position (a decoding step)
