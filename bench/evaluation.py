@@ -83,15 +83,13 @@ def reference_predictions(model, pad_id: int, prompts: list[list[int]], answers:
     return predicted
 
 
-def matmul_floor(model, prompts: list[list[int]], batch_size: int, dtype=None) -> dict:
+def matmul_floor(model, prompts: list[list[int]], batch_size: int, dtype) -> dict:
     """The matmul work of tuneforge's evaluation (the linear layers' for every position it computes: each
     prompt and its label word, padded to its batch's longest, past the set's shared beginning; the head's
-    for the one position per prompt that reaches it), and the device's fp32 matmul rate: what the same
-    work would take at that rate (``dtype``'s, fp32's by default). Attention's own products are left out: a
-    lower bound."""
+    for the one position per prompt that reaches it), and the device's matmul rate in ``dtype``: what the
+    same work would take at that rate. Attention's own products are left out: a lower bound."""
     import os
 
-    import torch
     from torch import nn
 
     from tuneforge.training.estimate import matmul_flops_per_s
@@ -105,7 +103,7 @@ def matmul_floor(model, prompts: list[list[int]], batch_size: int, dtype=None) -
     per_position = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     flops = per_position * positions + 2 * head.weight.numel() * len(prompts)
     device = next(model.parameters()).device
-    return {"positions": positions, "flops": flops, "rate": matmul_flops_per_s(device, dtype=dtype or torch.float32)}
+    return {"positions": positions, "flops": flops, "rate": matmul_flops_per_s(device, dtype=dtype)}
 
 
 def child(side: str, batch_size: int) -> dict:
@@ -145,9 +143,8 @@ def child(side: str, batch_size: int) -> dict:
             accuracy = (scores.argmax(1) == gold).float().mean().item()
         seconds = time.perf_counter() - start
     # tuneforge's matmul work and the matmul rate, measured after the timing
-    prompts = [it.prompt_ids for it in items]
-    floor = {"tuneforge": lambda: matmul_floor(model, prompts, batch_size),
-             "bf16": lambda: matmul_floor(model, prompts, batch_size, torch.bfloat16)}.get(side, dict)()
+    dtype = {"tuneforge": torch.float32, "bf16": torch.bfloat16}.get(side)
+    floor = matmul_floor(model, [it.prompt_ids for it in items], batch_size, dtype) if dtype else {}
     return {"n": len(items), "seconds": seconds, "accuracy": accuracy, "peak_rss_mb": rss_mb(), **floor}
 
 

@@ -38,10 +38,10 @@ def main() -> None:
     import torch
 
     from bench.report import machine, write_section
-    from tuneforge.model.devices import PRECISIONS as DTYPES
+    from tuneforge.model.devices import DTYPES
     from tuneforge.training.estimate import matmul_flops_per_s
 
-    rates = {p: matmul_flops_per_s(torch.device("cpu"), size=2048, dtype=DTYPES[p] or torch.float32)
+    rates = {p: matmul_flops_per_s(torch.device("cpu"), size=2048, dtype=DTYPES[p])
              for p in PRECISIONS}
     print(", ".join(f"{p} matmul {r / 1e9:.0f} GFLOP/s" for p, r in rates.items()), flush=True)
     steps, moved, batch = lora_sides(args.workload, {p: (0.0, p) for p in PRECISIONS})

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from tuneforge.core.errors import UserError
-from tuneforge.methods._shared import MethodModule, draw_device, modules_of
+from tuneforge.methods._shared import MethodModule, lora_pair, modules_of
 from tuneforge.model import targets
 
 
@@ -30,13 +30,7 @@ class LoRAExperts(nn.Module, MethodModule):
         self.transposed = bool(getattr(self.experts(), "is_transposed", False))  # stored (E, in, out)
         self.n_experts, d1, d2 = weight.shape
         n_in, n_out = (d1, d2) if self.transposed else (d2, d1)
-        self.lora_A = nn.Linear(n_in, cfg.r * self.n_experts, bias=False, device=draw_device(weight.device))
-        self.lora_B = nn.Linear(cfg.r * self.n_experts, n_out, bias=False, device=draw_device(weight.device))
-        if cfg.init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
-        if cfg.init_lora_weights:
-            nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(weight.device), self.lora_B.to(weight.device)
+        self.lora_A, self.lora_B = lora_pair(n_in, cfg.r * self.n_experts, n_out, cfg, weight.device)
         self.merged, self.enabled = False, True
 
     def adapter_params(self) -> dict[str, nn.Parameter]:

@@ -193,10 +193,18 @@ def device_of(module: nn.Module) -> torch.device:
     return next(iter([*module.parameters(), *module.buffers()])).device
 
 
-def draw_device(device: torch.device) -> torch.device:
-    """Where a method draws its random starting weights, to move them to ``device`` after: the CPU, by torch's
-    CPU generator, as PEFT draws them (one seed, one adapter on any device); a meta model draws nothing."""
-    return device if device.type == "meta" else torch.device("cpu")
+def lora_pair(n_in: int, rank: int, n_out: int, cfg, device: torch.device) -> tuple[nn.Linear, nn.Linear]:
+    """LoRA's A (rank x n_in) and B (n_out x rank) as PEFT starts them: A kaiming-uniform (``gaussian``: std
+    1 / r), B zero (``init_lora_weights: false`` keeps nn.Linear's random B). Drawn by torch's CPU generator and
+    moved to ``device``, as PEFT draws them: one seed, one adapter on any device (a meta model draws nothing)."""
+    drawn_on = device if device.type == "meta" else torch.device("cpu")
+    A = nn.Linear(n_in, rank, bias=False, device=drawn_on)
+    B = nn.Linear(rank, n_out, bias=False, device=drawn_on)
+    if cfg.init_lora_weights == "gaussian":
+        nn.init.normal_(A.weight, std=1 / cfg.r)
+    if cfg.init_lora_weights:
+        nn.init.zeros_(B.weight)
+    return A.to(device), B.to(device)
 
 
 # The wrap-the-targets methods: each target layer is replaced by the method's module holding it as

@@ -29,8 +29,8 @@ from tuneforge.core.errors import UserError
 from tuneforge.model.families import family_of
 from tuneforge.model.kernels import lora_linear, lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
-from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, draw_device,
-                                       find_targets, fold, in_out, injected, merge_wrapped, modules_of, peft_keys,
+from tuneforge.methods._shared import (Injected, MethodModule, base_weight, before_inject, device_of, find_targets,
+                                       fold, in_out, injected, lora_pair, merge_wrapped, modules_of, peft_keys,
                                        same_config, saved_paths, wrap, wrapper_hooks, write_weight)
 from tuneforge.core.config.methods import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
@@ -49,16 +49,9 @@ class LoRALinear(nn.Module, MethodModule):
     def __init__(self, base_layer: nn.Module, cfg: Config):
         super().__init__()
         self.base_layer, self.scale = base_layer, scale(cfg)
-        device = device_of(base_layer)
         self.dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout else nn.Identity()
         n_in, n_out = in_out(base_layer)
-        self.lora_A = nn.Linear(n_in, cfg.r, bias=False, device=draw_device(device))  # kaiming_uniform(a=sqrt(5))
-        self.lora_B = nn.Linear(cfg.r, n_out, bias=False, device=draw_device(device))
-        if cfg.init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
-        if cfg.init_lora_weights:  # False keeps nn.Linear's random B, as PEFT does
-            nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(device), self.lora_B.to(device)
+        self.lora_A, self.lora_B = lora_pair(n_in, cfg.r, n_out, cfg, device_of(base_layer))
         self.lora_magnitude_vector = None
         if cfg.use_dora:  # ||W0 + s B A|| per row: the identity at the start
             with torch.no_grad():

@@ -32,9 +32,6 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     return DTYPES[dtype]
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast's dtype
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``train.precision`` on ``device``: ``auto`` is bf16 on CUDA and fp32 elsewhere. A CPU with bf16
     matrix units (AMX) multiplies bf16 several times faster than fp32, but bf16 changes the numbers a
@@ -45,8 +42,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def autocast(precision: str, device: torch.device):
     """The context a forward pass runs in under ``precision``, in training and in evaluation alike:
     none in fp32, else autocast to its dtype."""
-    dtype = PRECISIONS[resolve_precision(precision, device)]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    name = resolve_precision(precision, device)
+    return contextlib.nullcontext() if name == "fp32" else torch.autocast(device.type, dtype=DTYPES[name])
 
 
 def available_memory(device: torch.device) -> int | None:

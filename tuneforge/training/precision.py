@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.model.devices import PRECISIONS, autocast, resolve_precision
+from tuneforge.model.devices import autocast, resolve_precision
 
 
 class Precision:
     def __init__(self, name: str, device: torch.device):
         self.name, self.device = resolve_precision(name, device), device
-        self.dtype = PRECISIONS[self.name]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.name == "fp16")
 
     def autocast(self):
