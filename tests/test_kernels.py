@@ -166,6 +166,9 @@ def test_dropout_masks_drop_at_the_rate_independently(p):
         assert abs(torch.corrcoef(torch.stack([m[:-576], m[576:]]))[0, 1].item()) < 5 / n ** 0.5  # one row apart
     assert abs(torch.corrcoef(torch.stack(masks[:2]))[0, 1].item()) < 5 / n ** 0.5
     assert torch.equal(dropout_mask(torch.Size([n]), p, 7, torch.device("cpu")).float(), masks[0])
+    positions = kernels.dropout_draws(n, p, 7, torch.device("cpu"))
+    assert torch.equal(positions, masks[0].nonzero().squeeze(1))  # strictly ascending, none repeated
+    assert torch.equal(kernels._gap_draws(n, p, 7, gaps=3), positions)  # hashed a few gaps at a time: the same
     # counts in blocks of 64 follow the binomial spread: no clumping along positions
     counts = masks[0].view(-1, 64).sum(1)
     assert abs(counts.var().item() / (64 * p * (1 - p)) - 1) < 0.05
