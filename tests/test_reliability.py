@@ -4,6 +4,7 @@ crash, a signal, a full disk, a hostile file) does, what tuneforge says, and wha
 from __future__ import annotations
 
 import ast
+import faulthandler
 import json
 import os
 import pickle
@@ -51,7 +52,8 @@ def config(tmp_path: Path, tiny_dir: Path, name: str = "run.yaml", **sections) -
 class Forked:
     """``tuneforge ARGS`` in a forked child of the test process: a process of its own (a signal or
     SIGKILL ends it alone) that has every module imported already, so it starts at once. Its stderr
-    comes back through a pipe; ``limit_bytes`` sets a file-size limit in the child."""
+    comes back through a pipe; ``limit_bytes`` sets a file-size limit in the child. A child that hangs
+    is ended by ``abort``, which first has it write every thread's Python stack to that stderr."""
 
     def __init__(self, args: tuple[str, ...], limit_bytes: int | None = None):
         read, write = os.pipe()
@@ -64,6 +66,7 @@ class Forked:
                 os.dup2(write, 2)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
                 sys.stderr, sys.stdout = os.fdopen(2, "w", buffering=1), open(os.devnull, "w")
+                faulthandler.enable(sys.stderr, all_threads=True)  # SIGABRT (``abort``): the stacks, then the end
                 if limit_bytes:
                     resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
                 code = cli.main(list(args))
@@ -95,6 +98,17 @@ class Forked:
         self._reader.join(timeout=30)
         return b"".join(self._err).decode(errors="replace")
 
+    def abort(self, what: str) -> AssertionError:
+        """End a child that hangs, its threads' stacks first, and the failure to raise: ``what`` and its stderr."""
+        self.send_signal(signal.SIGABRT)
+        deadline = time.time() + 10
+        while self.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        self.send_signal(signal.SIGKILL)
+        while self.poll() is None:
+            time.sleep(0.01)
+        return AssertionError(f"{what}; its stderr, with every thread's stack:\n{self.stderr()[-6000:]}")
+
 
 def tuneforge(*args: str, limit_bytes: int | None = None) -> Forked:
     return Forked(args, limit_bytes)
@@ -104,8 +118,7 @@ def finish(proc: Forked, timeout: float = 120) -> tuple[int, str]:
     deadline = time.time() + timeout
     while proc.poll() is None:
         if time.time() > deadline:
-            proc.send_signal(signal.SIGKILL)
-            raise AssertionError(f"the run did not end within {timeout} s")
+            raise proc.abort(f"the run did not end within {timeout} s")
         time.sleep(0.005)
     return proc.returncode, proc.stderr()
 
@@ -420,8 +433,11 @@ def test_fuzz_every_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_pat
         train["objective"] = objective
     sections = {} if objective == "sft" else {"data": {"path": str(pairs), "format": "preference"}}
 
-    def until(path: Path, proc: Forked) -> float:
+    def until(path: Path, proc: Forked, timeout: float = 120) -> float:
+        deadline = time.time() + timeout
         while not path.exists() and proc.poll() is None:
+            if time.time() > deadline:
+                raise proc.abort(f"the run wrote no {path.name} within {timeout} s")
             time.sleep(0.002)
         return time.perf_counter()
 
