@@ -57,15 +57,16 @@ from tuneforge.training.prepare import prepare
 STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate, where TIME_COST has no fit
 # Matmul-time cost of one unit of each part of a step's work, fitted by ``bench/estimate.py --fit`` on the
 # runs of ``bench/methods.py`` (every method, both workloads) kept from two hosts at once, whose fp32 matmuls ran
-# at 170 and 337 GFLOP/s (fitted on one host's runs alone, the costs missed the other's steps by up to 36%):
+# at 170 and 360 GFLOP/s (fitted on one host's runs alone, the costs missed the other's steps by up to 36%; the
+# slower host's runs are of the code before AdamW's fused update on the CPU, docs/estimate.md):
 # "matmul" per flop
 # (1 / the share of the matmul rate a step's matmuls reach), "elementwise" per activation value of a block
 # (hidden plus MLP width, per token position and layer), "dropout" per value masked, "dropout_calls" per mask
 # drawn (its fixed cost: the draw's operations, whatever the size), "dequantize" per 4-bit weight rebuilt,
 # "optimizer" per trainable value, "blocks" per block a micro-batch passes through (forward, and backward
 # again; a shared prefix is a second pass). No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
-TIME_COST = {"cpu": {"matmul": 1.407, "elementwise": 0.0, "dropout": 1003.0, "dropout_calls": 9.571e7, "dequantize": 615.0,
-                     "optimizer": 1408.0, "blocks": 6.668e8}}
+TIME_COST = {"cpu": {"matmul": 1.366, "elementwise": 0.0, "dropout": 380.7, "dropout_calls": 1.824e8, "dequantize": 615.7,
+                     "optimizer": 300.5, "blocks": 8.511e8}}
 PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
 ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
 
