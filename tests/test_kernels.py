@@ -174,10 +174,25 @@ def test_dropout_masks_drop_at_the_rate_independently(p):
     assert abs(counts.var().item() / (64 * p * (1 - p)) - 1) < 0.05
 
 
+def test_the_cpu_s_draws_for_fewer_elements_are_the_first_of_the_draws_for_more():
+    """Gap k is a function of k and the seed alone, so the positions dropped among n elements are those of a
+    longer draw below n: the last element is kept or dropped as in the longer draw (no end lost or added).
+    And the edges: no element, rate 0, a rate near 1, a rate too small for int64 gaps."""
+    for p in (0.05, 0.5):
+        for seed in range(20):
+            longer = kernels._gap_draws(4096, p, seed)
+            for n in (1, 2, 3, 17, 64, 1000):
+                assert torch.equal(kernels._gap_draws(n, p, seed), longer[longer < n]), (p, seed, n)
+    assert kernels._gap_draws(0, 0.1, 1).numel() == kernels._gap_draws(100, 0.0, 1).numel() == 0
+    near_one = kernels._gap_draws(100_000, 0.999, 1)
+    assert abs(near_one.numel() / 100_000 - 0.999) < 5 * (0.999 * 0.001 / 100_000) ** 0.5
+    assert kernels._gap_draws(1000, 1e-30, 1).numel() == 0
+
+
 def test_layers_draw_consecutive_segments_of_one_pool_until_the_generator_moves():
     """On the CPU, layer after layer takes the next segment of one pool's positions (disjoint segments of a
-    Poisson draw: independent, each at the rate), a pool is new once anything else draws from the generator,
-    and the same generator state gives the same masks."""
+    draw whose elements are dropped independently: each at the rate), a pool is new once anything else draws
+    from the generator, and the same generator state gives the same masks."""
     p, xs = 0.05, [torch.empty(7, 16), torch.empty(3, 40), torch.empty(1, 16)]
     torch.manual_seed(3)
     masks = [drawn_mask(x, p).reshape(-1) for x in xs]

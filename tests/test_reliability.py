@@ -67,6 +67,7 @@ class Forked:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
                 sys.stderr, sys.stdout = os.fdopen(2, "w", buffering=1), open(os.devnull, "w")
                 faulthandler.enable(sys.stderr, all_threads=True)  # SIGABRT (``abort``): the stacks, then the end
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # and no core file of the whole test process
                 if limit_bytes:
                     resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
                 code = cli.main(list(args))
@@ -107,7 +108,10 @@ class Forked:
         self.send_signal(signal.SIGKILL)
         while self.poll() is None:
             time.sleep(0.01)
-        return AssertionError(f"{what}; its stderr, with every thread's stack:\n{self.stderr()[-6000:]}")
+        err = self.stderr()
+        dump = err.rfind("Fatal Python error")  # the stacks, whole, and what the run wrote before them, in part
+        return AssertionError(f"{what}; its stderr, with every thread's stack:\n"
+                              f"{err[max(0, dump - 2000) if dump >= 0 else -6000:]}")
 
 
 def tuneforge(*args: str, limit_bytes: int | None = None) -> Forked:

@@ -209,6 +209,32 @@ def test_keeps_the_last_k_checkpoints(tmp_path):
     assert [p.name for p in checkpoint.complete(tmp_path / "checkpoints")] == ["step-0000005", "step-0000006"]
 
 
+def test_a_checkpoint_resumes_into_the_optimizer_s_own_kernel(tmp_path):
+    """A checkpoint whose optimizer ran one tensor at a time (as tuneforge's CPU runs did before its update was
+    fused) resumes into a fused optimizer as a fused one, and the other way round: the saved groups' kernel
+    choice is not taken over; the moments and step are."""
+    from tuneforge.training.optim import make_optimizer
+
+    for saved_fused, live_fused in ((None, True), (True, None)):
+        torch.manual_seed(0)
+        params = {"w": torch.nn.Parameter(torch.randn(4, 3)), "b": torch.nn.Parameter(torch.randn(3))}
+        before = torch.optim.AdamW(param_groups(params, 0.01), lr=1e-2, fused=saved_fused)
+        for p in params.values():
+            p.grad = torch.ones_like(p)
+        before.step()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(before, lambda s: 1.0)
+        tensors = {k: p.detach().clone() for k, p in params.items()}
+        path = checkpoint.save(tmp_path / str(saved_fused), 1, tensors, checkpoint.named_optimizer(before, params),
+                               scheduler, {}, 1, None, torch.amp.GradScaler("cpu", enabled=False))
+        live = make_optimizer(params, 1e-2, 0.01) if live_fused else torch.optim.AdamW(param_groups(params, 0.01))
+        saved = checkpoint.read(path, params, {k: p.shape for k, p in params.items()})
+        checkpoint.restore(saved, params, live, torch.optim.lr_scheduler.LambdaLR(live, lambda s: 1.0))
+        assert all(g["fused"] is live_fused for g in live.param_groups)
+        assert all(torch.equal(live.state[p]["exp_avg"], before.state[p]["exp_avg"]) for p in params.values())
+        assert int(live.state[params["w"]]["step"]) == 1
+        live.step()  # the restored state runs in the live kernel
+
+
 def _run_script(out: Path, kill_after: int, mode: str) -> subprocess.CompletedProcess:
     script = Path(__file__).parent / "train_script.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the in-process tiny-model tests (see conftest)

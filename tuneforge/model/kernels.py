@@ -38,10 +38,10 @@ MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 # Dropout picks the elements it zeroes instead of drawing a number for each. On the CPU it walks the elements
 # by geometric gaps: the number of elements kept before the next dropped one is Geometric(p), floor(ln u /
 # ln(1 - p)) for u uniform in (0, 1), so each element is dropped with probability p, independently of every
-# other (to 2^-32), and the positions come out strictly ascending from one running sum. Each u is a hash of
-# its index and the seed: two multiply-xorshift rounds (the "lowbias32" constants) over the index's own two,
-# 32 bits. Ascending positions make zeroing them in a copy of x a sequential scatter (a random one took
-# three times as long here). Elsewhere the number of draws must be known without waiting for the device:
+# other (to 2^-32), and the positions come out strictly ascending from one running sum. Each u is 32 bits of
+# a hash of the gap's index and the seed: two multiply-xorshift rounds (the "lowbias32" constants) of the
+# index, kept from one draw to the next, then the seed mixed in and two rounds more. Ascending positions make
+# zeroing them in a copy of x a sequential scatter (a random one took three times as long here). Elsewhere the number of draws must be known without waiting for the device:
 # every element is hit by a Poisson(lam) number of uniform draws, lam = -ln(1 - p), so it is zeroed (hit at
 # least once) with probability 1 - e^-lam = p (Poisson splitting): in all a Poisson(n lam) number of draws,
 # N, drawn on the CPU. They come in ascending order, as the order statistics of N uniforms: the running sums
@@ -73,7 +73,8 @@ def _positions(n: int, device: torch.device) -> Tensor:
 def dropout_draws(n: int, p: float, seed: int, device: torch.device) -> Tensor:
     """The positions (int64, ascending; on a device other than the CPU some may repeat) that dropout at rate
     ``p`` zeroes among ``n`` elements: each element is among them independently with probability ``p``, a
-    function of ``seed`` and the device's type alone. On the meta device, as many as expected."""
+    function of ``seed`` and the device's type alone. On the meta device, as many as the CPU's draw expects
+    (a GPU's draw repeats some: -ln(1 - p) / p as many, 2.6% more at p = 0.05)."""
     if device.type == "meta":
         return torch.empty(round(n * p), dtype=torch.int64, device=device)
     if device.type == "cpu":
@@ -97,11 +98,14 @@ def _gap_draws(n: int, p: float, seed: int, gaps: int | None = None) -> Tensor:
     ``gaps`` gaps, by default enough to pass ``n`` but about once in 10^15 (n of them always do, each being
     at least one element), and twice as many while they fall short: gap k is a function of k and the seed
     alone, so the positions do not depend on how many were hashed."""
+    if n == 0 or p == 0:
+        return torch.empty(0, dtype=torch.int64)
     gaps = min(n, gaps or int(n * p + 8 * math.sqrt(n * p) + 16))
     while gaps < 2 ** 31 - 1:
         h = _mix(_mix(_positions(gaps, torch.device("cpu")).bitwise_xor(seed), _MIX1), _MIX2)
-        u = h.double().add_(2 ** 31 + 0.5).mul_(2 ** -32)  # int32 as unsigned, the cell's middle: in (0, 1)
-        ends = u.log_().mul_(1 / math.log1p(-p)).long().add_(1).cumsum_(0)  # the gap floor(ln u / ln(1 - p)) + 1
+        u = h.double().add_(2 ** 31 + 0.5).mul_(2 ** -32)  # the hash moved to [0, 2^32), its cell's middle: in (0, 1)
+        # each gap floor(ln u / ln(1 - p)), at most n (a tiny p's would overflow int64), plus one: the next end
+        ends = u.log_().mul_(1 / math.log1p(-p)).clamp_(max=n).long().add_(1).cumsum_(0)
         if ends[-1] >= n:
             return ends[:int(torch.searchsorted(ends, n, side="right"))].sub_(1)
         gaps = min(n, 2 * gaps)

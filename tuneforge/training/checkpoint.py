@@ -114,7 +114,20 @@ def indexed_optimizer(optimizer, params: dict[str, torch.nn.Parameter], named: d
     names = {id(p): name for name, p in params.items()}
     index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     return {"state": {index[name]: per_param for name, per_param in named["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                             for g in live_runtime(optimizer, named["param_groups"])]}
+
+
+# How the optimizer's update runs (torch's fused kernel, one operation over many tensors, or one tensor at a
+# time), not what it computes. ``load_state_dict`` takes them from the saved groups with the rest, so a
+# checkpoint written by an earlier tuneforge (before the CPU's update was fused) or on another device would
+# resume with that kernel; the live optimizer's choice is kept instead.
+RUNTIME_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def live_runtime(optimizer, groups: list[dict]) -> list[dict]:
+    """Saved parameter ``groups`` with the ``RUNTIME_KEYS`` of ``optimizer``'s own groups, group by group."""
+    return [{**g, **{k: live[k] for k in RUNTIME_KEYS if k in live}} for g, live in zip(groups, optimizer.param_groups)]
 
 
 def _optimizer_split(named: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -228,7 +228,9 @@ class Distributed(Local):
             return checkpoint.restore(saved, params, optimizer, scheduler, scaler)
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.unwrap(model), saved.tensors, options=options)
-        set_optimizer_state_dict(self.unwrap(model), optimizer, saved.optimizer, options=options)
+        groups = checkpoint.live_runtime(optimizer, saved.optimizer["param_groups"])
+        set_optimizer_state_dict(self.unwrap(model), optimizer, {**saved.optimizer, "param_groups": groups},
+                                 options=options)
         return checkpoint.restore_rest(saved, scheduler, scaler)
 
     def describe(self, shard: bool, batch_size: int, grad_accum: int) -> str:

@@ -57,8 +57,9 @@ from tuneforge.training.prepare import prepare
 STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate, where TIME_COST has no fit
 # Matmul-time cost of one unit of each part of a step's work, fitted by ``bench/estimate.py --fit`` on the
 # runs of ``bench/methods.py`` (every method, both workloads) kept from two hosts at once, whose fp32 matmuls ran
-# at 170 and 360 GFLOP/s (fitted on one host's runs alone, the costs missed the other's steps by up to 36%; the
-# slower host's runs are of the code before AdamW's fused update on the CPU, docs/estimate.md):
+# at 170 and 360 GFLOP/s (when both ran one version of the code, costs fitted on one host's runs alone missed the
+# other's steps by up to 36%; the slower host's runs kept now are of the code before AdamW's fused update on the
+# CPU, docs/estimate.md):
 # "matmul" per flop
 # (1 / the share of the matmul rate a step's matmuls reach), "elementwise" per activation value of a block
 # (hidden plus MLP width, per token position and layer), "dropout" per value masked, "dropout_calls" per mask

@@ -405,7 +405,8 @@ class _Run:
     def optimizer_step(self) -> None:
         try:
             self.precision.scaler.step(self.optimizer)
-        except RuntimeError as exc:  # torch's own overflow check on the step size (a huge learning rate)
+        except RuntimeError as exc:  # torch's overflow check on the step size (a huge learning rate) where the
+            # update is not fused; the fused kernel writes non-finite weights instead, which the next loss reports
             if "overflow" not in str(exc):
                 raise
             raise RunStopped(f"the optimizer's update overflows at step {self.progress.step + 1} ({exc})",
