@@ -41,10 +41,10 @@ MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 # other (to 2^-32), and the positions come out strictly ascending from one running sum. Each u is 32 bits of
 # a hash of the gap's index and the seed: two multiply-xorshift rounds (the "lowbias32" constants) of the
 # index, kept from one draw to the next, then the seed mixed in and two rounds more. Ascending positions make
-# zeroing them in a copy of x a sequential scatter (a random one took three times as long here). Elsewhere the number of draws must be known without waiting for the device:
-# every element is hit by a Poisson(lam) number of uniform draws, lam = -ln(1 - p), so it is zeroed (hit at
-# least once) with probability 1 - e^-lam = p (Poisson splitting): in all a Poisson(n lam) number of draws,
-# N, drawn on the CPU. They come in ascending order, as the order statistics of N uniforms: the running sums
+# zeroing them in a copy of x a sequential scatter (a random one took three times as long here). Elsewhere the
+# number of draws must be known without waiting for the device: every element is hit by a Poisson(lam) number
+# of uniform draws, lam = -ln(1 - p), so it is zeroed (hit at least once) with probability 1 - e^-lam = p
+# (Poisson splitting): in all a Poisson(n lam) number of draws, N, drawn on the CPU. They come in ascending order, as the order statistics of N uniforms: the running sums
 # of N + 1 exponential variates over their total, each -ln of a 53-bit uniform from two such hashes.
 # At LoRA's usual rates that is a few positions per hundred elements, where a mask took a hash of every
 # element and a masked pass, and backward keeps the positions (8 bytes each) instead of a mask (1 byte per
