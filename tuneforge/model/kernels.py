@@ -44,8 +44,9 @@ MIN_SHARED = 4  # shorter shared prefixes are not worth a second forward call
 # zeroing them in a copy of x a sequential scatter (a random one took three times as long here). Elsewhere the
 # number of draws must be known without waiting for the device: every element is hit by a Poisson(lam) number
 # of uniform draws, lam = -ln(1 - p), so it is zeroed (hit at least once) with probability 1 - e^-lam = p
-# (Poisson splitting): in all a Poisson(n lam) number of draws, N, drawn on the CPU. They come in ascending order, as the order statistics of N uniforms: the running sums
-# of N + 1 exponential variates over their total, each -ln of a 53-bit uniform from two such hashes.
+# (Poisson splitting): in all a Poisson(n lam) number of draws, N, drawn on the CPU. They come in ascending
+# order, as the order statistics of N uniforms: the running sums of N + 1 exponential variates over their
+# total, each -ln of a 53-bit uniform from two such hashes.
 # At LoRA's usual rates that is a few positions per hundred elements, where a mask took a hash of every
 # element and a masked pass, and backward keeps the positions (8 bytes each) instead of a mask (1 byte per
 # element) while they are fewer than an eighth of the elements. The seed is one draw of torch's CPU

@@ -66,8 +66,8 @@ STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35}  # the matmuls' share of the rate,
 # drawn (its fixed cost: the draw's operations, whatever the size), "dequantize" per 4-bit weight rebuilt,
 # "optimizer" per trainable value, "blocks" per block a micro-batch passes through (forward, and backward
 # again; a shared prefix is a second pass). No fit for CUDA: there, matmul work at STEP_EFFICIENCY.
-TIME_COST = {"cpu": {"matmul": 1.366, "elementwise": 0.0, "dropout": 380.7, "dropout_calls": 1.824e8, "dequantize": 615.7,
-                     "optimizer": 300.5, "blocks": 8.511e8}}
+TIME_COST = {"cpu": {"matmul": 1.366, "elementwise": 0.0, "dropout": 380.7, "dropout_calls": 1.824e8,
+                     "dequantize": 615.7, "optimizer": 300.5, "blocks": 8.511e8}}
 PROCESS_BYTES = {"cpu": 420 * 2**20, "cuda": 0}
 ALLOCATOR_SHARE = {"cpu": 0.85, "cuda": 0.15}
 
