@@ -5,7 +5,7 @@ model's answers through the adapter's extra work, as a run's evaluation does), l
 held-out split (894 snippets) by the log-likelihood of each label word after the prompt. Four sides,
 each in its own process, taking turns:
 
-- tuneforge: the evaluator a run uses (``eval.evaluator.make_evaluator``) at ``eval.batch_size``;
+- tuneforge: the evaluator a run uses (``eval.evaluator.make_evaluator``), its batches cut by ``eval.batch_tokens``;
 - before: ``eval/classify.py`` as it stood at commit BEFORE, loaded from git, on this version's
   primitives: the shared prefix run once per batch of 8, not once for the set;
 - Transformers + PEFT: the plain way, batches of 8 prompts left-padded, the whole logits of the last
@@ -40,13 +40,14 @@ SIDES = ("tuneforge", "before", "reference", "bf16")
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 
 
-def held_out(batch_size: int, precision: str = "auto"):
+def held_out(batch_size: int, precision: str = "auto", batch_tokens: int | None = None):
     from tuneforge.core import config
     from tuneforge.data import load_datasets
     from tuneforge.io.load import load_tokenizer
 
+    tokens = "null" if batch_tokens is None else batch_tokens
     cfg = config.from_yaml(CONFIG, ["data.max_eval_examples=null", f"eval.batch_size={batch_size}",
-                                    f"train.precision={precision}"])
+                                    f"eval.batch_tokens={tokens}", f"train.precision={precision}"])
     tokenizer = load_tokenizer(cfg.model)
     return cfg, tokenizer, load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
 
@@ -83,22 +84,23 @@ def reference_predictions(model, pad_id: int, prompts: list[list[int]], answers:
     return predicted
 
 
-def matmul_floor(model, prompts: list[list[int]], batch_size: int, dtype) -> dict:
+def matmul_floor(model, prompts: list[list[int]], batch_size: int, tokens: int, dtype) -> dict:
     """The matmul work of tuneforge's evaluation (the linear layers' for every position it computes: each
-    prompt and its label word, padded to its batch's longest, past the set's shared beginning; the head's
-    for the one position per prompt that reaches it), and the device's matmul rate in ``dtype``: what the
-    same work would take at that rate. Attention's own products are left out: a lower bound."""
+    prompt and its label word past the set's shared beginning, padded to its batch's longest, the batches
+    cut as the evaluator cuts them; the head's for the one position per prompt that reaches it), and the
+    device's matmul rate in ``dtype``: what the same work would take at that rate. Attention's own products
+    are left out: a lower bound."""
     import os
 
     from torch import nn
 
+    from tuneforge.eval.lm import length_batches
     from tuneforge.training.estimate import matmul_flops_per_s
 
     shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
-    lengths = sorted(len(p) + 1 for p in prompts)  # the prompt and its label word, in length order as batched
-    positions = sum(max(batch) * len(batch) for batch in (lengths[i:i + batch_size]
-                                                          for i in range(0, len(lengths), batch_size)))
-    positions -= shared * len(prompts)
+    lengths = [len(p) + 1 - shared for p in prompts]  # the prompt and its label word, past the shared beginning
+    positions = sum(max(lengths[i] for i in batch) * len(batch)
+                    for batch in length_batches(lengths, batch_size, tokens))
     head = model.get_output_embeddings()
     per_position = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     flops = per_position * positions + 2 * head.weight.numel() * len(prompts)
@@ -106,12 +108,12 @@ def matmul_floor(model, prompts: list[list[int]], batch_size: int, dtype) -> dic
     return {"positions": positions, "flops": flops, "rate": matmul_flops_per_s(device, dtype=dtype)}
 
 
-def child(side: str, batch_size: int) -> dict:
+def child(side: str, batch_size: int, batch_tokens: int | None) -> dict:
     import torch
 
     from tuneforge.data import word_ids
 
-    cfg, tokenizer, data = held_out(batch_size, "bf16" if side == "bf16" else "auto")
+    cfg, tokenizer, data = held_out(batch_size, "bf16" if side == "bf16" else "auto", batch_tokens)
     items = data.eval_items
     gold = torch.tensor([it.label for it in items])
     answers = [word_ids(tokenizer, w, cfg.data.chat_template) for w in data.label_words]
@@ -144,18 +146,20 @@ def child(side: str, batch_size: int) -> dict:
         seconds = time.perf_counter() - start
     # tuneforge's matmul work and the matmul rate, measured after the timing
     dtype = {"tuneforge": torch.float32, "bf16": torch.bfloat16}.get(side)
-    floor = matmul_floor(model, [it.prompt_ids for it in items], batch_size, dtype) if dtype else {}
+    tokens = cfg.eval_batch_tokens  # as the evaluator cuts its batches
+    floor = matmul_floor(model, [it.prompt_ids for it in items], batch_size, tokens, dtype) if dtype else {}
     return {"n": len(items), "seconds": seconds, "accuracy": accuracy, "peak_rss_mb": rss_mb(), **floor}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=8, help="tuneforge's eval.batch_size")
+    parser.add_argument("--batch-tokens", type=int, help="tuneforge's eval.batch_tokens (default: its own)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--child", choices=SIDES)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.batch_size)))
+        print("RESULT " + json.dumps(child(args.child, args.batch_size, args.batch_tokens)))
         return
 
     import statistics
@@ -165,7 +169,8 @@ def main() -> None:
     runs = {side: [] for side in SIDES}
     for _ in range(args.rounds):
         for side in SIDES:
-            r = spawn(__file__, ["--child", side, "--batch-size", str(args.batch_size)], REPO)
+            tokens = [] if args.batch_tokens is None else ["--batch-tokens", str(args.batch_tokens)]
+            r = spawn(__file__, ["--child", side, "--batch-size", str(args.batch_size), *tokens], REPO)
             if "error" in r:
                 sys.exit(f"{side}: {r['error']}")
             runs[side].append(r)
@@ -182,11 +187,18 @@ def main() -> None:
     print(f"matmul floor: {work['flops'] / 1e9:.0f} GFLOP over {work['positions']} positions at "
           f"{work['rate'] / 1e9:.0f} GFLOP/s = {floor:.1f} s; tuneforge at {floor / seconds['tuneforge']:.0%} of "
           f"the rate; at most {seconds['before'] / floor:.1f}x quicker than {BEFORE}")
-    rows = "\n".join(f"| {name} | {seconds[side]:.1f} | {n / seconds[side]:.1f} | {seconds[side] / seconds['tuneforge']:.2f}x "
-                     f"| {first[side]['accuracy']:.4%} | {first[side]['peak_rss_mb']:.0f} |"
+    rows = "\n".join(f"| {name} | {seconds[side]:.1f} | {n / seconds[side]:.1f} | "
+                     f"{seconds[side] / seconds['tuneforge']:.2f}x | {first[side]['accuracy']:.4%} | "
+                     f"{first[side]['peak_rss_mb']:.0f} |"
                      for side, name in (("tuneforge", "tuneforge"), ("before", f"tuneforge at {BEFORE}"),
                                         ("reference", "Transformers + PEFT, batches of 8"),
                                         ("bf16", "tuneforge, train.precision bf16")))
+    from tuneforge.core import config
+
+    tokens = config.from_yaml(CONFIG, [f"eval.batch_size={args.batch_size}",
+                                       f"eval.batch_tokens={args.batch_tokens or 'null'}"]).eval_batch_tokens
+    budget = (f"eval.batch_tokens {args.batch_tokens}" if args.batch_tokens else
+              f"eval.batch_size {args.batch_size} and eval.batch_tokens at its default (batch_size x data.max_length)")
     half = first["bf16"]
     half_floor = half["flops"] / half["rate"]
     write_section("evaluation", f"""
@@ -195,10 +207,11 @@ def main() -> None:
 `python bench/evaluation.py --rounds {args.rounds}` on {machine()}. The default model with LoRA r=16 on all
 linear layers, unmerged, labels the sentiment recipe's whole held-out split by each label word's
 log-likelihood after the prompt. Each side in its own process, the sides taking turns; the median of
-{args.rounds} round(s). tuneforge at eval.batch_size {args.batch_size}: the prompts' shared beginning (the
-chat template's system turn and the question) runs once for the set, batches hold prompts of similar
-length, and the head sees only each prompt's last position. tuneforge at {BEFORE} ran the shared
-beginning once per batch of 8. The same number labelled right as at {BEFORE}: {'yes' if same else 'NO'}
+{args.rounds} round(s). tuneforge with {budget}:
+the prompts' shared beginning (the chat template's system turn and the question) runs once for the set,
+each batch holds prompts of similar length, as many as fit in {tokens:,} positions past that beginning,
+and the head sees only each prompt's last position. tuneforge at {BEFORE} ran the shared beginning once per batch of 8 prompts. The same number
+labelled right as at {BEFORE}: {'yes' if same else 'NO'}
 ({correct['tuneforge']} and {correct['before']} of {n}; the reference {correct['reference']}).
 
 The matmul work alone sets a floor: tuneforge's linear layers over the {work['positions']:,} positions it

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from tuneforge.core.config import TrainCfg
 from tuneforge.eval.classify import classification_metrics, metrics_from_confusion, score_labels, wilson_interval
+from tuneforge.eval.lm import length_batches
 from tuneforge.eval.lm import label_loss
 from tuneforge.eval.evaluator import Evaluator
 from tuneforge.methods import full
@@ -103,6 +104,35 @@ def test_score_labels_runs_the_prefix_every_prompt_shares_once_and_scores_as_the
                 logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + a])).logits[0], -1)
                 expected = sum(logp[len(prompt) - 1 + k, tok] for k, tok in enumerate(a))
                 assert scores[i, j].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_length_batches_fill_a_token_budget_with_rows_of_similar_length():
+    lengths = [7, 3, 12, 3, 5, 30, 4, 6, 6, 2]
+    batches = length_batches(lengths, 2, tokens=12)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row once
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)  # shortest first
+    for b in batches:  # within the budget, padded to the longest; a longer row alone
+        assert len(b) * max(lengths[i] for i in b) <= 12 or len(b) == 1
+    for b, following in zip(batches, batches[1:]):  # a batch closes only when its next row would not fit
+        assert (len(b) + 1) * lengths[following[0]] > 12
+    assert [len(b) for b in batches] == [3, 2, 2, 1, 1, 1] and batches[-1] == [5]  # 2 3 3 | 4 5 | 6 6 | 7 | 12 | 30
+    assert length_batches(lengths, 4) == [[9, 1, 3, 6], [4, 7, 8, 0], [2, 5]]  # no budget: fixed counts, by length
+    assert length_batches([], 3, 8) == []
+
+
+@pytest.mark.parametrize("answers", [[[10], [11]], [[10], [11, 12]]])
+def test_score_labels_under_a_token_budget_scores_as_in_batches_of_one(answers):
+    model, _ = tiny_full()
+    head = [20, 21, 22, 23, 24, 25]
+    prompts = [head + tail for tail in ([5, 6, 7], [8, 9], [30], [31, 32, 33, 34], [35, 36], [9] * 11)]
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    budgeted = score_labels(model, prompts, answers, batch_size=1, batch_tokens=9)
+    hook.remove()
+    assert all(rows * width <= 9 or rows == 1 for rows, width in calls[1:]) and max(r for r, _ in calls) > 1
+    assert torch.allclose(budgeted, score_labels(model, prompts, answers, batch_size=1), atol=1e-5)
 
 
 def test_classification_metrics():

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tuneforge.eval.lm import IGNORE, Prefix, label_logprobs, shared_prefix_of, token_logprobs
+from tuneforge.eval.lm import IGNORE, Prefix, label_logprobs, length_batches, shared_prefix_of, token_logprobs
 
 
 def _pad_right(rows: list[list[int]], value: int) -> Tensor:
@@ -20,13 +20,14 @@ def _pad_right(rows: list[list[int]], value: int) -> Tensor:
 
 @torch.no_grad()
 def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 8,
-                 pad_id: int = 0) -> Tensor:
+                 pad_id: int = 0, batch_tokens: int | None = None) -> Tensor:
     """Log-likelihood of every answer after every prompt: a (n_prompts, n_answers) tensor.
 
     ``answers`` are token ids of each label's word. When every answer is one token, one forward
     pass per prompt scores all labels at once; otherwise each (prompt, answer) pair is scored.
     The tokens every prompt begins with (a chat template's system turn, the question) run once for the
-    whole set; batches hold prompts of similar length, and only the label positions reach the head.
+    whole set; batches hold prompts of similar length, ``batch_size`` rows each or, given ``batch_tokens``,
+    as many as fit in that many positions past the shared beginning; only the label positions reach the head.
     """
     was_training = model.training
     model.eval()
@@ -34,11 +35,12 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
     scores = torch.empty(len(prompts), len(answers))
     single = all(len(a) == 1 for a in answers)
     prefix = shared_prefix_of(model, prompts)
-    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of similar length: little padding
-    pairs = [(i, None) for i in by_length] if single else \
-        [(i, j) for i in by_length for j in range(len(answers))]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+    pairs = [(i, None) for i in range(len(prompts))] if single else \
+        [(i, j) for i in range(len(prompts)) for j in range(len(answers))]
+    shared = len(prefix.ids) if prefix is not None else 0
+    lengths = [len(prompts[i]) + len(answers[j or 0]) - shared for i, j in pairs]
+    for batch in length_batches(lengths, batch_size, batch_tokens):
+        chunk = [pairs[k] for k in batch]
         if single:  # the label at the prompt's last position: a dummy target of the first answer
             seqs = [prompts[i] + answers[0] for i, _ in chunk]
             labels = [[IGNORE] * len(prompts[i]) + answers[0] for i, _ in chunk]

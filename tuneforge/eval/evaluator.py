@@ -39,6 +39,7 @@ class Evaluator:
 def make_evaluator(tokenizer, data: Datasets, cfg: RunCfg, probe: Probe | None = None) -> Evaluator | None:
     """Accuracy for classification data (by label words, or by ``probe`` when given), loss and
     perplexity otherwise; None when nothing is held out."""
+    tokens = cfg.eval_batch_tokens
     if data.eval_items:
         items = data.eval_items
         gold = torch.tensor([it.label for it in items])
@@ -48,7 +49,7 @@ def make_evaluator(tokenizer, data: Datasets, cfg: RunCfg, probe: Probe | None =
 
             def scores(model):  # (n, labels) log-likelihoods of each label word, and the gold one's per token
                 s = score_labels(model, [it.prompt_ids for it in items], answers, cfg.eval.batch_size,
-                                 tokenizer.pad_token_id)
+                                 tokenizer.pad_token_id, tokens)
                 return s, s[torch.arange(len(gold)), gold] / lengths[gold]
         else:
             def scores(model):  # (n, labels) logits of the classifier, and the gold label's log-probability
@@ -66,7 +67,8 @@ def make_evaluator(tokenizer, data: Datasets, cfg: RunCfg, probe: Probe | None =
         return Evaluator(_timed(run, len(items), precision), metric="accuracy", higher_is_better=True)
     if data.eval:
         return Evaluator(_timed(lambda model: evaluate_lm(model, data.eval, Collator(tokenizer.pad_token_id),
-                                                          cfg.eval.batch_size), len(data.eval), cfg.train.precision))
+                                                          cfg.eval.batch_size, tokens), len(data.eval),
+                                cfg.train.precision))
     return None
 
 

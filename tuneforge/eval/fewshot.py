@@ -120,7 +120,8 @@ _calibrate = calibrate  # run_icl's flag of the same name hides the function the
 def run_icl(model: nn.Module, tokenizer, eval_items: tuple[list[str], list[int]],
             pool: tuple[list[str], list[int]], label_words: list[str], k: int = 0, mode: Mode = "chat",
             strategy: Literal["random", "nearest"] = "random", calibrate: bool = False, seed: int = 0,
-            instruction: str | None = None, batch_size: int = 8, cache_dir=None) -> dict:
+            instruction: str | None = None, batch_size: int = 8, cache_dir=None, batch_tokens: int | None = None
+            ) -> dict:
     """Accuracy and macro-F1 of k-shot prediction on ``eval_items`` (texts, label indices), with the
     demonstrations drawn from ``pool``. Calibrated runs also report the uncalibrated figures; with nearest
     demonstrations every query has its own set, so calibration costs three more prompts per query."""
@@ -141,7 +142,8 @@ def run_icl(model: nn.Module, tokenizer, eval_items: tuple[list[str], list[int]]
         return build_prompt(tokenizer, text, demos, instruction, label_words, mode)
 
     answers = [word_ids(tokenizer, w, chat_template=mode != "raw") for w in label_words]
-    score = lambda prompts: score_labels(model, prompts, answers, batch_size, tokenizer.pad_token_id)  # noqa: E731
+    score = lambda prompts: score_labels(model, prompts, answers, batch_size, tokenizer.pad_token_id,  # noqa: E731
+                                         batch_tokens)
     prompts = [prompt(t, s) for t, s in zip(texts, sets)]
     limit, longest = context_length(model.config), max(map(len, prompts)) + max(map(len, answers))
     if limit and longest > limit:
@@ -171,7 +173,8 @@ def evaluate_icl(cfg, k: int = 0, mode: Mode = "chat", strategy: Literal["random
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     split = lambda items: ([it.text for it in items], [it.label for it in items])  # noqa: E731
     return run_icl(model, tokenizer, split(data.eval_items), split(data.train_items), data.label_words, k, mode,
-                   strategy, calibrate, seed, cfg.data.instruction, cfg.eval.batch_size)
+                   strategy, calibrate, seed, cfg.data.instruction, cfg.eval.batch_size,
+                   batch_tokens=cfg.eval_batch_tokens)
 
 
 def _words(text: str) -> list[str]:

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import inspect
 import math
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,15 +184,34 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def length_batches(lengths: Sequence[int], size: int, tokens: int | None = None) -> list[list[int]]:
+    """Indices into ``lengths`` cut into batches of rows of similar length, shortest first: ``size`` rows
+    each or, given ``tokens``, as many rows as fit in that many positions with the batch padded to its
+    longest row (a row longer than ``tokens`` alone). Short rows then share a batch by the dozen, where a
+    fixed count of rows would run them in small matmuls, at the same memory as long rows."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if tokens is None:
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    batches, batch = [], []
+    for i in order:  # ascending, so the row joining a batch is its longest
+        if batch and (len(batch) + 1) * lengths[i] > tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, examples, collate, batch_size: int = 8) -> dict[str, float]:
-    """Mean token loss and perplexity over ``examples`` (each with input_ids and labels)."""
+def evaluate_lm(model: nn.Module, examples, collate, batch_size: int = 8, batch_tokens: int | None = None
+                ) -> dict[str, float]:
+    """Mean token loss and perplexity over ``examples`` (each with input_ids and labels), in batches of
+    ``batch_size`` examples or, given ``batch_tokens``, of similar length up to that many positions."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+    for rows in length_batches([len(e.input_ids) for e in examples], batch_size, batch_tokens):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows]).items()}
         loss, n = label_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         total, count = total + loss.item(), count + n
     model.train(was_training)

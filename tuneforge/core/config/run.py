@@ -172,11 +172,15 @@ class TrainCfg:
 
 @dataclass(frozen=True)
 class EvalCfg:
-    batch_size: int = 8
+    batch_size: int = 8  # rows per held-out batch of pairs (preference) and of the reference's log-probabilities
+    # the most token positions a batch of label scoring or language-model loss runs, padding included (a prefix
+    # every row shares runs once, apart): rows of similar length fill it. null: batch_size x data.max_length
+    batch_tokens: int | None = None
     max_examples: int | None = None  # evaluate on at most this many examples
 
     def __post_init__(self):
         at_least(self, "batch_size", 1, "eval")
+        at_least(self, "batch_tokens", 1, "eval")
         at_least(self, "max_examples", 1, "eval")
 
 
@@ -212,6 +216,12 @@ class RunCfg:
         if preference and (self.data.packing or self.data.group_by_length):
             raise UserError("a preference pair is its own batch rows; packing does not apply", "data.packing",
                             fix="set data.packing and data.group_by_length to false")
+
+    @property
+    def eval_batch_tokens(self) -> int:
+        """Positions per held-out batch of label scoring or loss: eval.batch_tokens, or what eval.batch_size
+        rows of data.max_length tokens hold."""
+        return self.eval.batch_tokens or self.eval.batch_size * self.data.max_length
 
 
 def _method_cfg(raw: Any, where: Where) -> MethodCfg:
