@@ -58,6 +58,29 @@ def test_the_loss_is_the_models_own(name):
     torch.testing.assert_close(mean_loss(model), own, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_frozen_layers_held_in_bf16_give_the_step_autocast_gives(name):
+    """Under bf16 autocast, a LoRA step over the base with its frozen linear layers held in bf16 (as a run
+    holds them) has the loss and gradients of the step over the float32 base, to the bit."""
+    from tuneforge.methods import lora
+    from tuneforge.training.precision import hold_frozen_linears
+
+    steps = []
+    for hold in (False, True):
+        model = tiny_model(name, VOCAB).train()
+        use_lean_modules(model)
+        lora.inject(model, lora.Config(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        if hold:
+            hold_frozen_linears(model, "bf16", torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = mean_loss(model)
+        loss.backward()
+        steps.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss, grads), (held_loss, held_grads) = steps
+    assert torch.equal(loss, held_loss) and len(grads) == len(held_grads)
+    assert all(torch.equal(a, b) for a, b in zip(grads, held_grads))
+
+
 def test_an_unknown_family_runs_its_own_forward(capsys):
     model = tiny_model("gemma2", VOCAB)
     model.config.model_type = "not_a_family_tuneforge_knows"

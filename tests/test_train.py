@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from tuneforge.core.config import TrainCfg
 from tuneforge.eval.classify import classification_metrics, metrics_from_confusion, score_labels, wilson_interval
-from tuneforge.eval.lm import length_batches
-from tuneforge.eval.lm import label_loss
+from tuneforge.eval.lm import label_loss, length_batches
 from tuneforge.eval.evaluator import Evaluator
 from tuneforge.methods import full
 from tuneforge.training import checkpoint
@@ -133,6 +132,48 @@ def test_score_labels_under_a_token_budget_scores_as_in_batches_of_one(answers):
     hook.remove()
     assert all(rows * width <= 9 or rows == 1 for rows, width in calls[1:]) and max(r for r, _ in calls) > 1
     assert torch.allclose(budgeted, score_labels(model, prompts, answers, batch_size=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, use_dora", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_frozen_linears_held_in_the_autocast_dtype_compute_the_same_step(name, use_dora):
+    """Under bf16 autocast, a LoRA step over a base whose frozen linear layers are held in bf16 gives the same
+    loss and gradients, to the bit, as over the float32 base (autocast casts those weights the same way); the
+    head, a tied weight and a DoRA base stay float32, and nothing changes in fp32."""
+    import copy
+
+    from families import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods import lora
+    from tuneforge.training.precision import hold_frozen_linears
+
+    torch.manual_seed(0)  # qwen2's head a weight of its own, llama's the embeddings'
+    base = AutoModelForCausalLM.from_config(tiny_config(name, tie_word_embeddings=name == "llama"))
+    lora.inject(base, lora.Config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=use_dora))
+    held = copy.deepcopy(base)
+    cpu = torch.device("cpu")
+    assert hold_frozen_linears(held, "fp32", cpu) == 0 and hold_frozen_linears(held, "auto", cpu) == 0
+    freed = hold_frozen_linears(held, "bf16", cpu)
+    linears = {n: m for n, m in held.named_modules() if type(m) is torch.nn.Linear}
+    halved = {n for n, m in linears.items() if m.weight.dtype == torch.bfloat16}
+    assert freed == sum(2 * p.numel() for n in halved for p in linears[n].parameters())
+    assert "model.layers.0.mlp.down_proj" in halved and "model.layers.0.self_attn.k_proj" in halved
+    assert not any(n.endswith(("lora_A.default", "lora_B.default", "lora_A", "lora_B")) for n in halved)
+    assert "lm_head" not in halved and held.model.embed_tokens.weight.dtype == torch.float32
+    assert ("model.layers.0.self_attn.q_proj.base_layer" in halved) is not use_dora
+    batch = {"input_ids": torch.randint(3, 300, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    figures = []
+    for model in (base, held):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = label_loss(model, **batch)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        figures.append((loss.detach(), grads))
+    (loss0, grads0), (loss1, grads1) = figures
+    assert torch.equal(loss0, loss1) and len(grads0) == len(grads1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
 
 
 def test_classification_metrics():

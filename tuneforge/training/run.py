@@ -49,6 +49,7 @@ from tuneforge.training import checkpoint, objectives, output
 from tuneforge.training.objectives import reference
 from tuneforge.training.loop import shuffled_batches, shuffled_blocks, train
 from tuneforge.training.prepare import prepare
+from tuneforge.training.precision import hold_frozen_linears
 from tuneforge.training.runtime import Local
 
 
@@ -67,6 +68,7 @@ class RunContext:
     model: nn.Module | None = None
     tokenizer: object = None
     injected: Injected | None = None
+    loaded: bool = False  # the run loaded the model itself (not the caller's): its layers may change dtype
 
     def say(self, line: str) -> None:
         self.runtime.say(f"tuneforge: {line}")
@@ -175,6 +177,7 @@ def _run(path, ctx: RunContext) -> dict:
     if ctx.model is None:
         ctx.model, _ = load_model(cfg.model, dtype="float32", device=str(runtime.device),
                                   allow_pickle=cfg.allow_pickle)
+        ctx.loaded = True
     result = path.result(ctx, data)
     if runtime.main:
         result["artifact_bytes"] = sum(f.stat().st_size for f in (ctx.out / "final").rglob("*") if f.is_file())
@@ -260,6 +263,9 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
         raise UserError("fp16 with FSDP2 sharding is not supported", "train.precision",
                         fix="set train.precision to bf16 (or auto, bf16 on CUDA) for a sharded run")
     loss, data = _objective(ctx, injected, data)
+    if ctx.loaded and not shard and (freed := hold_frozen_linears(model, cfg.train.precision, runtime.device)):
+        ctx.say(f"frozen linear layers held in train.precision's dtype, as autocast computes them: "
+                f"{freed / 2**20:,.0f} MB freed")
     wrapped = runtime.wrap(model, shard)
     params = injected.trainable(model)  # sharding replaces the parameters with their shards
     if line := runtime.describe(shard, cfg.train.batch_size, cfg.train.grad_accum):
