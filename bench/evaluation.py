@@ -10,7 +10,8 @@ each in its own process, taking turns:
   primitives: the shared prefix run once per batch of 8, not once for the set;
 - Transformers + PEFT: the plain way, batches of 8 prompts left-padded, the whole logits of the last
   position, the label words' columns compared;
-- bf16: tuneforge's evaluator in a run with ``train.precision: bf16`` (bf16 autocast, the weights float32).
+- bf16: tuneforge's evaluator in a run with ``train.precision: bf16`` (bf16 autocast; the frozen linear layers
+  held in bf16, ``training.precision.hold_frozen_linears``, the rest float32).
 
 Each side reports its seconds, examples per second and accuracy; tuneforge and before must label the
 same number right (the same arithmetic), and the reference closely.
@@ -133,9 +134,11 @@ def child(side: str, batch_size: int, batch_tokens: int | None) -> dict:
         from tuneforge.eval.evaluator import make_evaluator
         from tuneforge.io.load import load_model
         from tuneforge.methods import lora
+        from tuneforge.training.precision import hold_frozen_linears
 
         model, _ = load_model(cfg.model, dtype="float32", device="cpu")
         lora.inject(model, lora.Config(lora_dropout=0.0, **LORA))
+        hold_frozen_linears(model, cfg.train.precision, torch.device("cpu"))  # as a run holds them (bf16 only)
         start = time.perf_counter()
         if side in ("tuneforge", "bf16"):  # bf16: the evaluator under the run's bf16 autocast
             accuracy = make_evaluator(tokenizer, data, cfg).run(model)["accuracy"]
@@ -210,8 +213,8 @@ log-likelihood after the prompt. Each side in its own process, the sides taking 
 {args.rounds} round(s). tuneforge with {budget}:
 the prompts' shared beginning (the chat template's system turn and the question) runs once for the set,
 each batch holds prompts of similar length, as many as fit in {tokens:,} positions past that beginning,
-and the head sees only each prompt's last position. tuneforge at {BEFORE} ran the shared beginning once per batch of 8 prompts. The same number
-labelled right as at {BEFORE}: {'yes' if same else 'NO'}
+and the head sees only each prompt's last position. tuneforge at {BEFORE} ran the shared beginning once per
+batch of 8 prompts. The same number labelled right as at {BEFORE}: {'yes' if same else 'NO'}
 ({correct['tuneforge']} and {correct['before']} of {n}; the reference {correct['reference']}).
 
 The matmul work alone sets a floor: tuneforge's linear layers over the {work['positions']:,} positions it
@@ -221,10 +224,10 @@ measured as tuneforge's side started ({work['rate'] / 1e9:.0f} GFLOP/s, 1024 x 1
 {floor / seconds['tuneforge']:.0%} of that rate. Nothing that computes these positions in fp32 can be more than
 {seconds['before'] / floor:.1f}x quicker than tuneforge at {BEFORE} ({seconds['before']:.1f} s).
 
-In bf16 (`train.precision: bf16`: the evaluator under the run's autocast) the same matmuls take
-{half_floor:.1f} s at the bf16 rate ({half['rate'] / 1e9:.0f} GFLOP/s), yet the evaluation takes
-{seconds['bf16']:.1f} s, {seconds['before'] / seconds['bf16']:.2f}x quicker than {BEFORE}: autocast casts every
-float32 weight anew for each batch, and the work around the matmuls stays. It labels {correct['bf16']} right,
+In bf16 (`train.precision: bf16`: the evaluator under the run's autocast, the frozen linear layers held in
+bf16 as a run holds them) the same matmuls take {half_floor:.1f} s at the bf16 rate
+({half['rate'] / 1e9:.0f} GFLOP/s), and the evaluation takes {seconds['bf16']:.1f} s,
+{seconds['before'] / seconds['bf16']:.2f}x quicker than {BEFORE}. It labels {correct['bf16']} right,
 against {correct['tuneforge']} in fp32: the rounding moves the answers of the closest snippets.
 
 | evaluator | seconds | examples/s | time against tuneforge | accuracy | peak RSS (MB) |

@@ -85,7 +85,7 @@ def lora_sides(workload: str, rows: dict) -> tuple[dict, dict, dict]:
     from tuneforge.eval.lm import label_loss
     from tuneforge.io.load import load_model, resolve_spec
     from tuneforge.methods.registry import get_method
-    from tuneforge.training.precision import Precision
+    from tuneforge.training.precision import Precision, hold_frozen_linears
     from tuneforge.training.prepare import prepare
     from tuneforge.training.run import batch_order
 
@@ -105,6 +105,7 @@ def lora_sides(workload: str, rows: dict) -> tuple[dict, dict, dict]:
             data = load_datasets(cfg.data, tokenizer, seed=0)
             batch = Collator(tokenizer.pad_token_id)([data.train[i] for i in batch_order(cfg, data)(0)[0]])
         _, params = prepare(model, get_method(method), cfg)
+        hold_frozen_linears(model, precision or "fp32", torch.device("cpu"))  # as a run holds them
         ref = AutoModelForCausalLM.from_pretrained(resolve_spec(cfg.model), dtype=torch.float32)
         ref = peft.get_peft_model(ref, peft.LoraConfig(task_type="CAUSAL_LM", r=keys["r"], lora_alpha=keys["lora_alpha"],
                                                        lora_dropout=dropout, target_modules="all-linear"))

@@ -5,10 +5,10 @@ The CPU's fp32 and bf16 matmul rates are measured first (2048 x 2048, the median
 models take one optimizer step each per round on one batch, in an order that rotates from round to
 round: tuneforge and Transformers + PEFT (LoRA r=16 alpha=32 on all linear layers, dropout 0), each in
 fp32 and under ``torch.autocast("cpu", dtype=torch.bfloat16)``, as ``train.precision: bf16`` runs a
-step (``training/precision.py``). A step is forward, backward, AdamW's update and zeroing the
-gradients; each side's loss as in ``bench/paired.py``. Both sides must lower the batch's loss over the
-rounds and move their adapters (checked, printed). Each ratio is the median over rounds of the ratio
-within a round.
+step (``training/precision.py``; tuneforge's frozen linear layers held in bf16, as a run holds them). A
+step is forward, backward, AdamW's update and zeroing the gradients; each side's loss as in
+``bench/paired.py``. Both sides must lower the batch's loss over the rounds and move their adapters
+(checked, printed). Each ratio is the median over rounds of the ratio within a round.
 
     python bench/precision.py                      # packed text, 4 x 256; writes BENCHMARKS.md
     python bench/precision.py --workload sentiment
@@ -61,7 +61,9 @@ def main() -> None:
 ({rates['bf16'] / rates['fp32']:.1f}x). LoRA r=16 alpha=32 on all linear layers, dropout 0, {what}; the four
 models take one optimizer step each per round, in an order that rotates from round to round,
 {args.rounds} timed rounds after one to warm up; bf16 is `torch.autocast("cpu", dtype=torch.bfloat16)`
-around the forward, as `train.precision: bf16` runs it, the weights and the optimizer in fp32. Times
+around the forward, as `train.precision: bf16` runs it, the adapter and the optimizer in fp32; tuneforge's
+frozen linear layers are held in bf16, as a run holds them (autocast would cast them to bf16 at each forward:
+the same numbers), the reference's in fp32. Times
 are medians; the speed is the median over rounds of the reference's step time over tuneforge's in the
 same round. "works": over the rounds the batch's loss fell and the adapter moved, on both sides.
 
