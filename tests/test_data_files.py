@@ -84,10 +84,16 @@ def test_each_trains_on_the_tiny_model(kind, tmp_path, tiny_dir):
     assert summary["steps"] == 2 and summary["train_examples"] + summary["eval_examples"] == len(CHATS)
 
 
-def train(tmp_path, tiny_dir, path, **data) -> dict:
+def test_a_bf16_run_holds_its_frozen_layers_in_bf16_and_trains(tmp_path, tiny_dir, capsys):
+    summary = train(tmp_path, tiny_dir, str(write_file(tmp_path, "parquet")), precision="bf16")
+    assert "frozen linear layers held in train.precision's dtype" in capsys.readouterr().err
+    assert summary["steps"] == 2 and 0 < summary["after"]["loss"] < 100
+
+
+def train(tmp_path, tiny_dir, path, precision: str = "auto", **data) -> dict:
     cfg = {"model": str(tiny_dir), "method": {"name": "lora", "r": 2},
            "data": {"path": path, "format": "instruction", "max_length": 64, "val_fraction": 0.25, **data},
-           "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 4}}
+           "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 4, "precision": precision}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert cli.main(["train", str(tmp_path / "run.yaml")]) == 0
     return json.loads((tmp_path / "out" / "summary.json").read_text())
