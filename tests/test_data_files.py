@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from tuneforge import cli
@@ -84,14 +85,27 @@ def test_each_trains_on_the_tiny_model(kind, tmp_path, tiny_dir):
     assert summary["steps"] == 2 and summary["train_examples"] + summary["eval_examples"] == len(CHATS)
 
 
-def test_a_bf16_run_holds_its_frozen_layers_in_bf16_and_trains(tmp_path, tiny_dir, capsys):
-    summary = train(tmp_path, tiny_dir, str(write_file(tmp_path, "parquet")), precision="bf16")
+@pytest.mark.parametrize("packing", [False, True])  # packing's check runs a forward of its own, in float32
+def test_a_bf16_run_holds_its_frozen_layers_in_bf16_and_trains(tmp_path, tiny_dir, capsys, packing):
+    summary = train(tmp_path, tiny_dir, str(write_file(tmp_path, "parquet")), precision="bf16", packing=packing)
     assert "frozen linear layers held in train.precision's dtype" in capsys.readouterr().err
     assert summary["steps"] == 2 and 0 < summary["after"]["loss"] < 100
 
 
-def train(tmp_path, tiny_dir, path, precision: str = "auto", **data) -> dict:
-    cfg = {"model": str(tiny_dir), "method": {"name": "lora", "r": 2},
+def test_full_fine_tuning_in_bf16_saves_its_frozen_blocks_as_they_were(tmp_path, tiny_dir, capsys):
+    """A whole model is saved as it is held: its frozen blocks stay float32, equal to the base's."""
+    from safetensors.torch import load_file
+
+    train(tmp_path, tiny_dir, str(write_file(tmp_path, "parquet")), precision="bf16",
+          method={"name": "full", "freeze_layers": 1})
+    assert "frozen linear layers held" not in capsys.readouterr().err
+    saved, base = load_file(tmp_path / "out" / "final" / "model.safetensors"), load_file(tiny_dir / "model.safetensors")
+    frozen = [k for k in saved if k.startswith("model.layers.0.")]
+    assert frozen and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], base[k]) for k in frozen)
+
+
+def train(tmp_path, tiny_dir, path, precision: str = "auto", method: dict | None = None, **data) -> dict:
+    cfg = {"model": str(tiny_dir), "method": method or {"name": "lora", "r": 2},
            "data": {"path": path, "format": "instruction", "max_length": 64, "val_fraction": 0.25, **data},
            "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "batch_size": 4, "precision": precision}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))

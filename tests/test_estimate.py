@@ -39,6 +39,22 @@ def test_freezing_layers_lowers_the_estimate(tiny_dir):
     assert frozen.peak_bytes < all_layers.peak_bytes
 
 
+def test_a_bf16_run_s_estimate_counts_its_held_layers_at_two_bytes(tiny_dir):
+    """The frozen linear layers a bf16 run holds in bf16 count 2 bytes a weight; not where the caller's model
+    stays as given, nor where full fine-tuning saves the whole model."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    held = sum(m.weight.numel() for name, m in model.named_modules()
+               if type(m) is torch.nn.Linear and name != "lm_head" and m.weight is not model.lm_head.weight)
+    lora_run = {"model": str(tiny_dir), "method": {"name": "lora", "r": 2}}
+    fp32 = estimate(config.from_dict(lora_run), flops_per_s=1e9).parts["weights"]
+    bf16 = config.from_dict({**lora_run, "train": {"precision": "bf16"}})
+    assert estimate(bf16, flops_per_s=1e9).parts["weights"] == fp32 - 2 * held
+    assert estimate(bf16, flops_per_s=1e9, holds_frozen=False).parts["weights"] == fp32
+    full = {"model": str(tiny_dir), "method": {"name": "full", "freeze_layers": 1}}
+    assert (estimate(config.from_dict({**full, "train": {"precision": "bf16"}}), flops_per_s=1e9).parts["weights"]
+            == estimate(config.from_dict(full), flops_per_s=1e9).parts["weights"])
+
+
 @pytest.mark.parametrize("shared", [0, 6])
 def test_saved_bytes_on_the_meta_device_are_what_the_real_step_keeps(tiny, shared):
     """The estimate counts activations by running the step's forward on the meta device; the real step

@@ -332,7 +332,7 @@ def test_resume_takes_new_logging_evaluation_and_step_budget(tmp_path, tiny_dir)
     cfg = config(tmp_path, tiny_dir, train={"max_steps": 2})
     assert cli.main(["train", str(cfg)]) == 0
     assert cli.main(["train", str(cfg), "--resume", "--set", "train.max_steps=4", "--set", "train.logging_steps=1",
-                     "--set", "train.eval_steps=1", "--set", "eval.batch_size=2"]) == 0
+                     "--set", "train.eval_steps=1", "--set", "eval.batch_size=2", "--set", "eval.batch_tokens=64"]) == 0
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["train"]["max_steps"] == 4
 
 

@@ -128,9 +128,11 @@ def test_score_labels_under_a_token_budget_scores_as_in_batches_of_one(answers):
     calls = []
     hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape),
                                                  with_kwargs=True)
-    budgeted = score_labels(model, prompts, answers, batch_size=1, batch_tokens=9)
+    budgeted = score_labels(model, prompts, answers, batch_size=1, batch_tokens=24)
     hook.remove()
-    assert all(rows * width <= 9 or rows == 1 for rows, width in calls[1:]) and max(r for r, _ in calls) > 1
+    assert calls[0] == (1, len(head))  # the shared beginning once, then whole rows of it and their own tokens
+    assert all(rows * (len(head) + width) <= 24 or rows == 1 for rows, width in calls[1:])
+    assert max(rows for rows, _ in calls) > 1
     assert torch.allclose(budgeted, score_labels(model, prompts, answers, batch_size=1), atol=1e-5)
 
 

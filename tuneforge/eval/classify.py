@@ -27,7 +27,7 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
     pass per prompt scores all labels at once; otherwise each (prompt, answer) pair is scored.
     The tokens every prompt begins with (a chat template's system turn, the question) run once for the
     whole set; batches hold prompts of similar length, ``batch_size`` rows each or, given ``batch_tokens``,
-    as many as fit in that many positions past the shared beginning; only the label positions reach the head.
+    as many whole rows as fit in that many positions; only the label positions reach the head.
     """
     was_training = model.training
     model.eval()
@@ -37,8 +37,8 @@ def score_labels(model: nn.Module, prompts: list[list[int]], answers: list[list[
     prefix = shared_prefix_of(model, prompts)
     pairs = [(i, None) for i in range(len(prompts))] if single else \
         [(i, j) for i in range(len(prompts)) for j in range(len(answers))]
-    shared = len(prefix.ids) if prefix is not None else 0
-    lengths = [len(prompts[i]) + len(answers[j or 0]) - shared for i, j in pairs]
+    # whole rows: each row of a batch holds the shared beginning's keys and values too
+    lengths = [len(prompts[i]) + len(answers[j or 0]) for i, j in pairs]
     for batch in length_batches(lengths, batch_size, batch_tokens):
         chunk = [pairs[k] for k in batch]
         if single:  # the label at the prompt's last position: a dummy target of the first answer

@@ -188,7 +188,8 @@ def length_batches(lengths: Sequence[int], size: int, tokens: int | None = None)
     """Indices into ``lengths`` cut into batches of rows of similar length, shortest first: ``size`` rows
     each or, given ``tokens``, as many rows as fit in that many positions with the batch padded to its
     longest row (a row longer than ``tokens`` alone). Short rows then share a batch by the dozen, where a
-    fixed count of rows would run them in small matmuls, at the same memory as long rows."""
+    fixed count of rows would run them in small matmuls, and a batch of long rows holds no more positions
+    than one of short rows."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     if tokens is None:
         return [order[i:i + size] for i in range(0, len(order), size)]

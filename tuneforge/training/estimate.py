@@ -249,14 +249,15 @@ def _meta_model(cfg: RunCfg, model_config):
 
 def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | None = None,
              flops_per_s: float | None = None, model_config=None, world: int = 1,
-             batches_per_epoch: int | None = None) -> Estimate:
+             batches_per_epoch: int | None = None, holds_frozen: bool = True) -> Estimate:
     """The cost of ``cfg``. ``shapes`` are the micro-batches of one epoch (``batch_shapes`` gives them
     from the data); without them every batch is taken to be full rows of ``data.max_length`` tokens
     with loss on every token, no prefix shared (an upper bound). ``model_config`` (a transformers
     config) describes the model instead of ``cfg.model``; ``world``: the processes that share each step
     (torchrun's). The run passes ``batches_per_epoch`` (its data's micro-batches); else an epoch is
     ``n_examples`` in batches of ``train.batch_size``. The steps are counted as the loop counts them
-    (``TrainCfg.steps``)."""
+    (``TrainCfg.steps``). ``holds_frozen``: the run loads the model itself, so under bf16 or fp16 it holds the
+    frozen linear layers in that dtype (``precision.hold_frozen_linears``)."""
     model_config = model_config or AutoConfig.from_pretrained(resolve_spec(cfg.model))
     model, method, trainable = _meta_model(cfg, model_config)
     probe = method.KIND == "probe"
@@ -284,7 +285,7 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     # the head: a hidden state per label kept for backward, and a chunk's logits and log-probabilities at once
     head = 4 * longest.loss_tokens * hidden + 2 * 4 * (min(longest.loss_tokens, HEAD_CHUNK) if shortcut
                                                        else longest.loss_tokens) * vocab
-    if not probe and not (world > 1 and (method.WHOLE_MODEL or cfg.train.fsdp)):
+    if holds_frozen and not probe and not method.WHOLE_MODEL and not (world > 1 and cfg.train.fsdp):
         hold_frozen_linears(model, cfg.train.precision, device)  # as the run holds them: bf16 or fp16, 2 bytes each
     parts = {"process": PROCESS_BYTES[kind], "weights": _tensor_bytes(model), "train_state": 12 * n_trainable,
              "activations": activations, "head": 0 if probe else head,

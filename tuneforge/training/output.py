@@ -40,7 +40,7 @@ STARTED = {MANIFEST, "config.yaml", "metrics.jsonl", "checkpoints"}
 RESUMABLE = {"train.logging_steps", "train.eval_steps", "train.eval_at_start", "train.save_steps",
              "train.keep_checkpoints", "train.max_steps", "train.epochs", "train.time_budget_s",
              "train.early_stopping_patience", "train.skip_nonfinite_steps", "train.dist_timeout_s", "eval.batch_size",
-             "eval.max_examples", "data.max_eval_examples"}
+             "eval.batch_tokens", "eval.max_examples", "data.max_eval_examples"}
 
 
 def check_folder(out: Path) -> None:

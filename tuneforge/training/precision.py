@@ -40,7 +40,8 @@ def hold_frozen_linears(model: nn.Module, name: str, device: torch.device) -> in
     casts' passes and at half the memory. Left in float32, because they are read outside a linear layer under
     autocast: the output head (``kernels.head_logprobs`` reads it in backward), a weight that another module
     shares (tied embeddings), and a DoRA layer's base (its row norms). The model must then run under
-    autocast only, as a run's training and evaluation do; a model of the caller's is not for this."""
+    autocast only, as a run's training and evaluation do once it has held them; a model of the caller's, and
+    a model saved whole (full fine-tuning's), are not for this."""
     precision = resolve_precision(name, device)
     if precision == "fp32":
         return 0

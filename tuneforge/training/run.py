@@ -263,9 +263,6 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
         raise UserError("fp16 with FSDP2 sharding is not supported", "train.precision",
                         fix="set train.precision to bf16 (or auto, bf16 on CUDA) for a sharded run")
     loss, data = _objective(ctx, injected, data)
-    if ctx.loaded and not shard and (freed := hold_frozen_linears(model, cfg.train.precision, runtime.device)):
-        ctx.say(f"frozen linear layers held in train.precision's dtype, as autocast computes them: "
-                f"{freed / 2**20:,.0f} MB freed")
     wrapped = runtime.wrap(model, shard)
     params = injected.trainable(model)  # sharding replaces the parameters with their shards
     if line := runtime.describe(shard, cfg.train.batch_size, cfg.train.grad_accum):
@@ -278,6 +275,11 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
                 f"{cfg.data.max_length} tokens, {packing['batches']} batches of {cfg.train.batch_size} rows an epoch "
                 f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
                 f"{packing['padding_packed']:,} token positions an epoch")
+    # after the last forward outside autocast (the packing check); a whole model is saved as it is held
+    if (ctx.loaded and not shard and not injected.method.WHOLE_MODEL
+            and (freed := hold_frozen_linears(model, cfg.train.precision, runtime.device))):
+        ctx.say(f"frozen linear layers held in train.precision's dtype, as autocast computes them: "
+                f"{freed / 2**20:,.0f} MB freed")
     collate = collator(cfg, tokenizer)
     if loss.paired and data.eval:
         evaluator = objectives.evaluator(loss, data.eval, collate, cfg.eval.batch_size, cfg.train.precision)
@@ -440,13 +442,16 @@ def check_packing(model, method: str, tolerance: float | None = None) -> None:
                         fix="set data.packing: false (data.group_by_length: true keeps the padding low)")
 
 
-def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None, world: int = 1) -> Estimate:
+def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None, world: int = 1,
+                 holds_frozen: bool = True) -> Estimate:
     """The estimate of this run, from the batches its data will make (the longest for memory), its
-    steps shared by ``world`` processes."""
+    steps shared by ``world`` processes; ``holds_frozen``: the run loads the model itself, and may hold
+    its frozen layers in half precision."""
     batches = batch_order(cfg, data)(0)
     if not (cfg.data.packing or cfg.data.format == "preference"):
         shapes = batch_shapes(data.train, batches, tokenizer.pad_token_id)
-        return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
+        return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world,
+                        holds_frozen=holds_frozen)
     collate, shapes = collator(cfg, tokenizer), []
     for indices in batches:  # packed rows share no prefix
         batch = collate([data.train[i] for i in indices])
@@ -454,13 +459,15 @@ def run_estimate(cfg: RunCfg, data: Datasets, tokenizer, model_config=None, worl
         if cfg.data.format == "preference":  # each pair runs at its own width: the batch's mean, prompts unshared
             width = -(-2 * sum(data.train[i].length for i in indices) // rows)
         shapes.append(Shape(rows, width, 0, int((batch["labels"][:, 1:] != -100).sum())))
-    return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world)
+    return estimate(cfg, shapes, batches_per_epoch=len(batches), model_config=model_config, world=world,
+                    holds_frozen=holds_frozen)
 
 
 def _estimate_or_none(cfg: RunCfg, data: Datasets, tokenizer, model, world: int = 1) -> Estimate | None:
     """The run's estimate, or None (said in one line) where it cannot be made: an estimate never blocks a run."""
     try:
-        return run_estimate(cfg, data, tokenizer, model.config if model is not None else None, world)
+        return run_estimate(cfg, data, tokenizer, model.config if model is not None else None, world,
+                            holds_frozen=model is None)
     except UserError:
         raise
     except Exception as exc:  # a model the estimate does not understand: the run itself may still work

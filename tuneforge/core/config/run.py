@@ -173,9 +173,8 @@ class TrainCfg:
 @dataclass(frozen=True)
 class EvalCfg:
     batch_size: int = 8  # rows per held-out batch of pairs (preference) and of the reference's log-probabilities
-    # the most token positions in a batch of label scoring or language-model loss, padding included (label scoring
-    # counts past the beginning every prompt shares, which runs once): rows of similar length fill it.
-    # null: batch_size x data.max_length
+    # the most token positions in a batch of label scoring or language-model loss, padding included: rows of
+    # similar length fill it. null: batch_size x data.max_length
     batch_tokens: int | None = None
     max_examples: int | None = None  # evaluate on at most this many examples
 
