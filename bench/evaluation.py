@@ -99,8 +99,8 @@ def matmul_floor(model, prompts: list[list[int]], batch_size: int, tokens: int, 
     from tuneforge.training.estimate import matmul_flops_per_s
 
     shared = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
-    lengths = [len(p) + 1 - shared for p in prompts]  # the prompt and its label word, past the shared beginning
-    positions = sum(max(lengths[i] for i in batch) * len(batch)
+    lengths = [len(p) + 1 for p in prompts]  # the prompt and its label word, as the evaluator cuts its batches
+    positions = sum((max(lengths[i] for i in batch) - shared) * len(batch)
                     for batch in length_batches(lengths, batch_size, tokens))
     head = model.get_output_embeddings()
     per_position = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
@@ -212,7 +212,7 @@ linear layers, unmerged, labels the sentiment recipe's whole held-out split by e
 log-likelihood after the prompt. Each side in its own process, the sides taking turns; the median of
 {args.rounds} round(s). tuneforge with {budget}:
 the prompts' shared beginning (the chat template's system turn and the question) runs once for the set,
-each batch holds prompts of similar length, as many as fit in {tokens:,} positions past that beginning,
+each batch holds prompts of similar length, as many as fit in {tokens:,} positions (that beginning included),
 and the head sees only each prompt's last position. tuneforge at {BEFORE} ran the shared beginning once per
 batch of 8 prompts. The same number labelled right as at {BEFORE}: {'yes' if same else 'NO'}
 ({correct['tuneforge']} and {correct['before']} of {n}; the reference {correct['reference']}).
