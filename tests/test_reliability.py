@@ -344,6 +344,7 @@ def test_resume_takes_new_logging_evaluation_and_step_budget(tmp_path, tiny_dir)
     ("train.max_steps=0", "max_steps must be at least 1"), ("eval.batch_size=0", "batch_size must be at least 1"),
     ("train.epochs=0", "epochs must be above 0"), ("data.val_fraction=1.5", "val_fraction must be in [0, 1)"),
     ("method.r=0", "r must be at least 1"), ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
+    ("eval.batch_tokens=0", "batch_tokens must be at least 1"),
 ])
 def test_settings_that_make_no_sense_are_one_line_at_parse_time(tmp_path, tiny_dir, capsys, setting, words):
     cfg = config(tmp_path, tiny_dir, model="/no/such/model")  # never reached: the config fails first
