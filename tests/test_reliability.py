@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from conftest import REPO, make_tiny_model
 from test_run import sentiment_rows, write_jsonl
@@ -67,6 +68,9 @@ class Forked:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
                 sys.stderr, sys.stdout = os.fdopen(2, "w", buffering=1), open(os.devnull, "w")
                 faulthandler.enable(sys.stderr, all_threads=True)  # SIGABRT (``abort``): the stacks, then the end
+                # tqdm's default lock is a semaphore every fork shares: a child killed while it draws its bar (as
+                # the signal tests kill them) would leave it taken, and every later child would wait on it forever
+                tqdm.set_lock(threading.RLock())
                 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # and no core file of the whole test process
                 if limit_bytes:
                     resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
