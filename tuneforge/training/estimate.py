@@ -48,7 +48,7 @@ from tuneforge.methods._shared import parameter_count
 from tuneforge.methods.lora import LoRALinear
 from tuneforge.methods.registry import get_method
 from tuneforge.training import objectives
-from tuneforge.training.precision import hold_frozen_linears
+from tuneforge.training.precision import hold_frozen_linears, holds_frozen_linears
 from tuneforge.training.prepare import prepare
 
 # Measured on this project's reference machine (2-core CPU, fp32) with bench/estimate.py: the share
@@ -285,7 +285,7 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     # the head: a hidden state per label kept for backward, and a chunk's logits and log-probabilities at once
     head = 4 * longest.loss_tokens * hidden + 2 * 4 * (min(longest.loss_tokens, HEAD_CHUNK) if shortcut
                                                        else longest.loss_tokens) * vocab
-    if holds_frozen and not probe and not method.WHOLE_MODEL and not (world > 1 and cfg.train.fsdp):
+    if holds_frozen and not probe and holds_frozen_linears(method, world, cfg.train.fsdp):
         hold_frozen_linears(model, cfg.train.precision, device)  # as the run holds them: bf16 or fp16, 2 bytes each
     parts = {"process": PROCESS_BYTES[kind], "weights": _tensor_bytes(model), "train_state": 12 * n_trainable,
              "activations": activations, "head": 0 if probe else head,

@@ -30,6 +30,12 @@ class Precision:
         return self.scaler.is_enabled()
 
 
+def holds_frozen_linears(method, world: int, fsdp: bool) -> bool:
+    """Whether a run of ``method`` (its module) on ``world`` processes holds its frozen linear layers in half
+    precision (``hold_frozen_linears``): not where the model is saved whole (full fine-tuning), nor sharded."""
+    return not method.WHOLE_MODEL and not (world > 1 and fsdp)
+
+
 @torch.no_grad()
 def hold_frozen_linears(model: nn.Module, name: str, device: torch.device) -> int:
     """Under bf16 or fp16 autocast (``name``, as ``train.precision`` says it), hold the weight and bias of every

@@ -49,7 +49,7 @@ from tuneforge.training import checkpoint, objectives, output
 from tuneforge.training.objectives import reference
 from tuneforge.training.loop import shuffled_batches, shuffled_blocks, train
 from tuneforge.training.prepare import prepare
-from tuneforge.training.precision import hold_frozen_linears
+from tuneforge.training.precision import hold_frozen_linears, holds_frozen_linears
 from tuneforge.training.runtime import Local
 
 
@@ -276,7 +276,7 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
                 f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
                 f"{packing['padding_packed']:,} token positions an epoch")
     # after the last forward outside autocast (the packing check); a whole model is saved as it is held
-    if (ctx.loaded and not shard and not injected.method.WHOLE_MODEL
+    if (ctx.loaded and holds_frozen_linears(injected.method, runtime.world, cfg.train.fsdp)
             and (freed := hold_frozen_linears(model, cfg.train.precision, runtime.device))):
         ctx.say(f"frozen linear layers held in train.precision's dtype, as autocast computes them: "
                 f"{freed / 2**20:,.0f} MB freed")
