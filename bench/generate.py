@@ -7,7 +7,9 @@ in an order that rotates from round to round; each figure is the median over rou
 second. The merged model must give the unmerged one's tokens
 (checked). A rank-1 adapter, unmerged, makes the same calls per layer with next to no arithmetic in
 them: what keeping an adapter separate costs whatever its rank; the adapter disabled runs the wrappers
-alone: what they cost.
+alone: what they cost. The reference, Transformers' own model from the same converted folder with the
+same adapter in PEFT, unmerged, takes its turns beside them: what the reference's unmerged decoding costs
+against its own base, and whether it gives tuneforge's tokens (checked).
 
     python bench/generate.py
 """
@@ -36,9 +38,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
 
+    import peft
+    from transformers import AutoModelForCausalLM
+
     from bench.report import machine, write_section
     from tuneforge.eval.generate import encode_prompt
-    from tuneforge.io.load import load_model
+    from tuneforge.io.load import load_model, resolve_spec
     from tuneforge.methods import lora
 
     base, tokenizer = load_model("smollm2-135m", dtype="float32", device="cpu")
@@ -54,8 +59,23 @@ def main() -> None:
     handle.merge(merged)
     disabled = copy.deepcopy(unmerged)
     lora.set_enabled(disabled, False)
+    reference = AutoModelForCausalLM.from_pretrained(resolve_spec("smollm2-135m"), dtype=torch.float32).eval()
+    reference_lora = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(resolve_spec("smollm2-135m"), dtype=torch.float32),
+        peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)).eval()
+    ours = lora.layers(unmerged)
+    copied = 0
+    with torch.no_grad():  # the same adapter: tuneforge's A and B into PEFT's layers
+        for name, module in reference_lora.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                layer = ours[name.removeprefix("base_model.model.")]
+                module.lora_A["default"].weight.copy_(layer.lora_A.weight)
+                module.lora_B["default"].weight.copy_(layer.lora_B.weight)
+                copied += 1
+    assert copied == len(ours), (copied, len(ours))
     models = {"base": base, "LoRA, unmerged": unmerged.eval(), "LoRA, merged": merged.eval(),
-              "LoRA r=1, unmerged": rank1.eval(), "LoRA, disabled": disabled.eval()}
+              "LoRA r=1, unmerged": rank1.eval(), "LoRA, disabled": disabled.eval(),
+              "reference, base": reference, "reference, LoRA unmerged": reference_lora}
     inputs = [encode_prompt(tokenizer, p) for p in PROMPTS]
 
     def run(model, x) -> tuple[int, float, torch.Tensor]:
@@ -86,11 +106,15 @@ def main() -> None:
         print(f"round {round_ + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f}" for name in names), flush=True)
     same = all(torch.equal(a, b) for a, b in zip(outputs["LoRA, merged"], outputs["LoRA, unmerged"]))
     as_base = all(torch.equal(a, b) for a, b in zip(outputs["LoRA, disabled"], outputs["base"]))
+    as_ours = all(torch.equal(a, b) for a, b in zip(outputs["reference, LoRA unmerged"], outputs["LoRA, unmerged"]))
+    # the reference's unmerged adapter against its own base, within each round
+    ref_ratio = statistics.median(a / b for a, b in zip(rates["reference, LoRA unmerged"], rates["reference, base"]))
     median = {name: statistics.median(r) for name, r in rates.items()}
     # against the base: the median over rounds of the ratio within a round, so the machine's drift falls on both
     ratio = {name: statistics.median(a / b for a, b in zip(r, rates["base"])) for name, r in rates.items()}
     for name, r in median.items():
-        print(f"{name:>18}: {r:.1f} tokens/s ({ratio[name]:.2f}x the base)")
+        print(f"{name:>24}: {r:.1f} tokens/s ({ratio[name]:.2f}x the base)")
+    print(f"the reference's unmerged LoRA: {ref_ratio:.2f}x its own base")
     n_layers = len(lora.layers(unmerged))
     rows = "\n".join(f"| {name} | {r:.1f} | {ratio[name]:.2f}x |" for name, r in median.items())
     write_section("generate", f"""
@@ -108,6 +132,11 @@ reading and arithmetic of rank 16.
 | model | tokens/s | against the base |
 |---|---|---|
 {rows}
+
+The reference (Transformers' model read from the same converted folder; PEFT holding the same adapter,
+unmerged) gave tuneforge's unmerged tokens: {"yes" if as_ours else "NO"}. Its unmerged adapter runs at
+{ref_ratio:.2f}x its own base's tokens per second, the median over rounds of the ratio within a round,
+where tuneforge's runs at {ratio["LoRA, unmerged"]:.2f}x.
 """)
 
 
