@@ -11,7 +11,9 @@ ratio is the median over rounds of the ratio within a round. A step is forward, 
 update and zeroing the gradients: tuneforge's as a run prepares the model and computes the loss
 (``training/prepare.py``, ``eval/lm.py``), the reference's loss from the model's own forward. Both
 sides must lower the batch's loss over the rounds and move their adapters (checked, printed). The models
-take their turns in an order that rotates from round to round.
+take their turns in an order that rotates from round to round. After the timed rounds, each model takes one
+more step under torch's profiler: where its step goes, in matmul kernels (and the rate they reach on the
+step's shapes, counted from the shapes the profiler records), in attention kernels and in everything else.
 
     python bench/paired.py                          # packed text, 8 rounds; writes BENCHMARKS.md
     python bench/paired.py --workload sentiment
@@ -31,6 +33,8 @@ sys.path.insert(0, str(REPO))
 from bench.methods import ROWS, run_config  # noqa: E402  (the repository on the path first)
 
 DROPOUT = {"lora": 0.05, "lora0": 0.0}  # the rows, by bench/methods.py's short names
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv",
+           "aten::addmv_"}  # the kernels whose self time is matmul work
 
 
 def main() -> None:
@@ -49,6 +53,8 @@ def main() -> None:
         print(line)
     print(f"dropout 0.05 costs tuneforge {cost['tuneforge']:+.1%}, the reference {cost['reference']:+.1%}")
     text = args.workload == "text"
+    where = where_steps_go(steps, seconds, args.workload)
+    print(where)
     what = the_batch(args.workload, batch) + ("" if text else "; tuneforge runs their shared prefix once")
     write_section("paired" if text else "paired-sentiment", f"""
 ## LoRA on {"packed text" if text else "the sentiment task"}, both sides in one process
@@ -67,7 +73,76 @@ drift falls on both. "works": over the rounds the batch's loss fell and the adap
 
 Dropout 0.05 over dropout 0, the median over rounds of the ratio within a round: tuneforge
 {cost['tuneforge']:+.1%}, the reference {cost['reference']:+.1%}.
-""")
+{where}""")
+
+
+def where_steps_go(steps: dict, seconds: dict, workload: str) -> str:
+    """One more step of each model under torch's profiler, after the timed rounds: the seconds of its median
+    timed step spent in matmul kernels, in attention kernels and in the rest, with the rate the matmul
+    kernels reach on the step's own shapes, against the 1024 x 1024 fp32 rate measured just before; and
+    the matmul share as ``bench/methods.py`` defines it (the estimate's floating-point work over the step's
+    time and that rate), with the share a step of nothing but its matmul and attention kernels would have."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tuneforge.training.estimate import matmul_flops_per_s
+
+    flops = step_flops(workload)
+    rate = matmul_flops_per_s(torch.device("cpu"))
+    lines = ["| row | side | step s | matmul kernels s | their rate, GFLOP/s | attention kernels s | the rest s "
+             "| matmul share | with matmul and attention kernels alone |", "|---|---|---|---|---|---|---|---|---|"]
+    for side, row in steps:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            steps[side, row]()
+        matmul = work = attention = 0.0
+        for event in prof.events():
+            if event.name in MATMULS:
+                matmul += event.self_cpu_time_total / 1e6
+                work += matmul_work(event.name, event.input_shapes)
+            elif "scaled_dot_product" in event.name or "flash_attention" in event.name:
+                attention += event.self_cpu_time_total / 1e6
+        step = statistics.median(seconds[side, row])
+        lines.append(f"| dropout {DROPOUT[row]:g} | {side} | {step:.2f} | {matmul:.2f} ({matmul / step:.0%}) | "
+                     f"{work / matmul / 1e9:.0f} ({work / matmul / rate:.0%}) | {attention:.2f} "
+                     f"({attention / step:.0%}) | {step - matmul - attention:.2f} "
+                     f"({(step - matmul - attention) / step:.0%}) | {flops / step / rate:.0%} | "
+                     f"{flops / (matmul + attention) / rate:.0%} |")
+    return f"""
+Where each step goes: one more step of each model under torch's profiler after the timed rounds, its
+kernels' own time set against the median timed step; the 1024 x 1024 fp32 matmul rate measured just
+before: {rate / 1e9:.0f} GFLOP/s. The matmul kernels' rate is their floating-point work, counted from the
+shapes the profiler records, over their time. The matmul share is `bench/methods.py`'s: the floating-point
+work of tuneforge's step as its estimate counts it ({flops / 1e9:.0f} GFLOP) over the step's time and the
+1024 x 1024 rate; the last column is the share the step would have if it ran its matmul and attention kernels
+and nothing else.
+
+{chr(10).join(lines)}
+"""
+
+
+def matmul_work(name: str, shapes: list) -> float:
+    """The floating-point work of one matmul kernel from its operands' shapes, as the profiler records them:
+    the first two (an ``add`` kernel's second and third, after the tensor it adds to) are the matrices, the
+    matrix and the vector, or the batched matrices; an ``out=`` tensor or the scalars come after them."""
+    import math
+
+    first = 1 if name.startswith(("aten::add", "aten::baddbmm")) else 0
+    a, b = shapes[first], shapes[first + 1]
+    if len(b) == 1:  # a matrix-vector product
+        return 2.0 * math.prod(a)
+    return 2.0 * math.prod(a) * b[-1]
+
+
+def step_flops(workload: str) -> float:
+    """The floating-point work of a LoRA step on the workload's batches, as tuneforge's estimate counts it."""
+    from tuneforge.data import load_datasets
+    from tuneforge.io.load import load_tokenizer
+    from tuneforge.training.run import run_estimate
+
+    method, keys, _ = ROWS["LoRA, dropout 0"]
+    cfg = run_config(method, keys, workload, 1)
+    tokenizer = load_tokenizer(cfg.model)
+    return run_estimate(cfg, load_datasets(cfg.data, tokenizer, seed=0), tokenizer).flops_per_step
 
 
 def lora_sides(workload: str, rows: dict) -> tuple[dict, dict, dict]:
