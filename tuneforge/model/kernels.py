@@ -22,6 +22,7 @@ for every adapted layer) and the gated MLP's three intermediate tensors. Here:
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -442,6 +443,31 @@ def use_lean_modules(model: nn.Module) -> int:
     return use_lean_mlps(model) + use_lean_norms(model)
 
 
+_held_cast: list = []  # [(a weakref to the weight, its storage, its version, the dtype), its cast]: the last one
+
+
+def autocast_weight(weight: Tensor) -> Tensor:
+    """``weight`` as autocast casts it for a matmul here: in autocast's dtype where autocast is on for its
+    device and it is a floating type autocast casts (not float64), else itself. The cast is kept while the
+    weight is the same tensor, unchanged (its storage, and its version counter, which every in-place write
+    moves on): a frozen head is cast once, where autocast casts it at each call (it keeps the casts of
+    trainable weights alone, and only within one context), and the head's two products of a chunk and its
+    chunks share one cast. One cast is kept, the last one asked for."""
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device):
+        return weight
+    dtype = torch.get_autocast_dtype(device)
+    if not weight.is_floating_point() or weight.dtype in (dtype, torch.float64):
+        return weight
+    if _held_cast:
+        (ref, storage, version, held_dtype), cast = _held_cast
+        if ref() is weight and storage == weight.data_ptr() and version == weight._version and held_dtype == dtype:
+            return cast
+    cast = weight.detach().to(dtype)
+    _held_cast[:] = [(weakref.ref(weight), weight.data_ptr(), weight._version, dtype), cast]
+    return cast
+
+
 class _HeadLogprobs(torch.autograd.Function):
     """Forward turns each chunk's logits into log-probabilities in one pass (where the head trains, into their
     log-sum-exp, kept for backward, and the targets' logits less it). Where only the hidden states
@@ -459,9 +485,10 @@ class _HeadLogprobs(torch.autograd.Function):
         out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device) if backward == "recompute" else None
         expected = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if backward == "expect" else None
+        w = autocast_weight(weight)  # the head as autocast computes with it, cast once
         for start in range(0, n, chunk):
             end = start + chunk
-            logits = F.linear(hidden[start:end], weight, bias).float()  # (c, vocab)
+            logits = F.linear(hidden[start:end], w, bias).float()  # (c, vocab)
             if lse is not None:  # backward recomputes the logits: only their log-sum-exp is kept
                 lse[start:end] = torch.logsumexp(logits, dim=-1)
                 out[start:end] = logits.gather(1, targets[start:end]) - lse[start:end, None]
@@ -470,7 +497,7 @@ class _HeadLogprobs(torch.autograd.Function):
             out[start:end] = logp.gather(1, targets[start:end])
             del logits
             if expected is not None:
-                expected[start:end] = logp.exp_().to(weight.dtype) @ weight
+                expected[start:end] = logp.exp_().to(w.dtype) @ w
         ctx.chunk, ctx.expect, ctx.dtype = chunk, backward == "expect", hidden.dtype
         if backward != "none":
             ctx.save_for_backward(*((weight, targets, expected) if ctx.expect else (hidden, weight, bias, targets, lse)))
