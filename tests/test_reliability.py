@@ -289,8 +289,10 @@ def test_outputs_follow_the_umask(tmp_path, tiny_dir):
     cfg = config(tmp_path, tiny_dir, train={"max_steps": 2})
     code, err = finish(tuneforge("train", str(cfg)))  # the test process's umask, 022: group and others may read
     assert code == 0, err
-    for path in [tmp_path / "out" / "final", tmp_path / "out" / "summary.json", tmp_path / "out" / "config.yaml",
-                 *checkpoint.complete(tmp_path / "out" / "checkpoints")]:
+    folders = [tmp_path / "out" / "final", *checkpoint.complete(tmp_path / "out" / "checkpoints")]
+    inside = [p for folder in folders for p in folder.rglob("*")]  # safetensors writes its files owner-only
+    assert any(p.suffix == ".safetensors" for p in inside)
+    for path in [*folders, *inside, tmp_path / "out" / "summary.json", tmp_path / "out" / "config.yaml"]:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
 

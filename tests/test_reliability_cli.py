@@ -1,7 +1,8 @@
-"""The fault matrix of docs/reliability.md for what merge and export write, on the tiny model: an output
-that holds something (the base itself, a user's files) is moved aside, never replaced or deleted; a bad
-output path, a full disk or a file-size limit is one line and leaves nothing half-written; the base
-comes from the adapter's own record; a dtype is taken in either spelling."""
+"""The fault matrix of docs/reliability.md for the commands, on the tiny model: what merge and export write
+(an output that holds something, the base itself or a user's files, is moved aside, never replaced or
+deleted; a bad output path, a full disk or a file-size limit is one line and leaves nothing half-written;
+the base comes from the adapter's own record; a dtype is taken in either spelling), a device torch cannot
+see, and generation settings out of range."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from test_export import bpe_tokenizer
 from test_reliability import finish, one_line, tuneforge
 from conftest import make_tiny_model
 from tuneforge import cli
+from tuneforge.core.errors import UserError
 from tuneforge.io.load import load_model
 from tuneforge.io.peft_format import save_adapter
 from tuneforge.methods import ia3, lora
+from tuneforge.model.devices import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +173,38 @@ def test_targets_that_match_only_some_names_warn_naming_them():
         "target_modules: ['k_proj', 'v_proj'] match no Linear/Conv1D/NF4Linear module of this model; only "
         "['down_proj'] are targeted"]
     assert list(handle.trainable(model)) == ["model.layers.0.mlp.down_proj.ia3_l"]
+
+
+@pytest.mark.parametrize("visible", [0, 1])
+def test_a_cuda_device_torch_cannot_see_is_one_line_before_anything_loads(visible, monkeypatch, tmp_path, tiny_dir,
+                                                                          capsys):
+    from test_run import sentiment_rows, write_config, write_jsonl
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    device = "cuda:1" if visible else "cuda"
+    with pytest.raises(UserError) as err:
+        resolve_device(device)
+    assert err.value.line().startswith(f"device '{device}': ")
+    assert ("torch sees 1 CUDA device" in err.value.line()) if visible else ("auto or cpu" in err.value.line())
+    config = write_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", sentiment_rows(4)), model=tiny_dir,
+                          device=device)
+    assert cli.main(["train", str(config)]) == 2
+    assert f"device '{device}'" in one_line(capsys.readouterr().err) and not (tmp_path / "out").exists()
+    assert cli.main(["generate", "--model", str(tiny_dir), "--device", device, "--prompt", "hi"]) == 2
+    assert f"device '{device}'" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args,words", [(["--max-new-tokens", "0"], "--max-new-tokens: 0: it must be 1 or more"),
+                                        (["--temperature", "-1"], "--temperature: -1: it must be at least 0"),
+                                        (["--top-p", "2"], "--top-p: 2: it must be in (0, 1]"),
+                                        (["--top-p", "nan"], "--top-p: nan: it must be in (0, 1]")])
+def test_generate_settings_out_of_range_are_refused_by_the_parser(args, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--prompt", "hi", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
 
 
 def test_an_eval_file_with_nothing_to_score_is_one_line(tmp_path, tiny_dir, capsys):

@@ -51,10 +51,44 @@ def test_nonfinite_huge_and_deeply_nested_settings_are_one_line_at_parse_time(tm
     if text.startswith("--set"):
         args += text.split(" ", 1)
     else:
-        cfg.write_text(cfg.read_text() + text)
+        cfg.write_text(written_into(cfg.read_text(), text))
     assert cli.main(args) == 2
     line = one_line(capsys.readouterr().err)
     assert words in line and len(line) < 400, line
+    assert not (tmp_path / "out").exists()
+
+
+def written_into(yaml_text: str, text: str) -> str:
+    """``text``, a top-level section and its lines, written into ``yaml_text``'s section of that name in place
+    of the keys it sets there (a key written twice is refused), or after it where there is none."""
+    head, body = text.split("\n", 1)
+    lines = yaml_text.splitlines(keepends=True)
+    if head + "\n" not in lines:
+        return yaml_text + text
+    start = lines.index(head + "\n") + 1
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith(" ")), len(lines))
+    keys = {line.split(":", 1)[0] for line in body.splitlines()}
+    block = [line for line in lines[start:end] if line.split(":", 1)[0] not in keys]
+    return "".join(lines[:start] + [body] + block + lines[end:])
+
+
+def test_a_key_written_twice_is_one_line_naming_both_lines(tmp_path, tiny_dir, capsys):
+    """YAML keeps the last of two equal keys without a word: a second ``data:`` section drops the first's
+    path, and a second ``max_steps`` silently wins."""
+    cfg = config(tmp_path, tiny_dir)
+    text = cfg.read_text()
+    cfg.write_text(text.replace("  max_steps: 6\n", "  max_steps: 6\n  max_steps: 2\n"))
+    assert cli.main(["train", str(cfg)]) == 2
+    line = one_line(capsys.readouterr().err)
+    first = text.splitlines().index("  max_steps: 6") + 1
+    assert (f"{cfg}:{first + 1}: key 'train.max_steps': the key 'max_steps' is written twice (first on line "
+            f"{first})") in line and "keep one" in line
+    cfg.write_text(text + "data:\n  max_length: 64\n")
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "key 'data': the key 'data' is written twice" in one_line(capsys.readouterr().err)
+    cfg.write_text(text)
+    assert cli.main(["train", str(cfg), "--set", "train={max_steps: 2, max_steps: 3}"]) == 2
+    assert "--set train: the key 'max_steps' is written twice" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -288,6 +289,31 @@ def _torch_dtype(name: str) -> str:
     return {"f32": "float32", "f16": "float16"}.get(name, name)
 
 
+def _int_from(least: int):
+    """An argparse type: an integer of at least ``least``."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError is argparse's "invalid int value"
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: it must be {least} or more")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a number from ``low`` (excluded when ``low_open``) to ``high``."""
+    bounds = (f"{'above' if low_open else 'at least'} {low:g}" if high == math.inf
+              else f"in {'(' if low_open else '['}{low:g}, {high:g}]")
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not ((low < value) if low_open else (low <= value)) or not value <= high:  # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text}: it must be {bounds}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
 def _pickle_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a model folder whose weights are only pickled (pytorch_model.bin) with torch's "
@@ -310,10 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None,
                    help="the system message (default: the template's); classification adapters were trained "
                         "with the question here and 'Text: ...' as the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+    p.add_argument("--max-new-tokens", type=_int_from(1), default=256, metavar="N",
                    help="stop after N new tokens, or earlier at the end token (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (the default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
+    p.add_argument("--temperature", type=_float_in(0), default=0.0,
+                   help="0 decodes greedily (the default)")
+    p.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling, with --temperature above 0")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     _adapter_args(p)
     p.set_defaults(run=_generate)
@@ -393,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _file_args(p, "data.label_column=score")
     p.add_argument("--data", required=True, help="the evaluation file (classification rows)")
     p.add_argument("--train", default=None, help="the pool of demonstrations (default: the rest of --data)")
-    p.add_argument("--shots", type=int, default=0, help="demonstrations per prompt; 0 is zero-shot")
+    p.add_argument("--shots", type=_int_from(0), default=0, help="demonstrations per prompt; 0 is zero-shot")
     p.add_argument("--mode", choices=["chat", "chat_turns", "raw"], default="chat",
                    help="chat: one user message holding the demonstrations; chat_turns: one turn pair each; "
                         "raw: plain text, no chat template")
@@ -422,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="what a run learns from its data: the counts, and examples with the tokens "
                                     "that carry loss marked")
     _config_args(p)
-    p.add_argument("--examples", type=int, default=1, help="how many examples to show (default 1)")
+    p.add_argument("--examples", type=_int_from(0), default=1, help="how many examples to show (default 1)")
     p.add_argument("--split", choices=("train", "eval"), default="train", help="which split's examples to show")
     p.set_defaults(run=_data)
 

@@ -110,10 +110,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise disk_error(exc, path) from exc
     try:
         yield tmp
-        for f in tmp.rglob("*"):
+        for f in tmp.rglob("*"):  # a writer may make its files owner-only (safetensors does): the umask's modes
+            if f.is_symlink():
+                continue
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            os.chmod(f, (0o666 if f.is_file() else 0o777) & ~UMASK)
         os.chmod(tmp, 0o777 & ~UMASK)
         if path.exists():
             # Two renames: the old directory moves aside, the new one takes its name.

@@ -17,9 +17,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        where = torch.device(device)
     except RuntimeError as exc:
         raise UserError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from exc
+    if where.type == "cuda":  # asked for by name: say so before a model is read, not in torch's traceback
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            why = "no CUDA device is visible" if torch.version.cuda else "this torch was built without CUDA"
+            raise UserError(f"device {device!r}: {why}", fix="use auto or cpu, or run where torch sees a GPU")
+        if where.index is not None and where.index >= count:
+            raise UserError(f"device {device!r}: torch sees {count} CUDA device{'s' * (count > 1)}",
+                            fix=f"use cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}, or auto")
+    return where
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:

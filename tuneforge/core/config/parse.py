@@ -69,10 +69,11 @@ _DECIMAL = re.compile(r"[-+]?[0-9][0-9_]*")
 def load_yaml(text: str, where: Callable[[str, int | None], str]) -> Any:
     """``yaml.safe_load`` of text a user wrote, or a UserError located by ``where(dotted key, line)``: for
     nesting deeper than MAX_DEPTH, an integer longer than Python reads from text (a ValueError inside
-    PyYAML), and aliases that expand past MAX_VALUES values or refer to themselves."""
+    PyYAML), a key written twice in one mapping (PyYAML keeps the last, silently), and aliases that expand
+    past MAX_VALUES values or refer to themselves."""
     if found := _scan(text):
-        what, key, line = found
-        raise UserError(what, where(key, line), fix="correct the value")
+        what, key, line, fix = found
+        raise UserError(what, where(key, line), fix=fix)
     try:
         data = yaml.safe_load(text)
     except ValueError as exc:  # a value PyYAML cannot construct, such as a date of month 13
@@ -83,12 +84,13 @@ def load_yaml(text: str, where: Callable[[str, int | None], str]) -> Any:
     return data
 
 
-def _scan(text: str) -> tuple[str, str, int] | None:
-    """(what is wrong, its dotted key, its line) for the first value nested deeper than MAX_DEPTH or the
-    first decimal integer longer than Python reads from text. Read from the parser's events: unlike
-    YAML's composer, the parser does not recurse."""
+def _scan(text: str) -> tuple[str, str, int, str] | None:
+    """(what is wrong, its dotted key, its line, what to do) for the first value nested deeper than MAX_DEPTH, the
+    first decimal integer longer than Python reads from text, or the first key written a second time in
+    its mapping. Read from the parser's events: unlike YAML's composer, the parser does not recurse."""
     digits = sys.get_int_max_str_digits() or math.inf
-    open_: list[list] = []  # per open collection: [a mapping, waiting for a key, the current key or index]
+    # per open collection: [a mapping, waiting for a key, the current key or index, {key: its line}]
+    open_: list[list] = []
 
     def ended() -> None:  # a node inside the innermost collection is complete
         if open_:
@@ -105,18 +107,24 @@ def _scan(text: str) -> tuple[str, str, int] | None:
             line = event.start_mark.line + 1
             if isinstance(event, yaml.CollectionStartEvent):
                 mapping = isinstance(event, yaml.MappingStartEvent)
-                open_.append([mapping, True, "" if mapping else 0])
+                open_.append([mapping, True, "" if mapping else 0, {}])
                 if len(open_) > MAX_DEPTH:
-                    return f"nested deeper than {MAX_DEPTH} levels", key(), line
+                    return f"nested deeper than {MAX_DEPTH} levels", key(), line, "correct the value"
             elif isinstance(event, yaml.CollectionEndEvent):
                 open_.pop()
                 ended()
             elif isinstance(event, yaml.ScalarEvent):
                 if open_ and open_[-1][0] and open_[-1][1]:
                     open_[-1][2] = event.value
+                    first = open_[-1][3].get(event.value)
+                    open_[-1][3].setdefault(event.value, line)
+                    if first is not None and event.value != "<<":  # "<<" merges a mapping in: not a key
+                        return (f"the key {event.value!r} is written twice (first on line {first})", key(), line,
+                                "keep one: YAML would silently take the last")
                 elif (event.style is None and event.implicit[0] and _DECIMAL.fullmatch(event.value)
                       and sum(c.isdigit() for c in event.value) > digits):
-                    return f"a number of {len(event.value):,} digits is not a setting", key(), line
+                    return (f"a number of {len(event.value):,} digits is not a setting", key(), line,
+                            "correct the value")
                 ended()
             elif isinstance(event, yaml.AliasEvent):
                 ended()
