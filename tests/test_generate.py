@@ -52,11 +52,11 @@ def test_cli_unknown_model_is_one_line_and_exit_2(capsys):
     assert err.count("\n") == 1 and "does-not-exist" in err and "Traceback" not in err
 
 
-def test_cli_debug_shows_the_traceback():
-    from tuneforge.core.errors import UserError
-
-    with pytest.raises(UserError):
-        cli.main(["--debug", "generate", "--model", "does-not-exist", "--prompt", "hi"])
+def test_cli_debug_shows_the_traceback_and_keeps_the_line_and_exit_code(capsys):
+    assert cli.main(["--debug", "generate", "--model", "does-not-exist", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "UserError" in err
+    assert err.splitlines()[-1].startswith("tuneforge: error: ") and "does-not-exist" in err.splitlines()[-1]
 
 
 @pytest.mark.real

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge.io.peft_format import load_adapter, save_adapter
+from tuneforge.core.errors import UserError
+from tuneforge.io.peft_format import load_adapter, read_config, save_adapter
 from tuneforge.methods import lora
 
 from conftest import in_peft, make_tiny_model
@@ -78,3 +79,10 @@ def test_real_model_greedy_generations_match(tmp_path):
         theirs_out = theirs.generate(**prompt, **kw)
     assert ours_out.shape[1] > prompt["input_ids"].shape[1]
     assert torch.equal(ours_out, theirs_out), (tok.decode(ours_out[0]), tok.decode(theirs_out[0]))
+
+
+def test_a_missing_adapter_folder_and_a_folder_that_is_no_adapter_are_told_apart(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        read_config(tmp_path / "typo")
+    with pytest.raises(UserError, match="no adapter_config.json here, so this is not an adapter folder"):
+        read_config(tmp_path)

@@ -109,6 +109,30 @@ def test_an_output_that_is_the_current_folder_is_one_line(base, adapter, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("command", ["export", "merge", "eval"])
+def test_an_output_under_a_file_or_a_json_that_is_a_folder_is_one_line_before_any_work(base, adapter, tmp_path,
+                                                                                        monkeypatch, capsys, command):
+    """Found after the work once: merge merged, then said "cannot write: File exists"; eval printed its
+    figures, then refused a --json that named a folder."""
+    (tmp_path / "afile").write_text("mine")
+    loads = []
+    monkeypatch.setattr("tuneforge.io.load.AutoModelForCausalLM.from_pretrained", lambda *a, **k: loads.append(a))
+    if command == "eval":
+        rows = tmp_path / "d.txt"
+        rows.write_text("some text " * 100)
+        args = ["eval", "--model", str(base), "--data", str(rows), "--json"]
+        outs = {str(tmp_path / "afile" / "m.json"): "afile is a file, so no folder can be made under it",
+                str(tmp_path): "--json names a folder"}
+    else:
+        args = [command, "--model", str(base), "--adapter", str(adapter), "--out"]
+        outs = {str(tmp_path / "afile" / "x" / ("m.gguf" if command == "export" else "m")):
+                "afile is a file, so no folder can be made under it"}
+    for out, words in outs.items():
+        assert cli.main([*args, out]) == 2
+        assert words in one_line(capsys.readouterr().err)
+    assert not loads and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.txt"][:1 + (command == "eval")]
+
+
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
 def test_a_full_disk_or_size_limit_during_export_is_one_line_and_leaves_the_old_output(base, tmp_path, fmt):
     """The tiny model's weights (360 kB) outgrow a 50 kB file-size limit: safetensors' own error (hf) and

@@ -63,6 +63,10 @@ def test_eval_command_prints_and_writes_json(tmp_path, tiny_dir, capsys):
                      "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["n"] == 12 and {"loss", "perplexity", "macro_f1"} <= set(metrics)
+    for key, n in (("data.max_eval_examples", 12), ("eval.max_examples", 5)):  # a run's cap is not the file's
+        assert cli.main(["eval", "--model", str(tiny_dir), "--data", str(data), "--set", "data.format=classification",
+                         "--set", f"{key}=5", "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["n"] == n, key
     # by hand: each label word's log-likelihood after the question, from a plain forward pass
     from tuneforge.data import classification_prompt, word_ids
     from tuneforge.io.load import load_model

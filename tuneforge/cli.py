@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from tuneforge import __version__
@@ -183,6 +184,7 @@ def _interval(metrics: dict) -> str:
 def _eval(args: argparse.Namespace) -> None:
     from tuneforge.eval.run import evaluate_file, run_config
 
+    _check_json(args)
     # A run's result is scored as the run read its data: its own config.yaml, unless --config says otherwise
     found = None if args.config else run_config(args.adapter or args.model)
     if found:
@@ -207,6 +209,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _icl(args: argparse.Namespace) -> None:
     from tuneforge.eval.fewshot import evaluate_icl
 
+    _check_json(args)
     cfg = _file_config(args, {"data": {"format": "classification"}})
     # Demonstrations come from --train; without it, from the part of --data not held out.
     data = dataclasses.replace(cfg.data, path=args.train or args.data, eval_path=args.data if args.train else None)
@@ -239,6 +242,20 @@ def _file_args(p: argparse.ArgumentParser, example: str, run_default: str = "") 
     _pickle_arg(p)
 
 
+def _check_json(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, a --json that cannot be written: a folder, or under a file."""
+    from tuneforge.core.atomic import file_on_the_way
+
+    if not args.json:
+        return
+    path = Path(args.json).expanduser()
+    if path.is_dir():
+        raise UserError("--json names a folder", str(path), fix=f"give a file name, such as {path / 'metrics.json'}")
+    if blocker := file_on_the_way(path):
+        raise UserError(f"{blocker} is a file, so no folder can be made under it", f"--json {args.json}",
+                        fix="give a --json path whose parent folders are folders")
+
+
 def _write_json(args: argparse.Namespace, metrics: dict) -> None:
     if args.json:
         write_text(args.json, json.dumps(metrics, indent=1))
@@ -264,8 +281,9 @@ def _ui(args: argparse.Namespace) -> None:
     serve(args.runs, args.data, host=args.host, port=args.port)
 
 
-def _config_args(p: argparse.ArgumentParser, what: str = "a run configuration") -> None:
-    p.add_argument("config", metavar="CONFIG.yaml", help=f"{what} (YAML), such as configs/sentiment-lora.yaml")
+def _config_args(p: argparse.ArgumentParser, what: str = "a run configuration",
+                 example: str = "configs/sentiment-lora.yaml") -> None:
+    p.add_argument("config", metavar="CONFIG.yaml", help=f"{what} (YAML), such as {example}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field with its own type, e.g. --set train.learning_rate=1e-4 (repeatable)")
 
@@ -434,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_icl)
 
     p = sub.add_parser("compare", help="run several methods on one task and tabulate what each buys")
-    _config_args(p, "a run configuration with a compare section")
+    _config_args(p, "a run configuration with a compare section", "configs/compare-sentiment.yaml")
     p.set_defaults(run=_compare)
 
     p = sub.add_parser("ui", help="a local web page to set up, launch, watch, compare and try runs "
@@ -476,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except UserError as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, then the same line and exit code as without --debug
+            traceback.print_exc()
         rank = f" (process {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"tuneforge: error{rank}: {exc.line()}", file=sys.stderr)
         return exc.exit_code

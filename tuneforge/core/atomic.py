@@ -66,6 +66,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def file_on_the_way(path: str | os.PathLike) -> Path | None:
+    """The file among ``path``'s parents, if one is there: no folder can be made under it, so ``path``
+    cannot be written (the nearest parent that exists decides)."""
+    for parent in Path(path).expanduser().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; on success it replaces ``path``.

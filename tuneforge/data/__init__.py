@@ -81,9 +81,11 @@ class Datasets:
 
 
 def load_eval(cfg, tokenizer, seed: int = 0) -> Datasets:
-    """Every row of ``cfg.eval_path`` as held-out data, with no training split (for evaluation)."""
+    """Every row of ``cfg.eval_path`` as held-out data, with no training split (for evaluation): the file a
+    user names is scored whole, whatever cap (``max_eval_examples``) a run puts on its own held-out rows."""
     if not cfg.eval_path:
         raise UserError("no evaluation data file", "data.eval_path", fix="give the file to evaluate on")
+    cfg = dataclasses.replace(cfg, max_eval_examples=None)
     rows = read_rows(cfg.eval_path, cfg)
     if cfg.format == "text":
         return _text([], rows, cfg, tokenizer, seed)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from tuneforge.core import config as config_mod
-from tuneforge.core.atomic import atomic_dir, disk_error, write_text
+from tuneforge.core.atomic import atomic_dir, disk_error, file_on_the_way, write_text
 from tuneforge.data.classify import default_instruction, label_names, label_words
 from tuneforge.data.readers import read_rows
 from tuneforge.model.devices import resolve_dtype
@@ -125,6 +125,9 @@ def check_out(out: Path, overwrite: bool, folder: bool) -> None:
         example = "./merged" if folder else "./model.gguf"
         raise UserError("the output would take the place of the current folder", f"--out {out}",
                         fix=f"give a new {'folder' if folder else 'file'}, such as {example}")
+    if blocker := file_on_the_way(out):
+        raise UserError(f"{blocker} is a file, so no folder can be made under it", f"--out {out}",
+                        fix="give an --out whose parent folders are folders")
     if out.exists() and out.is_dir() != folder:
         raise UserError(f"the output exists and is {'a file' if folder else 'a folder'}", str(out),
                         fix=f"give {'a folder' if folder else 'a file name'} for --out")
@@ -299,10 +302,17 @@ def gradient_adapter(model: nn.Module, adapter_dir: str | Path, force: bool) -> 
     if not loaded.method.MERGES:
         served = ("serve the base (tuneforge export --format hf, without --adapter) with this folder beside it, which "
                   "PEFT loads in transformers, or" if loaded.method.PEFT_TYPE else "serve it with")
-        raise UserError(f"a {loaded.method.NAME} adapter is no change of the model's weights, so it cannot be folded "
-                        "into a model file (GGUF or a merged folder)", str(adapter_dir),
+        adds = ADDS.get(loaded.method.NAME, f"the {loaded.method.NAME} method adds to the model")
+        raise UserError(f"{adds} rather than changing its weights, so no model file (GGUF or a merged folder) "
+                        "can hold it", str(adapter_dir),
                         fix=f"{served} tuneforge generate --adapter {adapter_dir}")
     return loaded
+
+
+# What each method that cannot be folded into weights adds to the model instead
+ADDS = {"adapter": "a bottleneck adapter adds layers of its own (with a nonlinearity) to the model",
+        "prompt": "prompt tuning adds virtual tokens before the input",
+        "prefix": "prefix tuning adds keys and values before each layer's attention"}
 
 
 def lora_form(handle: Injected, model: nn.Module, adapter_dir: str | Path) -> dict:

@@ -98,6 +98,9 @@ def read_config(adapter_dir: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if not adapter_dir.exists():
+            raise UserError("no such folder", str(adapter_dir),
+                            fix="check the path: a run's adapter is its OUTPUT_DIR/final") from None
         raise UserError(f"no {CONFIG} here, so this is not an adapter folder", str(adapter_dir),
                         fix="give the folder that save_adapter (or PEFT's save_pretrained) wrote") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
