@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import traceback
 from pathlib import Path
 
@@ -275,10 +276,12 @@ def test_foreign_files_are_refused_and_overwrite_moves_them_aside(tmp_path, tiny
     (tmp_path / "out" / "final" / "notes.txt").write_text("mine")
     (tmp_path / "out" / "data.csv").write_text("a,b\n")
     assert cli.main(["train", str(cfg)]) == 2
-    assert "already holds an earlier run (final)" in one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
+    assert "already holds an earlier run (final)" in line and "--resume" in line
     (tmp_path / "out" / "final").rename(tmp_path / "mine")
     assert cli.main(["train", str(cfg)]) == 2
-    assert "files tuneforge did not write (data.csv)" in one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)  # no run to resume: --resume is not offered
+    assert "files tuneforge did not write (data.csv)" in line and "--resume" not in line
     assert cli.main(["train", str(cfg), "--overwrite"]) == 0
     aside = next(tmp_path.glob("out.previous-*"))
     assert (aside / "data.csv").read_text() == "a,b\n" and not (tmp_path / "out" / "data.csv").exists()
@@ -360,10 +363,19 @@ def test_settings_that_make_no_sense_are_one_line_at_parse_time(tmp_path, tiny_d
     assert not (tmp_path / "out").exists()
 
 
-def test_a_rank_above_a_layers_width_warns(tiny):
+def test_a_rank_above_a_layers_width_warns(tiny, tiny_dir, tmp_path, capsys):
     model, _ = tiny
     with pytest.warns(UserWarning, match=r"r=40 is above the width of .*k_proj, has 32.*at most 32"):
         lora.inject(model, lora.Config(r=40, target_modules=["q_proj", "k_proj"]))
+    # on the command line, one line of its own (no file, line number or source line of Python's form)
+    cfg = config(tmp_path, tiny_dir, method={"r": 40}, train={"max_steps": 1, "save_steps": 0, "eval_steps": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["train", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "is above the width" in line]
+    assert warned and all(line.startswith("tuneforge: warning: r=40 is above the width") for line in warned), err
+    assert "UserWarning" not in err and "warnings.warn" not in err
 
 
 def test_a_stray_label_is_refused_where_it_is(tmp_path, tiny_dir, capsys):

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 from tuneforge import __version__
@@ -483,6 +484,20 @@ def _terminate(signum, _frame) -> None:
     raise Interrupted(signum)
 
 
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def _one_line_warning(default):
+    """warnings.formatwarning for the command line: tuneforge's own warnings as one line, ``tuneforge:
+    warning: ...``, without the file, line number and source line that Python adds (``--debug`` keeps
+    them); any other library's as Python prints them."""
+    def formatted(message, category, filename, lineno, line=None) -> str:
+        if str(filename).startswith(_PACKAGE):
+            return f"tuneforge: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+    return formatted
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -491,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # before torch's first large allocation (core.host)
     if threading.current_thread() is threading.main_thread():  # SIGTERM ends a command as Ctrl-C does
         signal.signal(signal.SIGTERM, _terminate)
+    default_format = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning(default_format)
     try:
         args.run(args)
     except UserError as exc:
@@ -503,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(exc, Interrupted) and exc.reported):
             print("tuneforge: interrupted", file=sys.stderr)
         return exc.exit_code if isinstance(exc, Interrupted) else 130
+    finally:
+        warnings.formatwarning = default_format
     return 0
 
 

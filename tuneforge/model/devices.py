@@ -4,6 +4,7 @@ half-precision units there) or bfloat16 on CUDA."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -62,9 +63,9 @@ def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
         available = int(meminfo["MemAvailable"].split()[0]) * 1024
-        own = int(open("/proc/self/statm").read().split()[1]) * 4096
+        own = int(Path("/proc/self/statm").read_text().split()[1]) * 4096
     except (OSError, KeyError, ValueError):
         return None
     try:

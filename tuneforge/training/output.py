@@ -160,8 +160,9 @@ def claim(out: Path, resume: bool, overwrite: bool) -> Claim:
             what = (f"an earlier run ({', '.join(ours)})" if ours else
                     f"files tuneforge did not write ({', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''})")
             raise UserError(f"this output folder already holds {what}", str(out),
-                            fix="continue a run with --resume, move it aside with --overwrite, or set "
-                                "train.output_dir to a new folder")
+                            fix=("continue the run with --resume, " if ours else "")
+                            + "move it aside with --overwrite (nothing is deleted), or set train.output_dir to a "
+                              "new folder")
     except BaseException:
         lock.release()
         raise
