@@ -354,12 +354,14 @@ def test_resume_takes_new_logging_evaluation_and_step_budget(tmp_path, tiny_dir)
     ("train.epochs=0", "epochs must be above 0"), ("data.val_fraction=1.5", "val_fraction must be in [0, 1)"),
     ("method.r=0", "r must be at least 1"), ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
     ("eval.batch_tokens=0", "batch_tokens must be at least 1"),
+    ("train.device=tpu", "unknown device 'tpu'"), ("data.score_thresholds=[1]", "must be [low, high]"),
 ])
 def test_settings_that_make_no_sense_are_one_line_at_parse_time(tmp_path, tiny_dir, capsys, setting, words):
     cfg = config(tmp_path, tiny_dir, model="/no/such/model")  # never reached: the config fails first
-    assert cli.main(["train", str(cfg), "--set", setting]) == 2
-    line = one_line(capsys.readouterr().err)
-    assert f"--set {setting.split('=')[0]}" in line and words in line
+    for command in ("train", "config"):  # `tuneforge config` checks a config as a run would
+        assert cli.main([command, str(cfg), "--set", setting]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert f"--set {setting.split('=')[0]}" in line and words in line
     assert not (tmp_path / "out").exists()
 
 

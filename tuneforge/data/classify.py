@@ -22,6 +22,7 @@ from tuneforge.data.collate import Example
 from tuneforge.data.instruct import render, special_ids, split_end_of_turn, to_example, tokens, uses_template
 from tuneforge.data.readers import Row, field, text_field
 from tuneforge.data.text import eos_id
+from tuneforge.core.config.run import check_thresholds
 from tuneforge.core.errors import UserError
 
 # The binary sentiment task gets a question that names the task: a small model answers it far
@@ -119,13 +120,6 @@ def sorted_labels(names) -> list[str]:
     def key(name: str):
         return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
     return sorted(set(names), key=key)
-
-
-def check_thresholds(thresholds) -> tuple[float, float]:
-    if len(thresholds) != 2 or thresholds[0] > thresholds[1]:
-        raise UserError(f"score_thresholds must be [low, high] with low <= high, got {thresholds}",
-                        "data.score_thresholds", fix="for example [-1.0, 1.0]")
-    return thresholds[0], thresholds[1]
 
 
 def label_names(rows: list[Row], cfg) -> list[str]:

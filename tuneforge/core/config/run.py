@@ -52,6 +52,14 @@ class SourceCfg:
                             fix=f"use one of {', '.join(formats)}")
 
 
+def check_thresholds(thresholds) -> tuple[float, float]:
+    """``data.score_thresholds`` as (low, high), or a UserError: two numbers, low <= high."""
+    if len(thresholds) != 2 or thresholds[0] > thresholds[1]:
+        raise UserError(f"score_thresholds must be [low, high] with low <= high, got {thresholds}",
+                        "data.score_thresholds", fix="for example [-1.0, 1.0]")
+    return thresholds[0], thresholds[1]
+
+
 @dataclass(frozen=True)
 class DataCfg:
     # training data: a file (.jsonl, .json, .csv, .tsv, .parquet, .arrow or plain text), a folder written by
@@ -92,6 +100,8 @@ class DataCfg:
         fraction(self, "val_fraction", "data")
         at_least(self, "max_examples", 1, "data")
         at_least(self, "max_eval_examples", 1, "data")
+        if self.score_thresholds is not None:
+            check_thresholds(self.score_thresholds)
         if self.packing and self.group_by_length:
             raise UserError("packing and group_by_length are two ways to little padding, and a run takes one",
                             "data.group_by_length", fix="set one of data.packing and data.group_by_length")
@@ -159,6 +169,14 @@ class TrainCfg:
             at_least(self, key, 0, "train", above=True)
         for key in ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight"):
             at_least(self, key, 0, "train")
+        if self.device != "auto":  # the name alone: whether this machine has it is known where the run starts
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise UserError(f"unknown device {self.device!r}", "train.device",
+                                fix="use auto, cpu, cuda or cuda:N") from None
         if not 0 <= self.seed < 2**32:  # the data order and each process's draws are seeded with multiples of it
             raise UserError(f"seed must be at least 0 and below 2**32, got {self.seed}", "train.seed",
                             fix="correct the value")
