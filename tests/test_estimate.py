@@ -121,6 +121,23 @@ def test_cli_estimate_writes_json_and_train_refuses_what_cannot_fit(tmp_path, ti
     assert cli.main(["train", str(path), "--force", "--overwrite"]) == 0
 
 
+@pytest.mark.parametrize("largest,words", [("train_state", "a smaller method.r"), ("weights", "qlora"),
+                                            ("activations", "train.gradient_checkpointing")])
+def test_a_run_that_does_not_fit_is_told_what_lowers_its_largest_part(monkeypatch, capsys, largest, words):
+    """A rank of 100,000 once got the advice to lower the batch size."""
+    import tuneforge.training.run as run_module
+    from tuneforge.core.errors import UserError
+    from tuneforge.training.estimate import Estimate
+
+    parts = {"process": 2**28, "weights": 2**29, "train_state": 2**29, "activations": 2**29, largest: 2**32}
+    monkeypatch.setattr(run_module, "available_memory", lambda device: 2**31)
+    with pytest.raises(UserError) as err:
+        run_module.check_fits(Estimate(10, 5, parts), force=False)
+    line = err.value.line()
+    assert f"the largest part is {largest.replace('_', ' ')}, 4.00 GiB" in line and words in line and "--force" in line
+    run_module.check_fits(Estimate(10, 5, parts), force=True)
+
+
 @pytest.mark.parametrize("name", sorted(n for n, m in REGISTRY.items() if m.KIND == "gradient"))
 def test_every_gradient_method_is_estimated_from_its_batches(tiny_dir, name):
     """What a run prints before it trains: each method's forward on the meta device, a shared prefix

@@ -494,10 +494,21 @@ def check_fits(est: Estimate, force: bool, processes: int = 1) -> None:
     if available is not None:
         available //= processes
     if available is not None and est.peak_bytes > available and not force:
+        largest = max(est.parts, key=est.parts.get) if est.parts else None
         raise UserError(f"the run needs about {est.peak_bytes / 2**30:.2f} GiB at its peak, and this machine has "
-                        f"{available / 2**30:.2f} GiB available", "train",
-                        fix="lower train.batch_size (raise train.grad_accum to keep the step), data.max_length, or "
-                            "set train.gradient_checkpointing: true; or pass --force to try anyway")
+                        f"{available / 2**30:.2f} GiB available"
+                        + (f"; the largest part is {largest.replace('_', ' ')}, {est.parts[largest] / 2**30:.2f} GiB"
+                           if largest else ""), "train", fix=LOWER.get(largest, LOWER["activations"]))
+
+
+# What lowers each part of the estimate's peak (``Estimate.parts``), for the refusal of a run that does not fit
+LOWER = {
+    "train_state": "train fewer parameters (a smaller method.r, or LoRA or QLoRA rather than full fine-tuning: their "
+                   "gradients and optimizer state are the train state); or pass --force to try anyway",
+    "weights": "load a smaller model, or use method.name: qlora (4-bit weights); or pass --force to try anyway",
+    "activations": "lower train.batch_size (raise train.grad_accum to keep the step), data.max_length, or set "
+                   "train.gradient_checkpointing: true; or pass --force to try anyway",
+}
 
 
 def _numbers(metrics: dict | None) -> dict | None:
