@@ -215,3 +215,14 @@ def test_the_python_api_trains_twice_in_one_process_and_takes_a_model_you_inject
     assert recorded["name"] == "lora" and recorded["r"] == 2 and recorded["target_modules"] == ["k_proj"]
     fresh = tuneforge.load_model(str(tiny_dir), device="cpu")[0]
     assert tuneforge.load_adapter(fresh, tmp_path / "c" / "final").cfg == adapter.cfg
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reports_the_run_s_rate(tmp_path, tiny_dir, capsys):
+    """It printed "2 steps, N tokens in 1 s (0 tokens/s)": the rate of a session that trained nothing."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows())
+    config = str(write_config(tmp_path, data, model=tiny_dir, max_steps=2, save_steps=2))
+    assert cli.main(["train", config]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", config, "--resume"]) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if " tokens/s)" in line]
+    assert len(summary) == 1 and summary[0].startswith("2 steps,") and " (0 tokens/s)" not in summary[0], summary

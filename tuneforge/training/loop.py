@@ -243,7 +243,10 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     summary.steps, summary.tokens, summary.loss_tokens = state.step, state.tokens, state.loss_tokens
     summary.seconds, summary.skipped_steps, summary.shared_prefix_tokens = state.seconds, state.skipped, \
         state.shared_tokens
-    summary.tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
+    # this session's rate; a resumed run that had no step left reports the run's own, not 0
+    trained = state.tokens - start_tokens
+    summary.tokens_per_s = (trained / max(time.perf_counter() - started, 1e-9) if trained
+                            else state.tokens / max(state.seconds, 1e-9))
     summary.peak_memory_mb = runtime.max(peak_memory_mb(runtime.device))  # the largest process's
     summary.first_eval, summary.best_eval, summary.final_eval = state.first or {}, state.best or {}, state.final or {}
     return summary
