@@ -231,6 +231,11 @@ def test_generate_settings_out_of_range_are_refused_by_the_parser(args, words, c
     assert words in err and "Traceback" not in err
 
 
+def test_top_p_without_a_temperature_is_one_line_before_the_model_loads(capsys):
+    assert cli.main(["generate", "--model", "/no/such/model", "--prompt", "hi", "--top-p", "0.9"]) == 2
+    assert "--top-p: top-p 0.9 is for sampling, and temperature 0 decodes greedily" in one_line(capsys.readouterr().err)
+
+
 def test_an_eval_file_with_nothing_to_score_is_one_line(tmp_path, tiny_dir, capsys):
     """Twelve short rows read as text (no --config, no run beside the model) fill no block of 512 tokens."""
     from test_run import sentiment_rows, write_jsonl

@@ -31,6 +31,9 @@ def _generate(args: argparse.Namespace) -> None:
     from tuneforge.io.load import load_model
     from tuneforge.methods._shared import Injected
 
+    if args.temperature == 0 and args.top_p < 1:  # else silently greedy
+        raise UserError(f"top-p {args.top_p:g} is for sampling, and temperature 0 decodes greedily", "--top-p",
+                        fix="give --temperature above 0 (such as 0.7) to sample")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
     if args.adapter:
         from tuneforge.io.peft_format import load_adapter
