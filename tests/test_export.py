@@ -21,7 +21,7 @@ from tuneforge.core import config
 from tuneforge.core.errors import UserError
 from tuneforge.eval.generate import encode_prompt, generate
 from tuneforge.io import gguf_export, ollama
-from tuneforge.io.export import ADDS, export, source_gguf
+from tuneforge.io.export import export, source_gguf
 from tuneforge.io.load import load_model
 from tuneforge.io.peft_format import load_adapter, save_adapter
 from tuneforge.methods.registry import get_method
@@ -209,7 +209,7 @@ def test_a_method_that_cannot_be_merged_is_refused_for_every_format_naming_where
         with pytest.raises(UserError, match="rather than changing its weights, so no model file") as exc:
             export(str(base_dir), tmp_path / out, fmt, adapter_dir=adapter)
         line = exc.value.line()
-        assert line.startswith(f"{adapter}: {ADDS[method]} rather than"), line
+        assert line.startswith(f"{adapter}: the {method} method {get_method(method).ADDS} rather than"), line
         assert "tuneforge generate --adapter" in line and ("PEFT loads" in line) == peft
         assert "--format gguf" not in exc.value.fix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

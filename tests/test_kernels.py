@@ -310,32 +310,35 @@ def test_head_logprobs_in_chunks_equal_log_softmax(bias, head_trains):
 @pytest.mark.parametrize("head_trains", [True, False])
 def test_head_logprobs_under_autocast_cast_the_head_once_and_compute_what_autocast_computes(head_trains,
                                                                                             monkeypatch):
-    """Under bf16 autocast the head is cast once and kept while it is unchanged. The log-probabilities and
-    the gradients are those of autocast casting the head at each product, bit for bit; an in-place update
-    of the head (an optimizer's step) is seen at the next call."""
+    """Under bf16 autocast the head is cast once for all its chunks. The log-probabilities and the gradients
+    are those of autocast casting the head at each product, bit for bit, step after step of the run's own
+    optimizer (whose fused update does not move the weight's version counter)."""
+    from tuneforge.training.optim import make_optimizer
+
     torch.manual_seed(0)
     head = nn.Linear(16, 50, bias=False).requires_grad_(head_trains)
     hidden = torch.randn(11, 16, requires_grad=True)
     targets = torch.randint(0, 50, (11, 3))
     g = torch.randn(11, 3)
     inputs = (hidden, head.weight) if head_trains else (hidden,)
+    trained = head.weight if head_trains else hidden
+    optimizer = make_optimizer({"trained": trained}, lr=0.5, weight_decay=0.0)
 
     def step():  # three chunks, the last short
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = head_logprobs(hidden, head, targets, chunk=4)
         return out, torch.autograd.grad((out * g).sum(), inputs)
 
-    for _ in range(2):  # the second call finds the cast kept
+    for _ in range(3):
         ours = step()
         with monkeypatch.context() as m:
             m.setattr(kernels, "autocast_weight", lambda weight: weight)  # autocast casts at each product
             ref = step()
         assert torch.equal(ours[0], ref[0])
         assert all(torch.equal(a, b) for a, b in zip(ours[1], ref[1]))
-        with torch.no_grad():
-            head.weight.add_(0.5)  # in place, as an optimizer steps
+        trained.grad = ours[1][-1].detach().clone()  # the last input's gradient is the trained tensor's
+        optimizer.step()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.autocast_weight(head.weight) is kernels.autocast_weight(head.weight)
         assert kernels.autocast_weight(head.weight).dtype == torch.bfloat16
     assert kernels.autocast_weight(head.weight) is head.weight  # no autocast: the weight itself
 

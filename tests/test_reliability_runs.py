@@ -176,7 +176,7 @@ def test_a_home_output_dir_is_the_home_folder(tmp_path, tiny_dir, capsys, monkey
     ({"data": {"path": None}}, "data.path: no training data file"),
     ({"data": {"path": "missing.jsonl"}}, "missing.jsonl: no such data file"),
     ({"data": {"eval_path": "held-out.jsonl"}}, "held-out.jsonl: no such data file"),
-    ({"train": {"start_from": "no-adapter"}}, "no-adapter: no adapter_config.json here"),
+    ({"train": {"start_from": "no-adapter"}}, "no-adapter: no such folder"),
 ])
 def test_every_path_a_run_needs_is_checked_before_any_model_is_read(tmp_path, tiny_dir, capsys, monkeypatch,
                                                                     sections, words):

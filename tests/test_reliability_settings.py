@@ -19,7 +19,8 @@ from test_reliability import config, finish, one_line, tuneforge
 from test_train import collate, synthetic_examples, tiny_full
 from tuneforge import cli
 from tuneforge.core.config import TrainCfg
-from tuneforge.core.errors import RunStopped
+from tuneforge.core.config.parse import load_yaml
+from tuneforge.core.errors import RunStopped, UserError
 from tuneforge.training import checkpoint, metrics
 from tuneforge.training.loop import train
 
@@ -90,6 +91,12 @@ def test_a_key_written_twice_is_one_line_naming_both_lines(tmp_path, tiny_dir, c
     assert cli.main(["train", str(cfg), "--set", "train={max_steps: 2, max_steps: 3}"]) == 2
     assert "--set train: the key 'max_steps' is written twice" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+    # keys of two types are two keys, and a plain << merges a mapping in (twice, two mappings)
+    where = lambda key, line: f"{key}:{line}"  # noqa: E731
+    assert load_yaml('a: {"1": x, 1: y, true: z, "true": w}', where)["a"] == {"1": "x", 1: "y", True: "z", "true": "w"}
+    assert load_yaml("b: &b {p: 1}\nc: &c {r: 1}\na:\n  <<: *b\n  <<: *c\n", where)["a"] == {"p": 1, "r": 1}
+    with pytest.raises(UserError, match="the key '<<' is written twice"):
+        load_yaml('a: {"<<": 1, "<<": 2}', where)
 
 
 def test_a_method_key_without_method_name_says_full_is_the_default(tmp_path, capsys):

@@ -21,7 +21,7 @@ from pathlib import Path
 from tuneforge import __version__
 from tuneforge.core import config
 from tuneforge.core.atomic import write_text
-from tuneforge.core.errors import UserError
+from tuneforge.core.errors import TuneforgeWarning, UserError
 from tuneforge.core.host import keep_freed_memory
 from tuneforge.training.interrupts import Interrupted
 
@@ -487,15 +487,12 @@ def _terminate(signum, _frame) -> None:
     raise Interrupted(signum)
 
 
-_PACKAGE = str(Path(__file__).resolve().parent)
-
-
 def _one_line_warning(default):
-    """warnings.formatwarning for the command line: tuneforge's own warnings as one line, ``tuneforge:
-    warning: ...``, without the file, line number and source line that Python adds (``--debug`` keeps
-    them); any other library's as Python prints them."""
+    """warnings.formatwarning for the command line: tuneforge's own warnings (``TuneforgeWarning``) as one
+    line, ``tuneforge: warning: ...``, without the file, line number and source line that Python adds
+    (``--debug`` keeps them); any other warning as Python prints it."""
     def formatted(message, category, filename, lineno, line=None) -> str:
-        if str(filename).startswith(_PACKAGE):
+        if issubclass(category, TuneforgeWarning):
             return f"tuneforge: warning: {message}\n"
         return default(message, category, filename, lineno, line)
     return formatted

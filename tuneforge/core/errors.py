@@ -22,6 +22,10 @@ class UserError(Exception):
         return "; ".join(parts)
 
 
+class TuneforgeWarning(UserWarning):
+    """A warning of tuneforge's own: the command line prints it as one line, ``tuneforge: warning: ...``."""
+
+
 class RunStopped(UserError):
     """A run that had to stop (its loss or weights became non-finite, the disk filled): one line, and
     the CLI exits with code 3. What was saved before it stays whole."""

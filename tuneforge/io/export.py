@@ -302,17 +302,10 @@ def gradient_adapter(model: nn.Module, adapter_dir: str | Path, force: bool) -> 
     if not loaded.method.MERGES:
         served = ("serve the base (tuneforge export --format hf, without --adapter) with this folder beside it, which "
                   "PEFT loads in transformers, or" if loaded.method.PEFT_TYPE else "serve it with")
-        adds = ADDS.get(loaded.method.NAME, f"the {loaded.method.NAME} method adds to the model")
-        raise UserError(f"{adds} rather than changing its weights, so no model file (GGUF or a merged folder) "
-                        "can hold it", str(adapter_dir),
+        raise UserError(f"the {loaded.method.NAME} method {loaded.method.ADDS} rather than changing its weights, so "
+                        "no model file (GGUF or a merged folder) can hold it", str(adapter_dir),
                         fix=f"{served} tuneforge generate --adapter {adapter_dir}")
     return loaded
-
-
-# What each method that cannot be folded into weights adds to the model instead
-ADDS = {"adapter": "a bottleneck adapter adds layers of its own (with a nonlinearity) to the model",
-        "prompt": "prompt tuning adds virtual tokens before the input",
-        "prefix": "prefix tuning adds keys and values before each layer's attention"}
 
 
 def lora_form(handle: Injected, model: nn.Module, adapter_dir: str | Path) -> dict:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tuneforge.core.errors import UserError
+from tuneforge.core.errors import TuneforgeWarning, UserError
 from tuneforge.methods._shared import MethodModule, lora_pair, modules_of
 from tuneforge.model import targets
 
@@ -100,7 +100,7 @@ def find_parameters(model: nn.Module, cfg) -> list[tuple[str, str]]:
                         fix=f"select {', '.join(stacked) or 'none'}; adapt linear layers through target_modules")
     if unmatched := [w for w in wanted if not any(targets.selects(key, w) for key in hits)]:
         warnings.warn(f"target_parameters: {unmatched} match no parameter of this model; only "
-                      f"{sorted({'.'.join(key.split('.')[-3:]) for key in hits})} are targeted", UserWarning,
+                      f"{sorted({'.'.join(key.split('.')[-3:]) for key in hits})} are targeted", TuneforgeWarning,
                       stacklevel=3)
     return [owned[key][:2] for key in hits]
 

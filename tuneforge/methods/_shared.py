@@ -36,6 +36,7 @@ class GradientMethod(Protocol):
     PEFT_TYPE: str | None  # "LORA", "PROMPT_TUNING", ... or None: tuneforge's own adapter format
     WHOLE_MODEL: bool  # a run's result is the whole model (full fine-tuning), not an adapter folder
     MERGES: bool  # its change folds into the base weights (merge works), so a model file can hold it
+    ADDS: str | None  # where it does not merge, what it adds instead ("adds virtual tokens before the input")
     Config: type
 
     def inject(self, model: nn.Module, cfg) -> Injected: ...  # freeze the base, add the method's tensors

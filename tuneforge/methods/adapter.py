@@ -29,6 +29,7 @@ from tuneforge.methods._shared import (Injected, MethodModule, before_inject, de
 from tuneforge.core.config.methods import AdapterConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "adapter", "gradient", None, False, False
+ADDS = "adds layers of its own (with a nonlinearity) to the model"  # instead of changing its weights
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 

@@ -13,6 +13,7 @@ from tuneforge.methods._shared import Injected, MethodModule, before_inject, inj
 from tuneforge.core.config.methods import FullConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "full", "gradient", None, True, True
+ADDS = None  # its change is a change of weights
 
 
 class Trained(nn.Module, MethodModule):

@@ -23,6 +23,7 @@ from tuneforge.methods._shared import (WRAPPABLE, Injected, MethodModule, base_w
 from tuneforge.core.config.methods import IA3Config as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "ia3", "gradient", "IA3", False, True
+ADDS = None  # its change is a change of weights
 
 
 class IA3Linear(nn.Module, MethodModule):

@@ -25,7 +25,7 @@ from torch.nn.modules.module import _global_forward_hooks as _forward_hooks
 from torch.nn.modules.module import _global_forward_pre_hooks as _forward_pre_hooks
 
 from tuneforge.model import targets
-from tuneforge.core.errors import UserError
+from tuneforge.core.errors import TuneforgeWarning, UserError
 from tuneforge.model.families import family_of
 from tuneforge.model.kernels import lora_linear, lora_update
 from tuneforge.methods._experts import LoRAExperts, expert_layers, find_parameters
@@ -36,6 +36,7 @@ from tuneforge.core.config.methods import LoraConfig as Config
 from tuneforge.quant.nf4 import NF4Linear
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "lora", "gradient", "LORA", False, True
+ADDS = None  # its change is a change of weights
 
 
 def scale(cfg: Config) -> float:
@@ -166,7 +167,7 @@ def find(model: nn.Module, cfg: Config, params: list[tuple[str, str]] = ()) -> t
     if narrow := sorted((w, path) for path, w in widths.items() if w < cfg.r):
         warnings.warn(f"r={cfg.r} is above the width of {len(narrow)} targeted layer(s) (the narrowest, "
                       f"{narrow[0][1]}, has {narrow[0][0]}): their extra rank adds parameters and nothing else; "
-                      f"set method.r to at most {narrow[0][0]}", UserWarning, stacklevel=3)
+                      f"set method.r to at most {narrow[0][0]}", TuneforgeWarning, stacklevel=3)
     return wrapped, saved
 
 

@@ -39,6 +39,7 @@ from tuneforge.methods._shared import (Injected, MethodModule, before_inject, ch
 from tuneforge.core.config.methods import PrefixConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prefix", "gradient", "PREFIX_TUNING", False, False
+ADDS = "adds keys and values before each layer's attention"  # instead of changing its weights
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:

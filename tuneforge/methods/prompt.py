@@ -30,6 +30,7 @@ from tuneforge.methods._shared import (Injected, MethodModule, before_inject, in
 from tuneforge.core.config.methods import PromptConfig as Config
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "prompt", "gradient", "PROMPT_TUNING", False, False
+ADDS = "adds virtual tokens before the input"  # instead of changing its weights
 
 
 class SoftPrompt(nn.Module, MethodModule):

@@ -22,9 +22,11 @@ from tuneforge.model.devices import resolve_dtype
 from tuneforge.methods import lora
 from tuneforge.methods._shared import Injected, before_inject, injected, prefixed_hooks, same_config
 from tuneforge.core.config.methods import QLoraConfig as Config
+from tuneforge.core.errors import TuneforgeWarning
 from tuneforge.quant.nf4 import NF4Linear, quantize_linears_
 
 NAME, KIND, WHOLE_MODEL, MERGES = "qlora", "gradient", False, True
+ADDS = None  # its change is a change of weights
 PEFT_TYPE = "LORA"  # the adapter is LoRA's; how the base is held in memory is not part of it
 
 
@@ -81,14 +83,14 @@ def merge(model: nn.Module, cfg: Config | None = None) -> None:
     lora.merge(model)  # replaces each quantized base by an nn.Linear with the merged weight
     warnings.warn("qlora: the adapter was trained against the 4-bit weights, so the merged model holds the "
                   "dequantized NF4 base plus the adapter; adding it to the original full-precision base instead "
-                  "gives a different model", stacklevel=3)
+                  "gives a different model", TuneforgeWarning, stacklevel=3)
 
 
 def lora_form(model: nn.Module, cfg: Config) -> dict:
     """LoRA's (A, B, s) per layer, which apply to any copy of the base (with a warning: not the NF4 one)."""
     form = lora.lora_form(model, cfg.lora())
     warnings.warn("qlora: the adapter was trained against the 4-bit NF4 weights; on another copy of the base "
-                  "(a GGUF's) it gives a slightly different model", stacklevel=3)
+                  "(a GGUF's) it gives a slightly different model", TuneforgeWarning, stacklevel=3)
     return form
 
 

@@ -34,6 +34,7 @@ from tuneforge.methods._shared import (PEFT_PREFIX, Injected, MethodModule, base
 from tuneforge.model.families import family_of
 
 NAME, KIND, PEFT_TYPE, WHOLE_MODEL, MERGES = "vera", "gradient", "VERA", False, True
+ADDS = None  # its change is a change of weights
 PROJECTIONS = "base_model."  # the shared pair's keys on disk are PEFT's: beside the model, not under it
 FIX = "check that the adapter's config (r, target_modules, save_projection) matches its weights"
 

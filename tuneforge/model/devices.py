@@ -14,19 +14,22 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto", visible: bool = True, any_index: bool = False) -> torch.device:
+    """``device`` by name (``auto``: CUDA when torch sees a GPU, else the CPU). A CUDA device torch cannot see
+    is refused in one line unless ``visible`` is False (an estimate for another machine); ``any_index``: the
+    index is chosen elsewhere (torchrun's LOCAL_RANK), so only whether torch sees a GPU at all is checked."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         where = torch.device(device)
     except RuntimeError as exc:
         raise UserError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from exc
-    if where.type == "cuda":  # asked for by name: say so before a model is read, not in torch's traceback
+    if where.type == "cuda" and visible:  # asked for by name: say so before a model is read, not in torch's traceback
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
             why = "no CUDA device is visible" if torch.version.cuda else "this torch was built without CUDA"
             raise UserError(f"device {device!r}: {why}", fix="use auto or cpu, or run where torch sees a GPU")
-        if where.index is not None and where.index >= count:
+        if where.index is not None and where.index >= count and not any_index:
             raise UserError(f"device {device!r}: torch sees {count} CUDA device{'s' * (count > 1)}",
                             fix=f"use cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}, or auto")
     return where

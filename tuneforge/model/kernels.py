@@ -22,7 +22,6 @@ for every adapted layer) and the gated MLP's three intermediate tensors. Here:
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -443,29 +442,20 @@ def use_lean_modules(model: nn.Module) -> int:
     return use_lean_mlps(model) + use_lean_norms(model)
 
 
-_held_cast: list = []  # [(a weakref to the weight, its storage, its version, the dtype), its cast]: the last one
-
-
 def autocast_weight(weight: Tensor) -> Tensor:
     """``weight`` as autocast casts it for a matmul here: in autocast's dtype where autocast is on for its
-    device and it is a floating type autocast casts (not float64), else itself. The cast is kept while the
-    weight is the same tensor, unchanged (its storage, and its version counter, which every in-place write
-    moves on): a frozen head is cast once, where autocast casts it at each call (it keeps the casts of
-    trainable weights alone, and only within one context), and the head's two products of a chunk and its
-    chunks share one cast. One cast is kept, the last one asked for."""
+    device and it is a floating type autocast casts (not float64), else itself. The head's products of one
+    call share this one cast, where autocast casts a frozen weight anew at each product (it keeps the casts
+    of trainable weights alone). Nothing is kept past the call: a weight that trains changes at each step
+    (and a fused optimizer's update does not move its version counter), and a kept copy would hold memory
+    the estimate does not count."""
     device = weight.device.type
     if not torch.is_autocast_enabled(device):
         return weight
     dtype = torch.get_autocast_dtype(device)
     if not weight.is_floating_point() or weight.dtype in (dtype, torch.float64):
         return weight
-    if _held_cast:
-        (ref, storage, version, held_dtype), cast = _held_cast
-        if ref() is weight and storage == weight.data_ptr() and version == weight._version and held_dtype == dtype:
-            return cast
-    cast = weight.detach().to(dtype)
-    _held_cast[:] = [(weakref.ref(weight), weight.data_ptr(), weight._version, dtype), cast]
-    return cast
+    return weight.detach().to(dtype)
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -485,7 +475,7 @@ class _HeadLogprobs(torch.autograd.Function):
         out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device) if backward == "recompute" else None
         expected = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if backward == "expect" else None
-        w = autocast_weight(weight)  # the head as autocast computes with it, cast once
+        w = autocast_weight(weight)  # the head as autocast computes with it, cast once for every chunk
         for start in range(0, n, chunk):
             end = start + chunk
             logits = F.linear(hidden[start:end], w, bias).float()  # (c, vocab)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from tuneforge.core.errors import UserError
+from tuneforge.core.errors import TuneforgeWarning, UserError
 
 LINEAR = (nn.Linear, Conv1D)  # linear-like layers: GPT-2's Conv1D is a linear layer with its weight stored (in, out)
 MATCH_SECONDS = 2.0  # all of a model's module names take microseconds against any sane expression
@@ -59,7 +59,8 @@ def find(model: nn.Module, patterns: str | Iterable[str], types: tuple[type, ...
         if hits and unmatched:
             kinds = "/".join(t.__name__ for t in types)
             warnings.warn(f"{key}: {unmatched} match no {kinds} module of this model; only "
-                          f"{sorted({h.rsplit('.', 1)[-1] for h in hits})} are targeted", UserWarning, stacklevel=3)
+                          f"{sorted({h.rsplit('.', 1)[-1] for h in hits})} are targeted", TuneforgeWarning,
+                          stacklevel=3)
     if not hits:
         leaf_names = sorted({name.rsplit(".", 1)[-1] for name in candidates})
         wanted = [patterns] if isinstance(patterns, str) else list(patterns)

@@ -253,7 +253,7 @@ def from_env(device: str, timeout_s: float) -> Distributed:
     for several processes). A collective that waits longer than ``timeout_s`` (a rank died or hangs) ends
     the run with an error."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    where = resolve_device(device)
+    where = resolve_device(device, any_index=True)  # each process takes the GPU of its LOCAL_RANK
     if where.type == "cuda":
         where = torch.device("cuda", local)
         torch.cuda.set_device(where)

@@ -263,7 +263,7 @@ def estimate(cfg: RunCfg, shapes: list[Shape] | None = None, n_examples: int | N
     probe = method.KIND == "probe"
     n_trainable = sum(p.numel() for p in trainable.values())
     n_total = parameter_count(model)  # a tied head once, a 4-bit weight by its shape
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, visible=flops_per_s is None)  # a given rate: another machine's
     kind = device.type if device.type in STEP_EFFICIENCY else "cpu"
     b, length = cfg.train.batch_size, cfg.data.max_length
     shapes = shapes or [Shape(b, length, 0, b * length)]

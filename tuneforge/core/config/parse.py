@@ -64,6 +64,8 @@ MAX_DEPTH = 32
 MAX_VALUES = 100_000
 INT64 = 2**63
 _DECIMAL = re.compile(r"[-+]?[0-9][0-9_]*")
+_RESOLVER = yaml.resolver.Resolver()  # a plain scalar's type, as safe_load resolves it
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 def load_yaml(text: str, where: Callable[[str, int | None], str]) -> Any:
@@ -89,7 +91,7 @@ def _scan(text: str) -> tuple[str, str, int, str] | None:
     first decimal integer longer than Python reads from text, or the first key written a second time in
     its mapping. Read from the parser's events: unlike YAML's composer, the parser does not recurse."""
     digits = sys.get_int_max_str_digits() or math.inf
-    # per open collection: [a mapping, waiting for a key, the current key or index, {key: its line}]
+    # per open collection: [a mapping, waiting for a key, the current key or index, {(type, key): its line}]
     open_: list[list] = []
 
     def ended() -> None:  # a node inside the innermost collection is complete
@@ -116,11 +118,14 @@ def _scan(text: str) -> tuple[str, str, int, str] | None:
             elif isinstance(event, yaml.ScalarEvent):
                 if open_ and open_[-1][0] and open_[-1][1]:
                     open_[-1][2] = event.value
-                    first = open_[-1][3].get(event.value)
-                    open_[-1][3].setdefault(event.value, line)
-                    if first is not None and event.value != "<<":  # "<<" merges a mapping in: not a key
+                    # a key is its value and its type: 1 and "1", true and "true" are two keys; a plain << merges
+                    tag = event.tag or _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
+                    seen = open_[-1][3]
+                    if (tag, event.value) in seen and tag != _MERGE:
+                        first = seen[tag, event.value]
                         return (f"the key {event.value!r} is written twice (first on line {first})", key(), line,
                                 "keep one: YAML would silently take the last")
+                    seen.setdefault((tag, event.value), line)
                 elif (event.style is None and event.implicit[0] and _DECIMAL.fullmatch(event.value)
                       and sum(c.isdigit() for c in event.value) > digits):
                     return (f"a number of {len(event.value):,} digits is not a setting", key(), line,
