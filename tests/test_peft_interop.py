@@ -86,3 +86,16 @@ def test_a_missing_adapter_folder_and_a_folder_that_is_no_adapter_are_told_apart
         read_config(tmp_path / "typo")
     with pytest.raises(UserError, match="no adapter_config.json here, so this is not an adapter folder"):
         read_config(tmp_path)
+
+
+def test_an_adapter_forced_onto_a_model_of_other_sizes_says_so_not_that_its_config_is_damaged(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = make_tiny_model(64)
+    save_adapter(model, lora.inject(model, lora.Config(r=4, target_modules="all-linear")), tmp_path / "a")
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    with pytest.raises(UserError, match="this model makes .*lora_A.weight of shape \\(4, 96\\), and the adapter holds "
+                                        "\\(4, 64\\): it was made for a model of other sizes") as err:
+        load_adapter(wider, tmp_path / "a", force=True)
+    assert "load the base the adapter was trained on" in err.value.line()

@@ -229,10 +229,12 @@ def check_sizes(model: nn.Module, method: GradientMethod, cfg, sd: dict[str, tor
             settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
             culprit = next((name for name, value in settings.items() if type(value) is int and value in tensor.shape
                             and value not in sd[key].shape), None)
-            said = f" ({culprit}={settings[culprit]})" if culprit else ""
-            raise UserError(f"the config{said} makes {key} of shape {tuple(tensor.shape)}, but the weights file "
-                            f"holds {tuple(sd[key].shape)}", f"{path}: key '{culprit}'" if culprit else str(path),
-                            fix=fix)
+            if culprit is None:  # no setting of the config explains it: the model's own sizes differ
+                raise UserError(f"this model makes {key} of shape {tuple(tensor.shape)}, and the adapter holds "
+                                f"{tuple(sd[key].shape)}: it was made for a model of other sizes", str(path.parent),
+                                fix="load the base the adapter was trained on")
+            raise UserError(f"the config ({culprit}={settings[culprit]}) makes {key} of shape {tuple(tensor.shape)}, "
+                            f"but the weights file holds {tuple(sd[key].shape)}", f"{path}: key '{culprit}'", fix=fix)
     added = sum(t.numel() for t in [*skeleton.parameters(), *skeleton.buffers()]) - base
     if added > base:
         raise UserError(f"the config would add {added:,} parameters to a model of {base:,}", str(path), fix=fix)
