@@ -27,6 +27,11 @@ def test_data_shows_the_counts_and_marks_exactly_the_trained_tokens(tiny_dir, tm
     # Both answers and their end-of-turn tokens, nothing of the system or user turns.
     assert text.count("⟦") == 2 and "⟦Hello.<|im_end|>⟧" in text and "⟦Goodbye.<|im_end|>⟧" in text
     assert "⟦" not in text.split("Hello.")[0][:-1]
+    assert "packing:" not in out
+    assert cli.main(["data", str(config), "--set", "data.packing=true", "--set", "train.batch_size=2"]) == 0
+    # the rows training makes: the three examples fit in one row of 512 tokens
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "packing: 3 examples in 1 rows of at most 512 tokens, 1 batches of 2 rows an epoch (unpacked: 2)")
 
 
 def test_data_refuses_a_bad_config_in_one_line(tmp_path, capsys):

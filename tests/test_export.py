@@ -253,6 +253,8 @@ def test_what_llama_cpp_cannot_run_is_refused_in_one_line_naming_the_family(tmp_
     with pytest.raises(UserError, match=re.escape(words)) as exc:
         export(str(tmp_path / name), tmp_path / "m.gguf", "gguf")
     assert "--format hf" in exc.value.fix and not (tmp_path / "m.gguf").exists()
+    # the model, not the --model option: the base may be the one an adapter records
+    assert exc.value.line().startswith(f"the model ({tiny_config(name, 8).model_type}): ")
 
 
 def test_a_failed_write_leaves_nothing(base_dir, tmp_path, monkeypatch):

@@ -66,6 +66,10 @@ def _data(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(cfg.model)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
     print(describe(data, tokenizer, count=args.examples, split=args.split, color=sys.stdout.isatty()), end="")
+    if cfg.data.packing:  # the rows training will make of these examples
+        from tuneforge.training.run import packing_line, packing_report
+
+        print(packing_line(cfg, packing_report(cfg, data)))
 
 
 def _merge(args: argparse.Namespace) -> None:

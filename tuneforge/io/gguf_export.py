@@ -76,29 +76,30 @@ def form(config) -> Gguf:
     """How llama.cpp runs the model, or a UserError that names the family and what llama.cpp lacks."""
     family = family_of(config)
     shape = family.gguf
+    where = f"the model ({config.model_type})"  # given by --model, or the base an adapter records
     if shape is None:
         raise UserError(f"llama.cpp has no graph tuneforge writes for {family.name!r} (GGUF is written for "
-                        f"{', '.join(written())})", "--model", fix=KEEP_HF)
+                        f"{', '.join(written())})", where, fix=KEEP_HF)
     graph = f"llama.cpp's {shape.arch.lower()} graph"
     rope = full_rope(config)
     act = next((getattr(config, k) for k in ("hidden_activation", "activation", "activation_function", "hidden_act")
                 if getattr(config, k, None)), "silu")
     if rope.get("rope_type", "default") not in ROPE_TYPES:
         raise UserError(f"this {family.name} scales RoPE as {rope['rope_type']!r}, which tuneforge does not write for "
-                        f"{graph} (it writes {', '.join(ROPE_TYPES)})", "--model", fix=KEEP_HF)
+                        f"{graph} (it writes {', '.join(ROPE_TYPES)})", where, fix=KEEP_HF)
     if act != shape.act:
         raise UserError(f"this {family.name} uses a {act!r} activation, and {graph} computes {shape.act!r}",
-                        "--model", fix=KEEP_HF)
+                        where, fix=KEEP_HF)
     for key, expected in shape.requires:
         if (value := getattr(config, key, None)) != (want := expected(config)):
-            raise UserError(f"{graph} assumes {key} = {want!r}, and this model has {value!r}", "--model", fix=KEEP_HF)
+            raise UserError(f"{graph} assumes {key} = {want!r}, and this model has {value!r}", where, fix=KEEP_HF)
     if shape.head == "embedding" and not config.tie_word_embeddings:
-        raise UserError(f"{graph} uses the embedding as the output head, and this model has its own", "--model",
+        raise UserError(f"{graph} uses the embedding as the output head, and this model has its own", where,
                         fix=KEEP_HF)
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar is not None and scalar != head_dim(config):
         raise UserError(f"this {family.name} scales attention by 1/sqrt({scalar}), and llama.cpp by 1/sqrt(head_dim "
-                        f"{head_dim(config)})", "--model", fix=KEEP_HF)
+                        f"{head_dim(config)})", where, fix=KEEP_HF)
     return shape
 
 
@@ -239,7 +240,8 @@ def model_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
     def name_of(key: str) -> str:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UserError(f"the model holds a tensor llama.cpp has no name for ({key})", "--model",
+            raise UserError(f"the model holds a tensor llama.cpp has no name for ({key})",
+                            f"the model ({config.model_type})",
                             fix="export a merged model (a method that cannot be merged stays outside: use --format hf)")
         return name if name.endswith((".weight", ".bias")) else name + ".weight"  # a bare parameter: the experts'
 

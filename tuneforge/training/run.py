@@ -271,10 +271,7 @@ def _train(ctx: RunContext, data: Datasets) -> dict:
     if cfg.data.packing:
         check_packing(model, injected.name)
         packing = packing_report(cfg, data)
-        ctx.say(f"packing: {packing['examples']} examples in {packing['rows']} rows of at most "
-                f"{cfg.data.max_length} tokens, {packing['batches']} batches of {cfg.train.batch_size} rows an epoch "
-                f"(unpacked: {packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> "
-                f"{packing['padding_packed']:,} token positions an epoch")
+        ctx.say(packing_line(cfg, packing))
     # after the last forward outside autocast (the packing check); a whole model is saved as it is held
     if (ctx.loaded and holds_frozen_linears(injected.method, runtime.world, cfg.train.fsdp)
             and (freed := hold_frozen_linears(model, cfg.train.precision, runtime.device))):
@@ -381,6 +378,14 @@ def collator(cfg: RunCfg, tokenizer):
     if cfg.data.packing:
         return PackingCollator(tokenizer.pad_token_id, cfg.data.max_length)
     return Collator(tokenizer.pad_token_id)
+
+
+def packing_line(cfg: RunCfg, packing: dict) -> str:
+    """``packing_report`` in one line, as a run and `tuneforge data` print it."""
+    return (f"packing: {packing['examples']} examples in {packing['rows']} rows of at most {cfg.data.max_length} "
+            f"tokens, {packing['batches']} batches of {cfg.train.batch_size} rows an epoch (unpacked: "
+            f"{packing['batches_unpacked']}); padding {packing['padding_unpacked']:,} -> {packing['padding_packed']:,} "
+            "token positions an epoch")
 
 
 def packing_report(cfg: RunCfg, data: Datasets) -> dict:
