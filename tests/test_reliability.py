@@ -355,6 +355,7 @@ def test_resume_takes_new_logging_evaluation_and_step_budget(tmp_path, tiny_dir)
     ("method.r=0", "r must be at least 1"), ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
     ("eval.batch_tokens=0", "batch_tokens must be at least 1"),
     ("train.device=tpu", "unknown device 'tpu'"), ("data.score_thresholds=[1]", "must be [low, high]"),
+    ("data.path=[{path: a.txt, weight: 0}]", "--set data.path: key 'data.path.weight': weight must be above 0"),
 ])
 def test_settings_that_make_no_sense_are_one_line_at_parse_time(tmp_path, tiny_dir, capsys, setting, words):
     cfg = config(tmp_path, tiny_dir, model="/no/such/model")  # never reached: the config fails first

@@ -33,8 +33,9 @@ class Where:
         self.source, self.lines, self.from_cli = source, lines or {}, from_cli or set()
 
     def __call__(self, key: str) -> str:
-        if key in self.from_cli:
-            return f"--set {key}"
+        given = max((k for k in self.from_cli if key == k or key.startswith(k + ".")), key=len, default=None)
+        if given is not None:  # a key --set gave, or one inside the value it gave (data.path.weight)
+            return f"--set {given}" if given == key else f"--set {given}: key '{key}'"
         line = self.lines.get(key)
         return f"{self.source}:{line}: key '{key}'" if line else f"{self.source}: key '{key}'"
 
