@@ -72,11 +72,16 @@ def full_rope(config) -> dict:
     return dict(rope.get("full_attention", rope))
 
 
+def _the_model(config) -> str:
+    """Where a refusal points: the model (given by --model, or the base an adapter records), by its type."""
+    return f"the model ({config.model_type})"
+
+
 def form(config) -> Gguf:
     """How llama.cpp runs the model, or a UserError that names the family and what llama.cpp lacks."""
     family = family_of(config)
     shape = family.gguf
-    where = f"the model ({config.model_type})"  # given by --model, or the base an adapter records
+    where = _the_model(config)
     if shape is None:
         raise UserError(f"llama.cpp has no graph tuneforge writes for {family.name!r} (GGUF is written for "
                         f"{', '.join(written())})", where, fix=KEEP_HF)
@@ -241,7 +246,7 @@ def model_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"the model holds a tensor llama.cpp has no name for ({key})",
-                            f"the model ({config.model_type})",
+                            _the_model(config),
                             fix="export a merged model (a method that cannot be merged stays outside: use --format hf)")
         return name if name.endswith((".weight", ".bias")) else name + ".weight"  # a bare parameter: the experts'
 
