@@ -345,6 +345,27 @@ def test_resume_takes_new_logging_evaluation_and_step_budget(tmp_path, tiny_dir)
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["train"]["max_steps"] == 4
 
 
+def test_a_finished_run_extended_by_resume_takes_its_next_step_at_the_new_schedules_rate(tmp_path, tiny_dir):
+    """A 2-step run's cosine schedule ends at rate 0, the rate its optimizer saves. Extended to 3 steps, the third
+    step runs at the 3-step schedule's rate: the adapter moves, and the rate is the new schedule's."""
+    from tuneforge.training.loop import follow_schedule
+    from tuneforge.training.optim import lr_multiplier
+
+    cfg = config(tmp_path, tiny_dir, train={"max_steps": 2})
+    assert cli.main(["train", str(cfg)]) == 0
+    before = adapter_tensors(tmp_path / "out")
+    assert cli.main(["train", str(cfg), "--resume", "--set", "train.max_steps=3"]) == 0
+    after = adapter_tensors(tmp_path / "out")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([p], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, 3, 0, "cosine"))
+    scheduler.last_epoch, optimizer.param_groups[0]["lr"] = 2, 0.0  # as a 2-step run's checkpoint restores them
+    follow_schedule(scheduler)
+    assert optimizer.param_groups[0]["lr"] == 0.1 * lr_multiplier(2, 3, 0, "cosine") > 0
+
+
 # -- bad input, before anything loads -----------------------------------------------------------
 
 @pytest.mark.parametrize("setting,words", [

@@ -252,6 +252,15 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
     return summary
 
 
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's learning rates to the schedule's at the step it stands at. A resumed run's optimizer
+    comes back with the rate its last step set, which is the old schedule's where ``max_steps`` or ``epochs``
+    changed (a finished run extended: 0), and LambdaLR does not recompute it on loading; the first step would
+    run at it. Where nothing changed the rate is the same number."""
+    for group, base, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+
+
 class _Run:
     """What one call of ``train`` holds: the model, its optimizer, schedule and precision, its data
     order, where it stands (``progress``) and where it writes."""
@@ -287,6 +296,7 @@ class _Run:
         restored = self.runtime.restore(self.model, saved, self.params, self.optimizer, self.scheduler,
                                         self.precision.scaler)
         self.progress = Progress.restored(restored, world=self.progress.world, global_batch=self.progress.global_batch)
+        follow_schedule(self.scheduler)
         if main and (dropped := metrics.truncate_after(self.metrics_path, self.progress.step)):
             print(f"tuneforge: metrics.jsonl: dropped {dropped} torn or malformed line(s)", file=sys.stderr)
         self.runtime.say(f"tuneforge: resuming from {done[-1].name}")
