@@ -80,6 +80,8 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         config.from_yaml(write(tmp_path, "model: a\ntrain: [unclosed\n"))
     with pytest.raises(UserError, match="no such config file"):
         config.from_yaml(tmp_path / "absent.yaml")
+    with pytest.raises(UserError, match="a folder, not a config file"):
+        config.from_yaml(tmp_path)
 
 
 def test_saved_config_round_trips(tmp_path):

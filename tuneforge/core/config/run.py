@@ -307,6 +307,12 @@ def from_yaml(path: str | Path, overrides: list[str] = ()) -> RunCfg:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError("no such config file", str(path), fix="check the path") from None
+    except IsADirectoryError:
+        raise UserError("a folder, not a config file", str(path),
+                        fix="give the YAML file (a run's folder holds its own as config.yaml)") from None
+    except PermissionError:
+        raise UserError("the config file cannot be read (permission denied)", str(path),
+                        fix="allow reading it") from None
     except UnicodeDecodeError:
         raise UserError("the file is not UTF-8 text", str(path), fix="save it as UTF-8") from None
 
