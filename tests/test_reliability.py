@@ -373,7 +373,7 @@ def test_a_finished_run_extended_by_resume_takes_its_next_step_at_the_new_schedu
     ("train.grad_accum=0", "grad_accum must be at least 1"), ("train.batch_size=0", "batch_size must be at least 1"),
     ("train.max_steps=0", "max_steps must be at least 1"), ("eval.batch_size=0", "batch_size must be at least 1"),
     ("train.epochs=0", "epochs must be above 0"), ("data.val_fraction=1.5", "val_fraction must be in [0, 1)"),
-    ("method.r=0", "r must be at least 1"), ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
+    ("method.r=0", "r must be at least 1"), ("method.lora_alpha=0", "lora_alpha must be above 0"), ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
     ("eval.batch_tokens=0", "batch_tokens must be at least 1"),
     ("train.device=tpu", "unknown device 'tpu'"), ("data.score_thresholds=[1]", "must be [low, high]"),
     ("data.path=[{path: a.txt, weight: 0}]", "--set data.path: key 'data.path.weight': weight must be above 0"),

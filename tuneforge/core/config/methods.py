@@ -70,6 +70,7 @@ class LoraConfig:
     def __post_init__(self):
         object.__setattr__(self, "target_modules", as_pattern(self.target_modules))
         _at_least(self, "r", 1)
+        _at_least(self, "lora_alpha", 0, above=True)  # 0 scales the update away: nothing would train
         _fraction(self, "lora_dropout")
         if self.target_modules == [] and not self.target_parameters:
             raise UserError("target_modules is empty and target_parameters is unset, so LoRA would train nothing",
