@@ -219,13 +219,17 @@ def test_a_cuda_device_torch_cannot_see_is_one_line_before_anything_loads(visibl
     assert f"device '{device}'" in one_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("args,words", [(["--max-new-tokens", "0"], "--max-new-tokens: 0: it must be 1 or more"),
-                                        (["--temperature", "-1"], "--temperature: -1: it must be at least 0"),
-                                        (["--top-p", "2"], "--top-p: 2: it must be in (0, 1]"),
-                                        (["--top-p", "nan"], "--top-p: nan: it must be in (0, 1]")])
-def test_generate_settings_out_of_range_are_refused_by_the_parser(args, words, capsys):
+@pytest.mark.parametrize("args,words", [
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens: 0: it must be 1 or more"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature: -1: it must be at least 0"),
+    (["generate", "--prompt", "hi", "--top-p", "2"], "--top-p: 2: it must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--top-p", "nan"], "--top-p: nan: it must be in (0, 1]"),
+    (["train", "run.yaml", "--nproc", "0"], "--nproc: 0: it must be 1 or more"),
+    (["data", "run.yaml", "--examples", "-1"], "--examples: -1: it must be 0 or more"),
+    (["icl", "--shots", "-1"], "--shots: -1: it must be 0 or more")])
+def test_command_line_numbers_out_of_range_are_refused_by_the_parser(args, words, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["generate", "--prompt", "hi", *args])
+        cli.main(args)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err

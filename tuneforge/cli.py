@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT_DIR.previous-<time> (nothing is deleted)")
     p.add_argument("--force", action="store_true",
                    help="train even if the estimated peak memory exceeds what the machine has available")
-    p.add_argument("--nproc", type=int, default=1, metavar="N",
+    p.add_argument("--nproc", type=_int_from(1), default=1, metavar="N",
                    help="train in N processes on this machine, under torchrun (torch.distributed: one per GPU, "
                         "or N on the CPU with gloo); see docs/distributed.md for several machines")
     p.set_defaults(run=_train)
