@@ -115,3 +115,17 @@ def test_every_shipped_config_resolves(path):
     repo = Path(__file__).parents[1]
     for data_path in (cfg.data.path, cfg.data.eval_path, cfg.compare.transfer_path):
         assert data_path is None or (repo / data_path).is_file(), data_path
+
+
+def test_a_step_of_more_micro_batches_than_an_epoch_holds_is_refused():
+    """grad_accum x processes above the epoch's micro-batches: each step would pass over the data more than once
+    (a run of epochs: 1 trained 5 epochs in one step)."""
+    from tuneforge.core.config.run import TrainCfg
+
+    assert TrainCfg(batch_size=2, grad_accum=20).steps(20) == 1
+    with pytest.raises(UserError, match=r"takes 100 micro-batches and an epoch has 20: each step would pass over the "
+                                        r"data 5.0 times; set grad_accum to 20 or less"):
+        TrainCfg(batch_size=2, grad_accum=100).steps(20)
+    with pytest.raises(UserError, match=r"2 micro-batches on each of 4 processes and an epoch has 3: .* use fewer "
+                                        r"processes or a smaller train.batch_size"):
+        TrainCfg(grad_accum=2, max_steps=5).steps(3, world=4)

@@ -154,7 +154,17 @@ class TrainCfg:
 
     def steps(self, batches_per_epoch: int, world: int = 1) -> int:
         """The run's optimizer steps: max_steps, or the epochs' micro-batches over grad_accum x world (each
-        step takes that many, each process its share). The loop and the estimate both count so."""
+        step takes that many, each process its share). The loop and the estimate both count so. A step of more
+        micro-batches than an epoch holds is refused: it would pass over the data more than once."""
+        per_step = self.grad_accum * world
+        if per_step > batches_per_epoch:
+            processes = f" on each of {world} processes" if world > 1 else ""
+            most, passes = batches_per_epoch // world, per_step / batches_per_epoch
+            raise UserError(f"an optimizer step takes {self.grad_accum} micro-batches{processes} and an epoch has "
+                            f"{batches_per_epoch}: each step would pass over the data "
+                            f"{f'{passes:.1f}' if passes < 10 else f'{passes:,.0f}'} times", "train.grad_accum",
+                            fix=f"set grad_accum to {most} or less" if most else
+                            "use fewer processes or a smaller train.batch_size")
         if self.max_steps is not None:
             return self.max_steps
         return max(1, math.ceil(self.epochs * batches_per_epoch / (self.grad_accum * world)))
