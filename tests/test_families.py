@@ -192,6 +192,38 @@ def _write_support_table():
         path.write_text(text)
 
 
+def test_feature_based_fine_tuning_runs_on_an_encoder_whose_tokenizer_has_no_eos(tmp_path):
+    """An encoder's tokenizer ends its texts with SEP and has no EOS (BERT's): the classification examples take
+    SEP for the answer's end, which features never reads, where the data were refused for want of an EOS."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertLMHeadModel, PreTrainedTokenizerFast
+
+    import tuneforge
+    from tuneforge.core import config
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + sorted(set("good fine great lovely bad awful poor dull film number "
+                                                              "positive negative text answer".split()))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                        sep_token="[SEP]")
+    assert tokenizer.eos_token_id is None and not tokenizer.chat_template
+    bert = BertLMHeadModel(BertConfig(vocab_size=len(words), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128))
+    good, bad = "good fine great lovely".split(), "bad awful poor dull".split()
+    rows = [{"text": f"{a} {b} film", "label": lab} for lab, group in (("positive", good), ("negative", bad))
+            for a in group for b in group[:3]]  # 12 texts a label, each its own tokens
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.from_dict({"method": {"name": "features", "layer": -1},
+                            "data": {"path": str(tmp_path / "d.jsonl"), "format": "classification",
+                                     "val_fraction": 0.25},
+                            "train": {"output_dir": str(tmp_path / "run"), "device": "cpu"}})
+    result = tuneforge.train(cfg, model=bert, tokenizer=tokenizer)
+    assert (tmp_path / "run" / "final").is_dir() and 0 <= result["after"]["accuracy"] <= 1
+
+
 def test_an_encoder_is_refused_for_gradient_methods_and_named_features(tmp_path, tiny_tokenizer):
     """A BERT folder loads as a "causal" head (BertLMHeadModel), but its attention reads the whole text:
     next-token training would learn from the answer it is asked for. One line, before any data is read."""

@@ -70,9 +70,13 @@ def classification_prompt(tokenizer, text: str, instruction: str | None, label_w
 
 
 def answer_ids(tokenizer, word: str, chat_template: bool = True) -> list[int]:
-    """The tokens the model should produce after the prompt: the word and the end-of-turn token."""
+    """The tokens the model should produce after the prompt: the word and the end-of-turn token (without a chat
+    template, EOS; an encoder's tokenizer, which has none, ends its texts with SEP, and only feature-based
+    fine-tuning, which never reads the answer, runs on an encoder)."""
     if not uses_template(tokenizer, chat_template):
-        return tokens(tokenizer, f" {word}") + [eos_id(tokenizer)]
+        end = tokenizer.sep_token_id if tokenizer.eos_token_id is None and tokenizer.sep_token_id is not None \
+            else eos_id(tokenizer)
+        return tokens(tokenizer, f" {word}") + [end]
     question = [{"role": "user", "content": "?"}]  # any question: only the answer's rendering matters
     prompt = render(tokenizer, question, True, "chat template")
     full = render(tokenizer, question + [{"role": "assistant", "content": word}], False, "chat template")
