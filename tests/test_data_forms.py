@@ -125,6 +125,28 @@ def test_sharegpt_custom_roles_and_an_unknown_role_refused(tiny_tokenizer):
     assert "data.roles" in refusal(tiny_tokenizer, row, roles={"bot": "robot"})
 
 
+def test_a_message_role_no_template_knows_is_refused_or_mapped(tiny_tokenizer):
+    """A message list's roles: 'usr' was rendered as text and trained, an answer under 'assistent' trained
+    nothing (the row dropped as having no answer). Now they stop the run with the row's line, data.roles maps
+    them, ShareGPT's names (model, gpt) are the roles they name, and preference rows are checked alike."""
+    def chat(user_role, answer_role):
+        return {"messages": [{"role": user_role, "content": "Hi"}, {"role": answer_role, "content": "Yo"}]}
+
+    message = refusal(tiny_tokenizer, chat("user", "assistant"), chat("usr", "assistant"))
+    assert message.startswith("d.jsonl:2: unknown role 'usr' in messages[0].role") and "data.roles" in message
+    assert "unknown role 'assistent'" in refusal(tiny_tokenizer, chat("user", "assistent"))
+    plain, = build(tiny_tokenizer, chat("user", "assistant"))
+    for mapped in (build(tiny_tokenizer, chat("usr", "model"), roles={"usr": "user"})[0],
+                   build(tiny_tokenizer, {"prompt": [{"role": "human", "content": "Hi"}],
+                                          "completion": [{"role": "gpt", "content": "Yo"}]})[0]):
+        assert mapped.input_ids == plain.input_ids and mapped.labels == plain.labels
+    with pytest.raises(UserError, match="unknown role 'usr' in prompt"):
+        preference_examples(rows_of({"prompt": [{"role": "usr", "content": "Hi"}],
+                                     "chosen": [{"role": "assistant", "content": "Yo"}],
+                                     "rejected": [{"role": "assistant", "content": "No"}]}), tiny_tokenizer,
+                            DataCfg(format="preference"))
+
+
 def test_sharegpt_function_call_trained_and_observation_not():
     tok = tool_tokenizer()
     row = {"tools": json.dumps([WEATHER_TOOL]),

@@ -29,6 +29,11 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "model": "assistant", "system": "system", "tool": "tool", "function": "tool",
                   "observation": "tool", "function_call": "tool_call"}
 ROLE_TARGETS = ("user", "assistant", "system", "tool", "tool_call")
+# The roles a message list (OpenAI's form) may hold as they are: OpenAI's, and those real chat templates know
+# (gpt-oss's developer, Llama 3.1's ipython for a tool's output). Any other role is mapped by data.roles or by
+# ShareGPT's names (gpt, model: assistant; human: user; ...), or refused: a role no template knows was rendered
+# as text, and an answer under it ('assistent') trained nothing.
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython")
 
 # The keys of an OpenAI chat message that are read; any other (not null) is refused, naming what to do
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name", "weight"}
@@ -69,24 +74,24 @@ def conversations(row: Row, roles: dict[str, str] | None = None) -> list[Convers
     if kind == "sharegpt":
         return [sharegpt(row, roles)]
     if kind == "messages":
-        messages, weights = chat_messages(row["messages"], "messages", row.where)
+        messages, weights = chat_messages(row["messages"], "messages", row.where, roles)
         return [Conversation(messages, weights, 0, tools_of(row))]
     if kind == "preference":
         raise UserError("this is a preference row (chosen/rejected), not a conversation to imitate", row.where,
                         fix="train on it with data.format: preference and train.objective: dpo (or orpo, simpo, "
                             "kto); to imitate the chosen answers, write them as 'messages' rows")
     if kind == "prompt_completion":
-        return [prompt_completion(row, row[PROMPT_FIELD], row["completion"])]
+        return [prompt_completion(row, row[PROMPT_FIELD], row["completion"], roles)]
     return alpaca(row)
 
 
-def prompt_completion(row: Row, prompt: Any, completion: Any) -> Conversation:
+def prompt_completion(row: Row, prompt: Any, completion: Any, roles: dict[str, str] | None = None) -> Conversation:
     """TRL's conversational prompt/completion: both message lists; the answers are the completion's."""
     if not (isinstance(prompt, list) and isinstance(completion, list)):
         raise UserError("'prompt' and 'completion' must both be message lists, or both strings", row.where,
                         fix="write both as [{\"role\": ..., \"content\": ...}] lists, or both as text")
-    head, head_weights = chat_messages(prompt, PROMPT_FIELD, row.where)
-    tail, tail_weights = chat_messages(completion, "completion", row.where)
+    head, head_weights = chat_messages(prompt, PROMPT_FIELD, row.where, roles)
+    tail, tail_weights = chat_messages(completion, "completion", row.where, roles)
     return Conversation(head + tail, head_weights + tail_weights, len(head), tools_of(row))
 
 
@@ -115,8 +120,10 @@ def _pair(instruction: str, extra: str | None, output: str) -> Conversation:
     return Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": output}], [1, 1])
 
 
-def chat_messages(messages: Any, key: str, where: str) -> tuple[list[dict], list[int]]:
-    """OpenAI chat messages, checked, with their weights: (messages for the template, weights)."""
+def chat_messages(messages: Any, key: str, where: str, roles: dict[str, str] | None = None
+                  ) -> tuple[list[dict], list[int]]:
+    """OpenAI chat messages, checked, with their weights: (messages for the template, weights). Each role is
+    one of MESSAGE_ROLES, or a name ``roles`` (data.roles) or ShareGPT's names map to one."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"'{key}' must be a non-empty list of {{role, content}}", where)
     out, weights = [], []
@@ -129,7 +136,7 @@ def chat_messages(messages: Any, key: str, where: str) -> tuple[list[dict], list
         if unknown:  # read nothing silently: a key left out here would be left out of training
             raise UserError(f"{at} has '{unknown[0]}', which tuneforge does not train on", where,
                             fix=UNKNOWN_FIX.get(unknown[0], f"remove '{unknown[0]}', or fold it into 'content'"))
-        role, calls = message["role"], message.get("tool_calls")
+        role, calls = message_role(message["role"], roles, f"{at}.role", where), message.get("tool_calls")
         if calls is not None and role != "assistant":
             raise UserError(f"{at} is a {role} message with 'tool_calls'; only assistant messages call tools", where)
         content = message.get("content")
@@ -145,6 +152,20 @@ def chat_messages(messages: Any, key: str, where: str) -> tuple[list[dict], list
         out.append(checked)
         weights.append(weight_of(message, at, where))
     return out, weights
+
+
+def message_role(name: str, roles: dict[str, str] | None, at: str, where: str) -> str:
+    """The chat role of a message's ``name``: data.roles' mapping first, then the name itself where a template
+    knows it, then ShareGPT's names; a role that is none of these is refused."""
+    mapping = role_map(roles)
+    role = mapping[name] if name in (roles or {}) else name if name in MESSAGE_ROLES else mapping.get(name)
+    if role is None:
+        raise UserError(f"unknown role {name!r} in {at} (known: {', '.join(MESSAGE_ROLES)})", where,
+                        fix=f"correct it, or map it in data.roles, for example data.roles: {{{name}: user}}")
+    if role == "tool_call":
+        raise UserError(f"{at} maps {name!r} to tool_call, which names a ShareGPT turn", where,
+                        fix="write the call as the assistant message's 'tool_calls'")
+    return role
 
 
 def text_of(content: Any, at: str, where: str) -> str:

@@ -145,8 +145,8 @@ def answer_split(row: Row, prompt, answer, key: str, tokenizer, cfg) -> tuple[li
     if not answer or not isinstance(answer[0], dict) or answer[0].get("role") != "assistant":
         raise UserError(f"'{key}' must start with an assistant message after the prompt", row.where,
                         fix="give the answer as [{\"role\": \"assistant\", \"content\": ...}]")
-    head, head_weights = chat_messages(prompt, PROMPT_FIELD, row.where) if prompt else ([], [])
-    tail, tail_weights = chat_messages(answer, key, row.where)
+    head, head_weights = chat_messages(prompt, PROMPT_FIELD, row.where, cfg.roles) if prompt else ([], [])
+    tail, tail_weights = chat_messages(answer, key, row.where, cfg.roles)
     conv = Conversation(head + tail, head_weights + tail_weights, len(head), tools_of(row))
     pieces, cut = conversation_pieces(tokenizer, conv, cfg, row.where)
     return [t for piece, _ in pieces[:cut] for t in piece], pieces[cut:]

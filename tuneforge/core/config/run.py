@@ -91,7 +91,7 @@ class DataCfg:
     train_on_prompt: bool = False  # also put loss on the prompt tokens
     train_on_turns: Literal["all", "last"] = "all"  # which assistant turns of a conversation carry loss
     mask_reasoning: bool = False  # keep reasoning spans (<think>...</think>) of an answer out of the loss
-    roles: dict[str, str] | None = None  # ShareGPT's role names -> user/assistant/system/tool (merged with the usual)
+    roles: dict[str, str] | None = None  # role names (ShareGPT's, a message's) -> user/assistant/system/tool
 
     def __post_init__(self):
         if isinstance(self.path, list):  # a source given as its path alone takes every default
