@@ -114,7 +114,10 @@ def test_cli_estimate_writes_json_and_train_refuses_what_cannot_fit(tmp_path, ti
     assert est["peak_memory_bytes"] == sum(est["parts"].values())
     import tuneforge.training.run as run_module
 
+    assert "does not fit" not in capsys.readouterr().out
     monkeypatch.setattr(run_module, "available_memory", lambda device: 2**20)  # a machine with 1 MiB
+    assert cli.main(["estimate", str(path)]) == 0  # estimate says so, and what lowers it
+    assert "it does not fit: the run needs about" in capsys.readouterr().out.splitlines()[-1]
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "--force" in err and not (tmp_path / "out" / "checkpoints").exists()

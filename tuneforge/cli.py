@@ -90,10 +90,12 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from tuneforge.training.run import estimate_run
+    from tuneforge.training.run import estimate_run, shortfall
 
     est = estimate_run(config.from_yaml(args.config, args.set))
     print(est.describe())
+    if short := shortfall(est):
+        print(f"it does not fit: {short[0]}; to fit, {short[1]}. `tuneforge train` refuses it unless --force.")
     if args.json:
         write_text(args.json, json.dumps(est.as_dict(), indent=1))
 

@@ -495,24 +495,30 @@ def check_fits(est: Estimate, force: bool, processes: int = 1) -> None:
     ``processes`` share the device's memory (torchrun's processes on one CPU machine)."""
     print(f"tuneforge: {est.describe()}" + (f" (per process, {processes} processes)" if processes > 1 else ""),
           file=sys.stderr)
+    if (short := shortfall(est, processes)) and not force:
+        raise UserError(short[0], "train", fix=f"{short[1]}; or pass --force to try anyway")
+
+
+def shortfall(est: Estimate, processes: int = 1) -> tuple[str, str] | None:
+    """(how far the run's peak exceeds the memory the device has, what lowers its largest part), or None where it
+    fits or the device's memory is unknown. ``processes`` share it."""
     available = available_memory(resolve_device(est.device))
-    if available is not None:
-        available //= processes
-    if available is not None and est.peak_bytes > available and not force:
-        largest = max(est.parts, key=est.parts.get) if est.parts else None
-        raise UserError(f"the run needs about {est.peak_bytes / 2**30:.2f} GiB at its peak, and this machine has "
-                        f"{available / 2**30:.2f} GiB available"
-                        + (f"; the largest part is {largest.replace('_', ' ')}, {est.parts[largest] / 2**30:.2f} GiB"
-                           if largest else ""), "train", fix=LOWER.get(largest, LOWER["activations"]))
+    if available is None or est.peak_bytes <= available // processes:
+        return None
+    largest = max(est.parts, key=est.parts.get) if est.parts else None
+    return (f"the run needs about {est.peak_bytes / 2**30:.2f} GiB at its peak, and this machine has "
+            f"{available // processes / 2**30:.2f} GiB available"
+            + (f"; the largest part is {largest.replace('_', ' ')}, {est.parts[largest] / 2**30:.2f} GiB"
+               if largest else ""), LOWER.get(largest, LOWER["activations"]))
 
 
 # What lowers each part of the estimate's peak (``Estimate.parts``), for the refusal of a run that does not fit
 LOWER = {
     "train_state": "train fewer parameters (a smaller method.r, or LoRA or QLoRA rather than full fine-tuning: their "
-                   "gradients and optimizer state are the train state); or pass --force to try anyway",
-    "weights": "load a smaller model, or use method.name: qlora (4-bit weights); or pass --force to try anyway",
+                   "gradients and optimizer state are the train state)",
+    "weights": "load a smaller model, or use method.name: qlora (4-bit weights)",
     "activations": "lower train.batch_size (raise train.grad_accum to keep the step), data.max_length, or set "
-                   "train.gradient_checkpointing: true; or pass --force to try anyway",
+                   "train.gradient_checkpointing: true",
 }
 
 
