@@ -172,6 +172,19 @@ def test_a_table_read_as_text_says_it_is_a_table(tmp_path, tiny_tokenizer):
     assert "data.format" in info.value.line() and "data.text_column" in info.value.line()
 
 
+def test_a_table_without_a_header_row_is_pointed_at_data_columns(tmp_path, tiny_tokenizer):
+    """Its first line's values are taken for the column names: the error said "the row has: 1, 2.5, good
+    film" as if they were the row's fields, and pointed nowhere near data.columns."""
+    path = tmp_path / "scores.tsv"
+    path.write_text("".join(f"{i}\t{i % 3 - 1}.5\tfilm {i}\n" for i in range(1, 30)))
+    with pytest.raises(UserError) as info:
+        load_datasets(DataCfg(path=str(path), format="classification", label_column="score",
+                              score_thresholds=[0.0, 0.0]), tiny_tokenizer)
+    line = info.value.line()
+    assert "missing field" in line and "the fields the file's first line names: 1, 0.5, film 1" in line
+    assert "a file without a header row needs data.columns" in line
+
+
 # --- mixtures ---
 
 def test_mixture_counts_keep_the_weights_without_repeating():

@@ -49,11 +49,19 @@ def field(row: Row, name: str) -> Any:
     """``row[name]``, or a UserError that names the line and the fields the row does have. A null is
     missing too (Parquet and Arrow tables fill a key a row lacks with null): never the text "None"."""
     if row.get(name) is None:
-        present = ", ".join(str(key) for key, value in row.items() if value is not None) or "none"
+        present = ", ".join(_short(str(key)) for key, value in row.items() if value is not None) or "none"
         what = f"field '{name}' is null" if name in row else f"missing field '{name}'"
-        raise UserError(f"{what} (the row has: {present})", row.where,
-                        fix=f"give '{name}' a value in every row, or point the config at the right column")
+        fix = f"give '{name}' a value in every row, or point the config at the right column"
+        if Path(row.where.rsplit(":", 1)[0]).suffix.lower() in (".csv", ".tsv"):  # its header names the fields
+            present = f"the fields the file's first line names: {present}"
+            fix += "; a file without a header row needs data.columns, e.g. [id, score, text]"
+        raise UserError(f"{what} (the row has {present})" if present.startswith("the fields") else
+                        f"{what} (the row has: {present})", row.where, fix=fix)
     return row[name]
+
+
+def _short(name: str, most: int = 40) -> str:  # a field's name as an error shows it
+    return name if len(name) <= most else name[:most - 3] + "..."
 
 
 def as_text(value: Any, what: str, where: str) -> str:

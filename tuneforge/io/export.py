@@ -55,7 +55,8 @@ def hf_dtype(dtype: str) -> str:
     short = short_dtype(dtype)
     if short not in HF_DTYPES:
         raise UserError(f"a Hugging Face directory holds f32, f16 or bf16 weights, not {dtype!r}", "--dtype",
-                        fix="use f32 (float32), f16 (float16) or bf16 (bfloat16), or --format gguf for q8_0")
+                        fix="use f32 (float32), f16 (float16) or bf16 (bfloat16); for q8_0, write a GGUF file with "
+                            "tuneforge export --format gguf")
     return HF_DTYPES[short]
 
 

@@ -321,8 +321,8 @@ def _weights_format(path: Path, allow_pickle: bool) -> bool:
     if pickled and not allow_pickle:
         raise UserError(f"this model folder holds its weights only as a pickle ({pickled[0]}), and unpickling a "
                         "file can run code", str(path),
-                        fix="convert it to safetensors, or pass --allow-pickle (train: allow_pickle: true) to read it "
-                            "with torch's weights-only loader")
+                        fix="convert it to safetensors, or pass --allow-pickle (in a run's YAML, allow_pickle: true "
+                            "at the top level) to read it with torch's weights-only loader")
     return not pickled
 
 
