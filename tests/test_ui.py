@@ -70,7 +70,8 @@ def test_every_field_shows_its_type_default_and_the_comment_that_documents_it():
     assert train["train.eval_at_start"]["kind"] == "bool"
     prefix = {f["key"]: f for f in schema["methods"]["prefix"]}
     assert prefix["method.init_weights"]["choices"] == ["", "zero"]  # "" is null
-    assert prefix["method.token_dim"]["help"].startswith("The model's shape as PEFT records it")  # the class's docstring
+    # the class's docstring
+    assert prefix["method.token_dim"]["help"].startswith("The model's shape as PEFT records it")
     qlora = {f["key"]: f for f in schema["methods"]["qlora"]}
     assert qlora["method.r"]["help"] == "rank of the update"  # inherited from LoRA's config
 
@@ -201,7 +202,9 @@ def test_each_status_a_run_folder_can_be_in_and_what_the_page_says(folders):
             m = c.get("/api/runs/stopped/metrics").json()
             assert m["dropped"] == 1 and [r["step"] for r in m["records"]] == [2, 2]
             assert c.get("/api/runs/broken").json()["dropped"] == 1
-            assert c.post("/api/runs/done/resume", json={}).json()["error"].startswith("runs/done: this run has no")
+            refusal = c.post("/api/runs/done/resume", json={}).json()["error"]
+            assert refusal.startswith("runs/done: this run is finished")
+            assert c.post("/api/runs/broken/resume", json={}).json()["error"].startswith("runs/broken: this run has no")
             os.rename(folders / "runs" / "done", folders / "runs" / "gone")  # deleted while the page watches
             r = c.get("/api/runs/done")
             assert r.status_code == 404 and "there is no run named 'done'" in r.json()["error"]
@@ -209,6 +212,92 @@ def test_each_status_a_run_folder_can_be_in_and_what_the_page_says(folders):
             assert "gone" in {r["name"] for r in c.get("/api/runs").json()["runs"]}
     finally:
         os.close(fd)
+
+
+def test_resume_refuses_a_finished_run(folders):
+    """A finished run (summary.json written) keeps its checkpoints; resuming it would evaluate it again and
+    write its final/ and summary.json over."""
+    summary = json.dumps({"method": "lora", "steps": 10, "after": {"accuracy": 0.75}})
+    folder = fake_run(folders, "done", {"summary.json": summary, "final/adapter_config.json": "{}",
+                                        "checkpoints/step-0000010/state.json": "{}"})
+    with client(folders) as c:
+        r = c.post("/api/runs/done/resume", json={})
+        assert r.status_code == 400, r.text
+        assert r.json() == {"error": "runs/done: this run is finished (its summary.json is written): there is nothing "
+                                     "to resume; start a new run with its settings to train again", "key": None}
+    assert not (folders / "runs" / ".ui" / "done").exists()  # nothing was launched
+    assert (folder / "summary.json").read_text() == summary
+
+
+def test_the_best_figure_is_over_evaluations_after_training_began(folders):
+    """train.eval_at_start logs the untrained model's figures at step 0: they are not the run's best."""
+    def lines(*records):
+        return "".join(json.dumps(r) + "\n" for r in records)
+
+    start = {"step": 0, "eval_loss": 0.4, "eval_accuracy": 0.82}
+    fake_run(folders, "trained", {"metrics.jsonl": lines(start, {"step": 5, "loss": 1.0},
+                                                         {"step": 5, "eval_loss": 0.9, "eval_accuracy": 0.6})})
+    fake_run(folders, "losses", {"metrics.jsonl": lines(start, {"step": 5, "eval_loss": 0.9})})
+    fake_run(folders, "done", {"metrics.jsonl": lines(start, {"step": 5, "eval_accuracy": 0.6}),
+                               "summary.json": json.dumps({"steps": 10, "after": {"accuracy": 0.7}})})
+    fake_run(folders, "untrained", {"metrics.jsonl": lines(start)})
+    with client(folders) as c:
+        rows = {r["name"]: r["best"] for r in c.get("/api/runs").json()["runs"]}
+    assert rows == {"trained": ["accuracy", 0.6], "losses": ["eval loss", 0.9], "done": ["accuracy", 0.7],
+                    "untrained": ["accuracy before training", 0.82]}
+
+
+def test_the_data_list_offers_only_data_files(folders):
+    data = folders / "data"
+    for name in ("LICENSE-MIT.txt", "LICENSE-APACHE.txt", "LICENCE.txt", "README.md", "README.txt", "NOTICE",
+                 "notes.md", "config.yaml", "corpus.txt", "pairs.csv", "train.parquet", "chats.arrow", ".hidden.jsonl"):
+        (data / name).write_text("x\n")
+    saved = data / "saved"  # written by datasets' save_to_disk: read as a whole
+    saved.mkdir()
+    for name in ("state.json", "dataset_info.json", "data-00000-of-00001.arrow"):
+        (saved / name).write_text("{}")
+    with client(folders) as c:
+        files = c.get("/api/options").json()["data_files"]
+    assert files == ["data/chats.arrow", "data/corpus.txt", "data/pairs.csv", "data/reviews.jsonl",
+                     "data/train.parquet", "data/saved"]
+
+
+BAD_DATA = {  # (form values, the file it writes under data/ or None): what `tuneforge estimate` refuses
+    "a file that is not there": ({"data.path": "data/nothere.jsonl"}, None),
+    "a folder": ({"data.path": "data/tiny"}, None),
+    "a TSV without data.columns": ({"data.path": "data/reviews.tsv"}, "positive\tgood film\nnegative\tdull film\n" * 6),
+    "raw text that is not there": ({"data.path": "data/nothere.txt", "data.format": "text"}, None),
+    "no example short enough": ({"data.max_length": "2"}, None),
+    "an evaluation file that is not there": ({"data.eval_path": "data/held-out.jsonl"}, None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_the_estimate_and_start_read_the_data_as_the_cli_estimate_does(folders, capsys, case):
+    values, text = BAD_DATA[case]
+    if text is not None:
+        (folders / values["data.path"]).write_text(text)
+    cfg = config.from_dict(form.to_raw(lora_form(**values), "runs/a"))
+    (folders / "a.yaml").write_text(config.to_yaml(cfg))
+    capsys.readouterr()
+    assert cli.main(["estimate", "a.yaml"]) == 2
+    said = capsys.readouterr().err.strip().removeprefix("tuneforge: error: ")
+    key = "data.eval_path" if "data.eval_path" in values else "data.path"
+    with client(folders) as c:
+        for route in ("/api/estimate", "/api/start"):
+            r = c.post(route, json={"name": "a", "form": lora_form(**values)})
+            assert r.status_code == 400, (route, r.text)
+            assert r.json() == {"error": said, "key": key}, route  # the command line's line, on its field
+    assert not (folders / "runs" / "a").exists() and not (folders / "runs" / ".ui" / "a").exists()
+
+
+def test_the_estimate_counts_the_training_examples_the_run_will_have(folders):
+    (folders / "data" / "reviews.tsv").write_text("".join(f"{r['label']}\t{r['text']}\n" for r in sentiment_rows(12)))
+    with client(folders) as c:
+        for values, n in [({}, 22), ({"data.max_examples": "5"}, 5),
+                          ({"data.path": "data/reviews.tsv", "data.columns": "[label, text]"}, 22)]:
+            r = c.post("/api/estimate", json={"name": "a", "form": lora_form(**values)})
+            assert r.status_code == 200 and r.json()["n_examples"] == n, (values, r.text)
 
 
 def test_compare_tabulates_finished_runs_from_their_summaries(folders):
@@ -276,16 +365,46 @@ def test_a_run_is_started_stopped_with_sigint_and_resumed_as_a_child_process(fol
     assert [launch["exit"] for launch in launches] == [130, 130]
 
 
+def test_stop_after_a_restart_signals_the_run_an_earlier_page_launched_once_it_is_verified(folders):
+    """A run launched by an earlier `tuneforge ui` runs in a session of its own, with no terminal: the page
+    started again stops it, once /proc shows the very process launch.json recorded (its pid and start
+    time, the command the page launches, the page's working folder); else it says the pid and the command."""
+    earlier = App(folders / "runs", [folders / "data"], cwd=folders)
+    body = {"name": "r1", "form": lora_form(**{"method.r": "2", "train.max_steps": "100000", "train.batch_size": "2",
+                                               "train.logging_steps": "1"})}
+    assert served(earlier).post("/api/start", json=body).status_code == 200
+    c = served(App(folders / "runs", [folders / "data"], cwd=folders))  # the page started again
+    wait_until(lambda: any("loss" in r for r in c.get("/api/runs/r1/metrics").json()["records"]), "a logged step")
+    record = folders / "runs" / ".ui" / "r1" / "launch.json"
+    launches = json.loads(record.read_text())["launches"]
+    pid = launches[-1]["pid"]
+    # the same pid, started at another time: a pid used again, which is never signalled
+    record.write_text(json.dumps({"launches": [{**launches[-1], "ticks": launches[-1]["ticks"] + 1}]}))
+    run = c.get("/api/runs/r1").json()
+    assert run["status"] == "running" and run["stoppable"] is False and f"kill -INT {pid}" in run["stop_note"]
+    r = c.post("/api/runs/r1/stop", json={})
+    assert r.status_code == 400 and f"its lock names process {pid}: if that is the run, kill -INT {pid} stops it" \
+        in r.json()["error"], r.text
+    assert earlier.runs.child("r1") is not None  # still training
+    record.write_text(json.dumps({"launches": launches}))
+    assert c.get("/api/runs/r1").json()["stoppable"] is True
+    r = c.post("/api/runs/r1/stop", json={})
+    assert r.status_code == 200 and r.json() == {"stopped": pid}, r.text
+    assert earlier.runs.wait("r1", timeout=60) == 130  # saved a checkpoint and exited as after Ctrl-C
+    assert any((folders / "runs" / "r1" / "checkpoints").glob("step-*"))
+    assert c.get("/api/runs/r1").json()["status"] == "interrupted"
+
+
 def test_a_run_that_fails_keeps_its_log_and_the_page_says_why(folders):
     app = App(folders / "runs", [folders / "data"], cwd=folders)
     c = served(app)
-    # valid for the parser, but the child finds no example short enough to keep
-    r = c.post("/api/start", json={"name": "bad", "form": lora_form(**{"data.max_length": "2"})})
+    # valid for the parser and its data, but the child finds no adapter to start from
+    r = c.post("/api/start", json={"name": "bad", "form": lora_form(**{"train.start_from": "data/tiny"})})
     assert r.status_code == 200, r.text
     assert app.runs.wait("bad", timeout=60) == 2
     run = c.get("/api/runs/bad").json()
     assert run["status"] == "failed" and "exited with code 2" in run["detail"]
-    assert "tuneforge: error: data/reviews.jsonl: no training examples are left" in run["log"]
+    assert "tuneforge: error: data/tiny: no adapter_config.json here" in run["log"]
     assert c.get("/api/runs").status_code == 200  # the server goes on
 
 
@@ -309,6 +428,7 @@ def test_try_a_feature_classifier_labels_a_text_and_refuses_to_generate(folders)
 def test_the_ui_command_names_a_bad_folder_or_a_busy_port_in_one_line(folders, capsys):
     assert cli.main(["ui", "--data", "no-such-folder", "--port", "0"]) == 2
     assert "--data no-such-folder: no such folder" in capsys.readouterr().err
+    assert not (folders / "runs").exists()  # the arguments are checked before the runs folder is made
     import socket
 
     with socket.socket() as busy:

@@ -108,7 +108,8 @@ def fields_of(cls, prefix: str) -> list[dict]:
 @functools.cache
 def schema() -> dict:
     """Every field the form shows: the run's own keys, each section's, and each method's."""
-    return {"run": fields_of(RunCfg, ""), "sections": {name: fields_of(cls, f"{name}.") for name, cls in SECTIONS.items()},
+    return {"run": fields_of(RunCfg, ""),
+            "sections": {name: fields_of(cls, f"{name}.") for name, cls in SECTIONS.items()},
             "methods": {name: fields_of(row.config, "method.") for name, row in METHODS.items()},
             "method_help": field_docs(config.MethodCfg)["name"]}
 

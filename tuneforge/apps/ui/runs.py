@@ -4,16 +4,17 @@ the page launches (``tuneforge train CONFIG``, ``--resume``) and stops (SIGINT, 
 A run's folder (RUNS/NAME) is written by the run alone: ``tuneforge train`` refuses a folder that
 already holds anything. So what the page keeps about a run it launched lives beside it, in
 RUNS/.ui/NAME/: config.yaml (the resolved config it launched, written atomically), log.txt (the
-child's output) and launch.json (each launch's command, pid and exit code).
+child's output) and launch.json (each launch's command, pid, the process's start time and exit code).
 
-Status: running (the page's child is alive, or the run's lock is held), finished (summary.json),
-interrupted (a complete checkpoint, no summary), failed (no checkpoint, and the child exited
-non-zero or never made the folder). Every reader tolerates a folder that changes or goes while it
-reads, and files of any shape in it.
+Status: running (the page's child or an earlier page's is alive, or the run's lock is held),
+finished (summary.json), interrupted (a complete checkpoint, no summary), failed (no checkpoint, and
+the child exited non-zero or never made the folder). Every reader tolerates a folder that changes or
+goes while it reads, and files of any shape in it.
 
-The page acts only inside the runs folder and only on processes it started: a link there (a run
-folder, RUNS/.ui, a file in a run) is never followed, and Stop signals the page's own children, never
-a pid a lock file names, since anyone who can write the runs folder can write that pid.
+The page acts only inside the runs folder and only on processes a page started: a link there (a run
+folder, RUNS/.ui, a file in a run) is never followed, and Stop signals the page's own children, or a
+child an earlier page launched once /proc shows it is that very process (see ``Runs.earlier_child``),
+never a pid a lock file names, since anyone who can write the runs folder can write that pid.
 """
 
 from __future__ import annotations
@@ -100,6 +101,27 @@ def _pid_alive(pid: int) -> bool:
     return pid > 0
 
 
+def proc_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (field 22 of /proc/PID/stat); None where
+    /proc has no such process (or no /proc). With the pid it names one process: a pid used again is a
+    process that started later."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+        return int(text[text.rindex(")") + 2:].split()[19])  # the name, field 2, is in parentheses
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_command(pid: int) -> tuple[list[str], Path] | None:
+    """(the command line, the working folder) of process ``pid``, from /proc; None where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+    return raw.decode("utf-8", errors="replace").split("\0")[:-1], cwd
+
+
 def lock_holder(folder: Path) -> int | None:
     """The pid of the run writing ``folder``, if one is: its lock file names a live process that
     holds the lock. (A probe is taken only when that process lives, so a run starting in a folder a
@@ -118,6 +140,25 @@ def lock_holder(folder: Path) -> int | None:
     finally:
         os.close(fd)  # closing it drops the probe's lock, if it got one
     return None
+
+
+def _signal_checked(pid: int, signum: int, check: Callable[[], bool]) -> bool:
+    """Send ``signum`` to process ``pid`` if ``check()`` holds once a pidfd on it is open: a pid used
+    again after the check cannot get the signal. False (nothing sent) where it does not hold, the
+    process is gone, or the system has no pidfd."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return False
+    try:
+        if not check():
+            return False
+        signal.pidfd_send_signal(fd, signum)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _exit_text(code) -> str:
@@ -248,10 +289,33 @@ class Runs:
             child = self._children.get(name)
         return child if child is not None and child.poll() is None else None
 
+    def earlier_child(self, name: str) -> int | None:
+        """The pid of the child an earlier page (an earlier `tuneforge ui` on this runs folder) launched for
+        this run, if that very process still runs: launch.json's last launch has no exit code, and /proc
+        shows the process with its pid started when it recorded (so the pid was not used again), runs
+        the command the page launches for this run, and runs in this page's working folder. Else None,
+        as where there is no /proc."""
+        launches = self.launches(name)
+        last = launches[-1] if launches else {}
+        pid, ticks = last.get("pid"), last.get("ticks")
+        if last.get("exit") is not None or type(pid) is not int or pid <= 0 or type(ticks) is not int:
+            return None
+        if last.get("command") not in (["tuneforge", *args] for args in self._commands(name)):
+            return None
+        if proc_start(pid) != ticks:
+            return None
+        seen = proc_command(pid)
+        if seen is None or seen[0][1:] != ["-m", *last["command"]] or seen[1] != self.cwd:
+            return None
+        return pid
+
     def running(self, name: str) -> int | None:
-        """The pid of the process running this run (the page's child, or whoever holds its lock)."""
+        """The pid of the process running this run (the page's child, an earlier page's, or whoever holds
+        its lock)."""
         child = self.child(name)
-        return child.pid if child is not None else lock_holder(self.folder(name))
+        if child is not None:
+            return child.pid
+        return self.earlier_child(name) or lock_holder(self.folder(name))
 
     def status(self, name: str) -> tuple[str, str]:
         """(running | finished | interrupted | failed, a sentence saying what the files show)."""
@@ -281,16 +345,12 @@ class Runs:
         method, data = cfg.get("method", {}), _section(cfg, "data")
         summary = self.summary(name) or {}
         records, _ = self.metrics(name)
-        accuracies = [r["eval_accuracy"] for r in records if finite(r.get("eval_accuracy"))]
-        losses = [r["eval_loss"] for r in records if finite(r.get("eval_loss"))]
+        best = _best(r for r in records if not (finite(r.get("step")) and r["step"] < 1))
         after = _section(summary, "after")
-        accuracies += [after["accuracy"]] if finite(after.get("accuracy")) else []
-        if accuracies:
-            best = ("accuracy", max(accuracies))
-        elif losses:
-            best = ("eval loss", min(losses))
-        else:
-            best = None
+        if finite(after.get("accuracy")) and (best is None or best[0] != "accuracy" or after["accuracy"] > best[1]):
+            best = ("accuracy", after["accuracy"])
+        if best is None and (before := _best(records)) is not None:  # only train.eval_at_start's, at step 0
+            best = (f"{before[0]} before training", before[1])
         seconds = summary.get("seconds", next((r["seconds"] for r in reversed(records) if "seconds" in r), None))
         steps = summary.get("steps", records[-1]["step"] if records else None)
         return {"name": name, "method": method.get("name") if isinstance(method, dict) else method,
@@ -313,7 +373,7 @@ class Runs:
             raise UserError(f"there is already a run named {name!r}", self.display(folder),
                             fix="choose another run name")
         write_text(side / "config.yaml", cfg_yaml)
-        self._launch(name, ["train", self.display(side / "config.yaml")])
+        self._launch(name, self._commands(name)[0])
 
     def resume(self, name: str, check: Callable[[Path], None]) -> None:
         """``tuneforge train CONFIG --resume`` on the config the run recorded, into its own folder, once
@@ -321,6 +381,9 @@ class Runs:
         folder = self.folder(name)
         if self.running(name) is not None:
             raise UserError("this run is still running", self.display(folder), fix="stop it first")
+        if (folder / "summary.json").is_file():
+            raise UserError("this run is finished (its summary.json is written): there is nothing to resume",
+                            self.display(folder), fix="start a new run with its settings to train again")
         if (link := first_link(folder)) is not None:
             raise UserError("a link in the run's folder, which this page does not follow (the run would write "
                             "through it)", self.display(link.parent) + "/" + link.name,
@@ -329,21 +392,38 @@ class Runs:
             raise UserError("this run has no checkpoint to resume from", self.display(folder),
                             fix="start a new run with its settings")
         check(folder / "config.yaml")
-        self._launch(name, ["train", self.display(folder / "config.yaml"), "--resume", "--set",
-                            f"train.output_dir={self.display(folder)}"])
+        self._launch(name, self._commands(name)[1])
+
+    def _commands(self, name: str) -> list[list[str]]:
+        """The two commands the page launches for a run (after ``tuneforge``): start, and resume."""
+        folder = self.folder(name)
+        return [["train", self.display(self.side(name) / "config.yaml")],
+                ["train", self.display(folder / "config.yaml"), "--resume", "--set",
+                 f"train.output_dir={self.display(folder)}"]]
 
     def stop(self, name: str) -> int:
-        """SIGINT to the run's process, which this page started: it saves a checkpoint and exits 130, as
-        after Ctrl-C. A run another process started is stopped where it runs: the pid its lock file names
-        is whatever that file says."""
+        """SIGINT to the run's process, as Ctrl-C: it saves a checkpoint and exits 130. The process is this
+        page's child, or the child an earlier page launched (``earlier_child``; the signal goes through a
+        pidfd opened before that check, so it reaches that process or none). A run another process
+        started is stopped where it runs: the pid its lock file names is whatever that file says."""
         child = self.child(name)
-        if child is None:
-            elsewhere = self.running(name) is not None
-            raise UserError("this run was not started by this page" if elsewhere else "this run is not running",
-                            self.display(self.folder(name)),
-                            fix="stop it where it was started (Ctrl-C in its terminal)" if elsewhere else None)
-        child.send_signal(signal.SIGINT)
-        return child.pid
+        if child is not None:
+            child.send_signal(signal.SIGINT)
+            return child.pid
+        pid = self.earlier_child(name)
+        if pid is not None and _signal_checked(pid, signal.SIGINT, lambda: self.earlier_child(name) == pid):
+            return pid
+        raise self.not_stoppable(name)
+
+    def not_stoppable(self, name: str) -> UserError:
+        """Why Stop cannot act on this run, and what will stop it."""
+        pid = self.running(name)
+        if pid is None:
+            return UserError("this run is not running", self.display(self.folder(name)))
+        return UserError("this run was not started by this page (nor by an earlier page, in a process it can "
+                         "verify)", self.display(self.folder(name)),
+                         fix=f"its lock names process {pid}: if that is the run, kill -INT {pid} stops it and saves "
+                             "a checkpoint, as Ctrl-C in the terminal it was started in does")
 
     def _launch(self, name: str, args: list[str]) -> None:
         side = self.side(name)
@@ -361,7 +441,7 @@ class Runs:
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
             self._children[name] = child
             launches = self.launches(name) + [{"command": ["tuneforge", *args], "pid": child.pid,
-                                               "started": time.time(), "exit": None}]
+                                               "ticks": proc_start(child.pid), "started": time.time(), "exit": None}]
             self._record(side, launches)
         threading.Thread(target=self._reap, args=(name, child), daemon=True).start()
 
@@ -390,6 +470,14 @@ class Runs:
         while self.launches(name) and self.launches(name)[-1].get("exit") is None and time.monotonic() < deadline:
             time.sleep(0.02)  # the reaper writes launch.json just after the exit
         return code
+
+
+def _best(records) -> tuple[str, float] | None:
+    """The best held-out figure of ``records``: the highest accuracy, else the lowest evaluation loss."""
+    records = list(records)
+    accuracies = [r["eval_accuracy"] for r in records if finite(r.get("eval_accuracy"))]
+    losses = [r["eval_loss"] for r in records if finite(r.get("eval_loss"))]
+    return ("accuracy", max(accuracies)) if accuracies else ("eval loss", min(losses)) if losses else None
 
 
 def data_name(path) -> str | None:

@@ -15,10 +15,12 @@ folder or a data folder given on the command line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -39,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 from tuneforge.core import config
 from tuneforge.core.config import RunCfg
 from tuneforge.core.errors import UserError
+from tuneforge.data.readers import ARROW_SUFFIXES, JSON_SUFFIXES, PARQUET_SUFFIXES, TABLE_SUFFIXES, file_kind
 from tuneforge.apps.ui import form
 from tuneforge.apps.ui.runs import SIDE, Runs, finite, inside
 
@@ -47,12 +50,26 @@ LOCAL_NAMES = {"127.0.0.1", "localhost", "::1"}
 COOKIE, HEADER = "tuneforge_token", "x-tuneforge-token"
 MAX_BODY = 1 << 20  # bytes of a request's body: a form is a few KiB; more is refused (413), not read
 MAX_DEPTH = 32  # levels of nesting a JSON answer keeps: more than anything the page shows
-DATA_SUFFIXES = {".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt"}
+# The files the data list offers: those the data readers read by their name, and plain text, less the files
+# beside data that are not data (a licence, a readme); a `datasets` folder (save_to_disk) is offered as one entry.
+DATA_SUFFIXES = {*JSON_SUFFIXES, *TABLE_SUFFIXES, *PARQUET_SUFFIXES, *ARROW_SUFFIXES, ".txt"}
+DATASETS_MARKS = {"dataset_dict.json", "state.json", "dataset_info.json"}
+NOT_DATA = ("license", "licence", "copying", "notice", "readme", "changelog", "changes", "authors", "contributing",
+            "citation")
 SCAN_DEPTH, SCAN_LIMIT = 4, 500  # how deep and how many entries the lists of models and data files look
 
 
 class NotFound(UserError):
     """A run or file that is not there: said on the page with status 404."""
+
+
+class FieldError(UserError):
+    """A UserError said in the words the command line uses, with the form's field it is about (``key``)
+    marked on the page."""
+
+    def __init__(self, error: UserError, key: str | None):
+        super().__init__(error.what, error.where, error.fix)
+        self.key = key
 
 
 class TooLarge(UserError):
@@ -202,24 +219,27 @@ class App:
     """What the routes share: the folders, the runs, the estimator and the Try page's model."""
 
     def __init__(self, runs_dir: str | Path, data_dirs: list[str | Path], cwd: str | Path | None = None):
-        if Path(cwd or os.getcwd(), runs_dir).is_file():
+        # Every argument is checked before the runs folder is made: a mistake leaves nothing behind.
+        cwd = Path(cwd or os.getcwd()).resolve()
+        if Path(cwd, runs_dir).is_file():
             raise UserError("is a file, not a folder", f"--runs {runs_dir}",
                             fix="name a folder for the runs (it is made if it is missing)")
+        self.data_dirs = []
+        for d in data_dirs:
+            path = Path(cwd, d).resolve()
+            if not path.is_dir():
+                raise UserError("no such folder", f"--data {d}", fix="name a folder that holds data files or models")
+            self.data_dirs.append(path)
         try:
             self.runs = Runs(runs_dir, cwd)
         except OSError as exc:
             raise UserError(f"cannot make the folder: {exc.strerror}", f"--runs {runs_dir}",
                             fix="name a folder you can write") from None
-        self.data_dirs = []
-        for d in data_dirs:
-            path = Path(self.runs.cwd, d).resolve()
-            if not path.is_dir():
-                raise UserError("no such folder", f"--data {d}", fix="name a folder that holds data files or models")
-            self.data_dirs.append(path)
         self.roots = [self.runs.root, *self.data_dirs]
         self.estimator = Estimator()
         self._playground = None
-        self._rows: dict[tuple, int] = {}
+        self._examples: dict[tuple, int] = {}  # training examples, by what was read (see ``examples``)
+        self._reading = threading.Lock()
 
     @property
     def playground(self):
@@ -259,11 +279,15 @@ class App:
                     models.append(self.runs.display(folder))
                     dirs[:] = []
                     continue
+                if DATASETS_MARKS & set(names) and datasets_folder(Path(folder)):  # read as a whole
+                    files.append(self.runs.display(folder))
+                    dirs[:] = []
+                    continue
                 for n in sorted(names):
                     suffix = Path(n).suffix.lower()
                     if suffix == ".gguf":
                         models.append(self.runs.display(Path(folder, n)))
-                    elif suffix in DATA_SUFFIXES and not n.startswith("."):
+                    elif suffix in DATA_SUFFIXES and not n.startswith(".") and not n.lower().startswith(NOT_DATA):
                         files.append(self.runs.display(Path(folder, n)))
         for name in self.runs.names():  # a full fine-tuning run's result is a model folder
             if (self.runs.folder(name) / "final" / "config.json").is_file():
@@ -275,7 +299,8 @@ class App:
 
         models, files = self.scan()
         return {"models": [*NAMED_MODELS, *models], "data_files": files, "schema": form.schema(),
-                "runs_dir": self.runs.display(self.runs.root), "data_dirs": [self.runs.display(d) for d in self.data_dirs]}
+                "runs_dir": self.runs.display(self.runs.root),
+                "data_dirs": [self.runs.display(d) for d in self.data_dirs]}
 
     def resolve(self, body: dict) -> tuple[str, RunCfg]:
         """(run name, config) from the form, every path in it checked; UserError otherwise."""
@@ -292,23 +317,46 @@ class App:
         """Resume a run, once the files its config.yaml names are checked as a new run's are."""
         self.runs.resume(name, lambda path: self.check(config.from_yaml(path), self.runs.display(path)))
 
-    def examples(self, cfg: RunCfg) -> int | None:
-        """About how many training examples the run will have (rows after the split and the cap), so
-        the estimate can give the time per run; None for raw text, which is cut into blocks."""
-        if cfg.data.format == "text" or not isinstance(cfg.data.path, str):  # a mixture is sized when it is built
+    def examples(self, cfg: RunCfg, starting: bool = False) -> int | None:
+        """The data read as `tuneforge estimate` reads it before a run (``load_datasets`` on the model's
+        tokenizer), so that what would stop the run at once (a missing file, a folder, a table without the
+        columns its format reads, no example short enough) is the command line's one line, marking its
+        field, before anything starts. Returns how many training examples the run will have (after the
+        split, the length limit and the cap), so the estimate can give the time per run; None for raw
+        text, which is cut into blocks, and, unless ``starting``, while no data file is chosen."""
+        if not cfg.data.path and not starting:
             return None
-        from tuneforge.data.readers import read_rows, split_rows
+        from tuneforge.data import load_datasets
+        from tuneforge.io.load import NAMED_MODELS, load_tokenizer
 
-        path = Path(self.runs.cwd, cfg.data.path)
-        try:
-            key = (str(path), path.stat().st_mtime_ns, cfg.data.val_fraction, bool(cfg.data.eval_path))
-        except OSError:
-            raise UserError("no such data file", f"{form.SOURCE}: key 'data.path'", fix="choose a file from the list")
-        if key not in self._rows:
-            rows = read_rows(path, cfg.data)
-            self._rows[key] = len(rows if cfg.data.eval_path else split_rows(rows, cfg.data.val_fraction, cfg.train.seed)[0])
-        n = self._rows[key]
-        return min(n, cfg.data.max_examples) if cfg.data.max_examples else n
+        here = {}  # each file's path as it is read here (from the working folder) -> (its key, as the form wrote it)
+
+        def place(key: str, written: str) -> str:
+            path = str(Path(self.runs.cwd, written))
+            here.setdefault(path, (key, written))
+            return path
+
+        data = cfg.data
+        if isinstance(data.path, list):
+            data = dataclasses.replace(data, path=[dataclasses.replace(s, path=place("data.path", s.path))
+                                                   for s in data.path])
+        elif data.path:
+            data = dataclasses.replace(data, path=place("data.path", data.path))
+        if data.eval_path:
+            data = dataclasses.replace(data, eval_path=place("data.eval_path", data.eval_path))
+        model = cfg.model if cfg.model in NAMED_MODELS else place("model", cfg.model)
+        key = (repr(data), model, cfg.train.seed, *(_stamp(path) for path in here))
+        with self._reading:  # one read at a time: the form asks again for every change, and a read can be long
+            n = self._examples.get(key)
+            if n is None:
+                try:
+                    n = len(load_datasets(data, load_tokenizer(model), seed=cfg.train.seed).train)
+                except UserError as exc:
+                    raise _field_error(exc, here) from None
+                if len(self._examples) >= 256:
+                    self._examples.clear()
+                self._examples[key] = n
+        return None if cfg.data.format == "text" else n
 
     # --- the Compare page --------------------------------------------------------------------
     def compare(self, names: list[str]) -> dict:
@@ -347,6 +395,36 @@ class App:
         return self.runs.inside(self.runs.root / SIDE / ".compare" / key)
 
 
+def datasets_folder(folder: Path) -> bool:
+    """Whether ``folder`` is one the data readers read as a whole: a `datasets` folder (save_to_disk)."""
+    try:
+        return file_kind(folder) == "datasets"
+    except UserError:
+        return False
+
+
+def _stamp(path: str) -> tuple:
+    """What changes when the file at ``path`` is written (a folder: when an entry is added or removed), to
+    know when to read it again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path,)
+    return path, st.st_mtime_ns, st.st_size
+
+
+def _field_error(exc: UserError, here: dict[str, tuple[str, str]]) -> FieldError:
+    """``exc``, raised while the data was read, said of the form's field at fault: an error about a file
+    (``where`` starts with its path as it was read, a key of ``here``) names the path as the form wrote it
+    and marks that file's key; an error about a key (``data.max_length``) marks that key."""
+    where = exc.where or ""
+    for path in sorted(here, key=len, reverse=True):
+        if where == path or where.startswith((path + ":", path + "/")):
+            key, written = here[path]
+            return FieldError(UserError(exc.what, written + where[len(path):], exc.fix), key)
+    return FieldError(exc, where if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", where) else None)
+
+
 async def _body(request: Request) -> dict:
     try:
         body = await request.json()
@@ -360,7 +438,8 @@ async def _body(request: Request) -> dict:
 
 
 def _error(exc: UserError) -> Json:
-    return Json({"error": exc.line(), "key": form.error_key(exc.where)}, status_code=STATUS.get(type(exc), 400))
+    key = exc.key if isinstance(exc, FieldError) else form.error_key(exc.where)
+    return Json({"error": exc.line(), "key": key}, status_code=STATUS.get(type(exc), 400))
 
 
 def create_app(runs_dir: str | Path, data_dirs: list[str | Path], *, token: str, local: bool = True,
@@ -398,8 +477,13 @@ def build(app: App, token: str, local: bool) -> Gate:
     async def estimate(request):
         return Json(await run_in_threadpool(estimate_sync, await _body(request)))
 
+    def start_checked(body: dict) -> tuple[str, RunCfg]:
+        name, cfg = app.resolve(body)
+        app.examples(cfg, starting=True)  # what would stop the run at once stops it here, the run name unused
+        return name, cfg
+
     async def start(request):
-        name, cfg = await run_in_threadpool(app.resolve, await _body(request))
+        name, cfg = await run_in_threadpool(start_checked, await _body(request))
         runs.start(name, config.to_yaml(cfg))
         return Json({"name": name, "url": f"/runs/{name}"})
 
@@ -416,9 +500,11 @@ def build(app: App, token: str, local: bool) -> Gate:
         name = known(request.path_params["name"])
         row = runs.row(name)
         records, dropped = runs.metrics(name)
+        stoppable = runs.child(name) is not None or runs.earlier_child(name) is not None
         return Json({**row, "config": runs.config_text(name), "summary": runs.summary(name), "log": runs.log(name),
-                     "launched_here": runs.side(name).is_dir(), "stoppable": runs.child(name) is not None,
-                     "folder": runs.display(runs.folder(name)), "dropped": dropped})
+                     "launched_here": runs.side(name).is_dir(), "stoppable": stoppable,
+                     "stop_note": runs.not_stoppable(name).line() if row["status"] == "running" and not stoppable
+                     else None, "folder": runs.display(runs.folder(name)), "dropped": dropped})
 
     def run_metrics(request):
         name = known(request.path_params["name"])

@@ -175,9 +175,9 @@ function estimateFigures(e, values) {
   ];
   return el("div", {}, el("dl", { class: "figures", id: "estimate" },
             rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { "data-figure": k, text: v })])),
-            el("small", { class: "muted", text: "tuneforge estimate's figures before the data is read: every example " +
-              "is taken to fill data.max_length, so memory and time are upper bounds; the run prints its own " +
-              "estimate from the real lengths." }));
+            el("small", { class: "muted", text: "tuneforge estimate's figures with every example taken to fill " +
+              "data.max_length, so memory and time are upper bounds (the data is read only to check it and count " +
+              "its examples); the run prints its own estimate from the real lengths." }));
 }
 
 async function newRunPage() {
@@ -244,7 +244,9 @@ async function newRunPage() {
       showError(errorBox, err);
       const input = err.key && form.querySelector(`[name="${CSS.escape(err.key)}"]`);
       if (input) input.classList.add("invalid");
-      start.disabled = !resolvedOk;  // a config that resolved may start even if its estimate failed
+      // A config that resolved may start even if its estimate failed, unless the error names a field (the
+      // data as the run would read it: a missing file, a table without its columns), which Start refuses too.
+      start.disabled = !resolvedOk || Boolean(err.key);
       yaml.classList.toggle("stale", !resolvedOk);  // the last config that resolved, dimmed
       estimateBox.replaceChildren(el("p", { class: "muted",
         text: resolvedOk ? "no estimate: see the error" : "no estimate while the form has an error" }));
@@ -393,10 +395,11 @@ async function runPage(name) {
     const notes = [];
     if (run.dropped) notes.push(`metrics.jsonl: ${run.dropped} torn or malformed line(s) skipped`);
     if (!run.launched_here) notes.push("This run was not started from this page, so its log is not here.");
+    if (run.stop_note) notes.push(`Stop: ${run.stop_note}.`);
     message.textContent = notes.join(" ");
     message.hidden = !notes.length;
-    stop.disabled = !run.stoppable;  // only a run this page started: another is stopped where it runs
-    stop.title = run.status === "running" && !run.stoppable ? "started elsewhere: stop it where it runs" : "";
+    stop.disabled = !run.stoppable;  // only a run a page started, that very process: another is stopped where it runs
+    stop.title = run.stop_note || "";
     resume.disabled = run.status !== "interrupted";
     tryLink.hidden = !run.has_result || run.status === "running";
     if (run.summary) summaryBox.replaceChildren(summaryTable(run.summary));
