@@ -50,9 +50,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> None:
     cfg = config.from_yaml(args.config, args.set)
     if cfg.compare.methods:  # a comparison's rows are checked too, and shown as they will run
-        from tuneforge.apps.compare import as_compared
+        from tuneforge.apps.compare import as_compared, row_places
 
-        print(as_compared(cfg), end="")
+        print(as_compared(cfg, row_places(args.config, args.set)), end="")
     else:
         print(config.to_yaml(cfg), end="")
 
@@ -272,10 +272,10 @@ def _write_json(args: argparse.Namespace, metrics: dict) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from tuneforge.apps.compare import RowsFailed, compare
+    from tuneforge.apps.compare import RowsFailed, compare, row_places
 
     cfg = config.from_yaml(args.config, args.set)
-    results = compare(cfg)
+    results = compare(cfg, places=row_places(args.config, args.set))
     table = Path(cfg.compare.output_dir) / "compare.md"
     print(table.read_text(), end="")
     print(f"table, chart and one folder per row in {cfg.compare.output_dir}")

@@ -8,34 +8,48 @@ compare.png (accuracy against trainable parameters).
 
 Every row is checked before the first one runs (``rows``; `tuneforge config` checks them too), and the
 config.yaml beside the table holds the rows as they ran, each default filled in. Model code loads only
-when a row runs, so checking a comparison is quick.
+when a row runs, so checking a comparison is quick. An error in a row names the row and, given ``places``
+(``row_places``), the file and line of its key, or the ``--set`` that gave the rows.
+
+Ctrl-C (or SIGTERM) stops a comparison with one line naming the rows that finished (compare.md and
+compare.csv hold them) and exit code 130 (143): the row processes start with both signals blocked and take
+them with ``sigwait``, so a Ctrl-C to the process group ends a row at once, without a traceback or the
+training loop's checkpoint line; compare passes a signal sent to it alone on to the row. A comparison is
+not continued: it runs again in a new folder.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import io
 import multiprocessing
+import os
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import yaml
 
 from tuneforge.core import config as config_mod
 from tuneforge.core.atomic import atomic_path, write_text
-from tuneforge.core.config import RunCfg, Where, build
+from tuneforge.core.config import RunCfg, TrainCfg, Where, build
+from tuneforge.core.config.methods import METHODS
 from tuneforge.core.errors import UserError
+from tuneforge.training.interrupts import Interrupted
 
 ICL_ROWS = {"zero-shot", "few-shot"}
 ICL_KEYS = {"shots", "mode", "strategy", "calibrate"}
 ZERO_SHOT_KEYS = {"mode", "calibrate"}  # a zero-shot row has no demonstrations to count or choose
+STOPS = {signal.SIGINT, signal.SIGTERM}  # each stops a comparison: Ctrl-C, and what schedulers send
 COLUMNS = ["label", "method", "accuracy", "macro_f1", "transfer_accuracy", "trainable_params", "peak_memory_mb",
            "train_seconds", "infer_ms_per_example", "artifact_mb", "error"]
 
@@ -61,6 +75,84 @@ class RowsFailed(UserError):
     exit_code = 1
 
 
+@dataclass(frozen=True)
+class Places:
+    """Where the rows of ``compare.methods`` were written, for their errors: ``source`` is the YAML file, or
+    ``--set compare.methods`` when the command line gave the rows; ``lines`` holds each row's lines, by the
+    key as the row writes it (``name``, ``r``, ``train.learning_rate``; ``""``: the row's first line)."""
+
+    source: str | None = None
+    lines: tuple[Mapping[str, int], ...] = ()
+
+    def row(self, i: int, label: str) -> RowWhere:
+        return RowWhere(label, self.source, self.lines[i] if i < len(self.lines) else None)
+
+    def methods(self, i: int) -> str:
+        """Names row ``i`` as a value of ``compare.methods``, where no row's name is to blame."""
+        if self.source is None or self.source.startswith("--set "):
+            return self.source or "compare.methods"
+        line = self.lines[i].get("") if i < len(self.lines) else None
+        return f"{self.source}:{line}: key 'compare.methods'" if line else f"{self.source}: key 'compare.methods'"
+
+
+def row_places(path: str | Path, overrides: list[str] = ()) -> Places:
+    """Where the rows of the comparison in the YAML file ``path``, with ``--set`` ``overrides``, were written."""
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    given = [key for key in keys if key in ("compare", "compare.methods")]
+    if given:  # the last such --set replaced the rows the file holds
+        return Places(f"--set {given[-1]}")
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return Places(str(path))
+    methods = _value(_value(node, "compare"), "methods")
+    items = methods.value if isinstance(methods, yaml.SequenceNode) else []
+    return Places(str(path), tuple(_row_lines(item) for item in items))
+
+
+def _value(node, key: str):
+    """The node under ``key`` in the YAML mapping ``node``; None where there is none."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+
+
+def _row_lines(node) -> dict[str, int]:
+    lines = {"": node.start_mark.line + 1}
+    pairs = node.value if isinstance(node, yaml.MappingNode) else []
+    for key, value in pairs:
+        lines[str(key.value)] = key.start_mark.line + 1
+        if key.value == "train" and isinstance(value, yaml.MappingNode):
+            lines.update({f"train.{k.value}": k.start_mark.line + 1 for k, _ in value.value})
+    return lines
+
+
+class RowWhere(Where):
+    """Names a key of one compare row: ``FILE:LINE: compare row 'LABEL': key 'k'``, where LINE is the line of the
+    key as the row writes it (a method key ``method.r`` as ``r``), else the row's first line; with the
+    rows from ``--set``, ``--set compare.methods: compare row ...``; without a source, ``compare row ...``."""
+
+    def __init__(self, label: str, file: str | None = None, lines: Mapping[str, int] | None = None):
+        super().__init__(f"compare row {label!r}", lines)
+        self.file = file
+
+    def place(self, written: str = "") -> str:
+        """The file and line of the row's key ``written`` (the row's first line where the row does not write
+        it), as the start of an error's where."""
+        if self.file is None:
+            return ""
+        line = self.lines.get(written) or self.lines.get("")
+        return f"{self.file}:{line}: " if line else f"{self.file}: "
+
+    def __call__(self, key: str) -> str:
+        return f"{self.place(key.removeprefix('method.'))}{self.source}: key '{key}'"
+
+    @property
+    def row(self) -> str:
+        """The row itself, where no key of it is to blame."""
+        return f"{self.place()}{self.source}"
+
+
 def row_label(row: dict) -> str:
     if "label" in row:
         return str(row["label"])
@@ -68,54 +160,68 @@ def row_label(row: dict) -> str:
     return row["name"] + ("" if not keys else " " + " ".join(f"{k}={v}" for k, v in keys.items()))
 
 
-def row_config(cfg: RunCfg, row: dict, out: Path) -> RunCfg:
-    """The run configuration of one row: the shared one, with the row's method and train overrides."""
+def row_config(cfg: RunCfg, row: dict, out: Path, where: RowWhere | None = None) -> RunCfg:
+    """The run configuration of one row: the shared one, with the row's method and train overrides. An
+    error in the row's method or train keys is named by ``where`` (default: the row, without a place)."""
+    where = where or RowWhere(row_label(row))
     raw = config_mod.to_dict(dataclasses.replace(cfg, compare=config_mod.CompareCfg()))
     method = {k: v for k, v in row.items() if k not in ("label", "train") and k not in ICL_KEYS}
     raw["method"] = {} if row["name"] in ICL_ROWS else method  # in-context rows train nothing: no method
     raw["train"] = {**raw["train"], **row.get("train", {}), "output_dir": str(out)}
-    return config_mod.from_dict(raw, source=f"compare row {row_label(row)!r}")
+    # the row's own keys first, each named where the row wrote it; then the whole, its sections together
+    build(TrainCfg, raw["train"], where, prefix="train.")
+    if raw["method"]:
+        build(METHODS[row["name"]].config, {k: v for k, v in method.items() if k != "name"}, where, prefix="method.")
+    return config_mod.from_dict(raw, source=where.row)
 
 
-def rows(cfg: RunCfg) -> list[dict]:
+def rows(cfg: RunCfg, places: Places | None = None) -> list[dict]:
     """Every row of ``cfg.compare.methods``, checked before any runs (its method's keys and types, its
     train overrides, an in-context row's keys, a key its kind would ignore), with its label and every
-    default filled in: the rows as they run. A UserError names the first row that is wrong."""
+    default filled in: the rows as they run. A UserError names the first row that is wrong, and with
+    ``places`` (``row_places``) where it was written."""
     if not cfg.compare.methods:
         raise UserError("no methods to compare", "compare.methods", fix="list rows such as {name: lora, r: 16}")
+    places = places or Places()
     resolved = []
-    for row in cfg.compare.methods:
+    for i, row in enumerate(cfg.compare.methods):
         if not isinstance(row.get("name"), str):
-            raise UserError(f"a row without a method name: {row}", "compare.methods", fix="give each row a name")
+            raise UserError(f"a row without a method name: {row}", places.methods(i), fix="give each row a name")
         label = row_label(row)
-        where = f"compare row {label!r}"
+        where = places.row(i, label)
+        if row["name"] not in METHODS and row["name"] not in ICL_ROWS:
+            choices = [*METHODS, "zero-shot", "few-shot"]
+            close = difflib.get_close_matches(row["name"], choices, n=1)
+            raise UserError(f"unknown method {row['name']!r}", where("name"),
+                            fix=(f"did you mean {close[0]!r}? " if close else "") + f"use one of {', '.join(choices)}"
+                                + " (zero-shot and few-shot prompt the model and train nothing)")
         if not isinstance(row.get("train", {}), dict):
-            raise UserError(f"train must be a mapping of train keys, got {row['train']!r}", where,
+            raise UserError(f"train must be a mapping of train keys, got {row['train']!r}", where("train"),
                             fix="write train: {learning_rate: 1.0e-3}")
-        checked = row_config(cfg, row, Path(cfg.compare.output_dir))  # its method and train keys, typed
+        checked = row_config(cfg, row, Path(cfg.compare.output_dir), where)  # its method and train keys, typed
         if row["name"] in ICL_ROWS:
             allowed = ICL_KEYS if row["name"] == "few-shot" else ZERO_SHOT_KEYS
             if extra := sorted(set(row) - allowed - {"name", "label", "train"}):
-                raise UserError(f"an in-context row takes no key {extra[0]!r}", where,
+                raise UserError(f"an in-context row takes no key {extra[0]!r}", where(extra[0]),
                                 fix=f"give {row['name']} only {', '.join(sorted(allowed))} (and label, train)")
-            icl = dataclasses.asdict(build(InContext, {k: row[k] for k in allowed if k in row}, Where(where)))
+            icl = dataclasses.asdict(build(InContext, {k: row[k] for k in allowed if k in row}, where))
             keys = {k: v for k, v in icl.items() if k in allowed}
         else:
             if extra := sorted(ICL_KEYS & set(row)):
                 raise UserError(f"{extra[0]} is a key of the in-context rows, and a {row['name']} row would ignore "
-                                "it", where, fix=f"drop {extra[0]}")
+                                "it", where(extra[0]), fix=f"drop {extra[0]}")
             keys = dict(checked.method.args)
         train = {"train": row["train"]} if row.get("train") else {}
         resolved.append({"name": row["name"], "label": label, **keys, **train})
     return resolved
 
 
-def as_compared(cfg: RunCfg) -> str:
+def as_compared(cfg: RunCfg, places: Places | None = None) -> str:
     """``cfg`` as YAML as compare runs it: the rows filled in (``rows``), without the keys compare does not
     read (the run's method section and train.output_dir, which each row sets)."""
     raw = config_mod.to_dict(cfg)
     del raw["method"], raw["train"]["output_dir"]
-    raw["compare"]["methods"] = rows(cfg)
+    raw["compare"]["methods"] = rows(cfg, places)
     return yaml.safe_dump(raw, sort_keys=False)
 
 
@@ -183,37 +289,107 @@ def run_row(cfg: RunCfg, row: dict, out: Path, transfer: str | None) -> dict:
 
 
 def _child(queue, cfg, row, out, transfer):
+    from tqdm import tqdm
+
+    # The training loop's bar would take a multiprocessing lock, a semaphore that a process ended by a signal
+    # leaves to the resource tracker, which warns of it at exit; a row's bars are its own
+    tqdm.set_lock(threading.RLock())
+    threading.Thread(target=_exit_on_signal, daemon=True).start()
     queue.put(run_row(cfg, row, out, transfer))
 
 
-def compare(cfg: RunCfg, progress: bool = True) -> list[dict]:
-    """Run every row of ``cfg.compare.methods`` (all checked first); write the table and the chart; return
-    the rows' results, a failed row's with its ``error``."""
-    checked = rows(cfg)
+def _exit_on_signal() -> None:
+    """In a row's process, which starts with SIGINT and SIGTERM blocked (``_start``): either signal ends it at
+    once, with exit code 128 + the signal and no traceback. No handler the row's work installs sees them (the
+    training loop's would save a checkpoint, which a comparison never resumes, and say so); compare reports
+    the interruption."""
+    os._exit(128 + signal.sigwait(STOPS))
+
+
+def _start(proc) -> None:
+    """Start a row's process with SIGINT and SIGTERM blocked: the mask passes through fork and exec, so from its
+    first instruction the process leaves them to ``_exit_on_signal``."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop(proc, signum: int) -> None:
+    """End a row's process and wait for it: a signal to the process group has reached it already; one to
+    compare alone is passed on, and a process still there after 10 s is killed."""
+    if proc is None or proc.pid is None:
+        return
+    if proc.is_alive():
+        os.kill(proc.pid, signum)
+        proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+
+
+def _again(folder: str = "this one") -> str:
+    """How to run a comparison again where its folder holds one already: compare continues none."""
+    return f"set compare.output_dir to a new folder (--set compare.output_dir=DIR), or rename {folder}"
+
+
+def _interrupted(signum: int, results: list[dict], checked: list[dict], out_dir: Path) -> Interrupted:
+    """The interruption, reported in one line: the row it stopped, the rows that finished and where their table
+    is, and how to run the comparison again."""
+    done = len(results)
+    if done < len(checked):
+        line = f"interrupted in row {done + 1} of {len(checked)} ({checked[done]['label']!r}); "
+    else:
+        line = f"interrupted after the last of the {len(checked)} rows, before compare.png was drawn; "
+    if done:
+        line += (f"{out_dir / 'compare.md'} holds the {done} row{'s' if done > 1 else ''} that finished ("
+                 + ", ".join(repr(r["label"]) for r in results) + "); ")
+    else:
+        line += "no row finished, so there is no compare.md; "
+    line += f"compare does not continue a comparison: to run it again, {_again(str(out_dir))}"
+    print(f"tuneforge: {line}", file=sys.stderr, flush=True)
+    stop = Interrupted(signum)
+    stop.reported = True
+    return stop
+
+
+def compare(cfg: RunCfg, progress: bool = True, places: Places | None = None) -> list[dict]:
+    """Run every row of ``cfg.compare.methods`` (all checked first; ``places`` says where they were written,
+    for their errors); write the table and the chart; return the rows' results, a failed row's with its
+    ``error``. Ctrl-C (SIGINT) or SIGTERM stops it with one line saying what finished (``Interrupted``,
+    reported)."""
+    checked = rows(cfg, places)
     out_dir = Path(cfg.compare.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError("this compare folder is not empty", str(out_dir), fix="set compare.output_dir to a new folder")
-    write_text(out_dir / "config.yaml", as_compared(cfg))
+        raise UserError("this compare folder is not empty", str(out_dir), fix=_again())
+    write_text(out_dir / "config.yaml", as_compared(cfg, places))
     ctx = multiprocessing.get_context("spawn")  # a fresh process per row: its own peak memory
-    results = []
-    for i, row in enumerate(checked):
-        label = row["label"]
-        if progress:
-            print(f"tuneforge compare: [{i + 1}/{len(checked)}] {label} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(queue, cfg, row, out_dir / f"{i:02d}-{_slug(label)}",
-                                                cfg.compare.transfer_path))
-        proc.start()
-        proc.join()
-        result = queue.get() if not queue.empty() else {"label": label, "method": row["name"],
-                                                        "error": f"the process died (exit code {proc.exitcode})"}
-        results.append(result)
-        if progress:
-            shown = f"accuracy {result['accuracy']:.4f}" if result.get("accuracy") is not None else result.get("error")
-            print(f"tuneforge compare: {label}: {shown} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-        write_tables(results, out_dir)  # after every row: a long comparison shows what it has so far
-    plot(results, out_dir / "compare.png")
+    results, proc = [], None
+    try:
+        for i, row in enumerate(checked):
+            label = row["label"]
+            if progress:
+                print(f"tuneforge compare: [{i + 1}/{len(checked)}] {label} ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_child, args=(queue, cfg, row, out_dir / f"{i:02d}-{_slug(label)}",
+                                                    cfg.compare.transfer_path))
+            _start(proc)
+            proc.join()
+            result = queue.get() if not queue.empty() else {"label": label, "method": row["name"],
+                                                            "error": f"the process died (exit code {proc.exitcode})"}
+            results.append(result)
+            if progress:
+                shown = (f"accuracy {result['accuracy']:.4f}" if result.get("accuracy") is not None
+                         else result.get("error"))
+                print(f"tuneforge compare: {label}: {shown} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            write_tables(results, out_dir)  # after every row: a long comparison shows what it has so far
+        plot(results, out_dir / "compare.png")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the CLI raises Interrupted for it)
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _stop(proc, signum)
+        raise _interrupted(signum, results, checked, out_dir) from None
     return results
 
 
