@@ -129,3 +129,14 @@ def test_a_step_of_more_micro_batches_than_an_epoch_holds_is_refused():
     with pytest.raises(UserError, match=r"2 micro-batches on each of 4 processes and an epoch has 3: .* use fewer "
                                         r"processes or a smaller train.batch_size"):
         TrainCfg(grad_accum=2, max_steps=5).steps(3, world=4)
+
+
+def test_a_method_switched_by_set_names_the_files_key_it_does_not_take(tmp_path):
+    """The file's method is LoRA with r: 4; --set method.name=ia3 left 'r' behind, and the error blamed the file
+    ("unknown key 'method.r'") with no word of the --set that changed the method."""
+    path = write(tmp_path, "method: {name: lora, r: 4}\n")
+    with pytest.raises(UserError) as info:
+        config.from_yaml(path, ["method.name=ia3"])
+    line = info.value.line()
+    assert line.startswith(f"{path}:1: key 'method.r': --set method.name=ia3 changed the method") and "drop r" in line
+    assert config.from_yaml(path, ["method.name=qlora"]).method.args["r"] == 4  # a key both take stays

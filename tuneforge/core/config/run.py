@@ -258,7 +258,7 @@ def _method_cfg(raw: Any, where: Where) -> MethodCfg:
     if not isinstance(raw, dict):
         raise UserError(f"expected a mapping with 'name', got {raw!r}", where("method"))
     raw = dict(raw)
-    named = "name" in raw
+    named, switched = "name" in raw, isinstance(raw.get("name"), FromCli)
     name = str(raw.pop("name", DEFAULT_METHOD))
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}", where("method.name"), fix=f"use one of {', '.join(METHODS)}")
@@ -271,6 +271,10 @@ def _method_cfg(raw: Any, where: Where) -> MethodCfg:
                         + (f"; {stray} is a key of {', '.join(owners)}" if owners else ""), where(f"method.{stray}"),
                         fix=f"choose the method with method.name, one of {', '.join(METHODS)}: --set method.name={pick}"
                             f", or `name: {pick}` under `method:` in the file")
+    if switched and (stray := next((str(k) for k in raw if k not in keys and not isinstance(raw[k], FromCli)), None)):
+        raise UserError(f"--set method.name={name} changed the method, and '{stray}' is a key of the file's method, "
+                        f"not of {name} ({', '.join(keys)})", where(f"method.{stray}"),
+                        fix=f"drop {stray} from the file's method section, or change method.name in the file")
     config = build(METHODS[name].config, raw, where, prefix="method.")
     return MethodCfg(name=name, args=dataclasses.asdict(config))
 
