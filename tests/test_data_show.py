@@ -40,3 +40,16 @@ def test_data_refuses_a_bad_config_in_one_line(tmp_path, capsys):
     assert cli.main(["data", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere.jsonl" in err[0]
+
+
+def test_data_refuses_rows_the_objective_does_not_train_on_as_train_does(tiny_dir, tmp_path, capsys):
+    """KTO's unpaired rows under train.objective: dpo were shown as fine, and train refused them."""
+    rows = [{"prompt": f"Q{i}: sky?", "completion": f" Blue {i}.", "label": bool(i % 2)} for i in range(8)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_dir}\ndata: {{path: {data}, format: preference}}\ntrain: {{objective: dpo}}\n")
+    assert cli.main(["data", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dpo trains on pairs" in err[0]
+    assert cli.main(["data", str(config), "--set", "train.objective=kto"]) == 0

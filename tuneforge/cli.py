@@ -65,6 +65,10 @@ def _data(args: argparse.Namespace) -> None:
     cfg = config.from_yaml(args.config, args.set)
     tokenizer = load_tokenizer(cfg.model)
     data = load_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    if cfg.data.format == "preference":  # the rows as train.objective takes them, refused as a run refuses them
+        from tuneforge.training import objectives
+
+        objectives.data(cfg.train, data)
     print(describe(data, tokenizer, count=args.examples, split=args.split, color=sys.stdout.isatty()), end="")
     if cfg.data.packing:  # the rows training will make of these examples
         from tuneforge.training.run import packing_line, packing_report
