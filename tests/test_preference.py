@@ -50,6 +50,7 @@ def test_every_gradient_method_trains_under_dpo(tmp_path, tiny_dir, method):
         assert summary["before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert summary["after"]["rewards_margin"] > summary["before"]["rewards_margin"]
     assert {"rewards_chosen", "rewards_rejected", "rewards_accuracy", "logps_chosen"} <= records[1].keys()
+    assert summary["loss_tokens"] > 2 * 4 * 4  # both answers' tokens of 4 steps of 4 pairs: not the 16 pairs
 
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
@@ -67,6 +68,9 @@ def test_kto_reads_unpaired_rows_and_dpo_refuses_them(tmp_path, tiny_dir):
             for i in range(16)]
     summary, _ = run(tmp_path, tiny_dir, "kto", "lora", rows)
     assert summary["train_examples"] == 12
+    # the answers' tokens (bytes, here: " Blue 7." and its end are 9), not the 4 x 4 examples, nor the KL
+    # rows' tokens as well (twice as many)
+    assert 16 * 8 <= summary["loss_tokens"] <= 16 * 11, summary["loss_tokens"]
     with pytest.raises(UserError, match="trains on pairs"):
         run(tmp_path / "dpo", tiny_dir, "dpo", "lora", rows)
     with pytest.raises(UserError, match="'label' must be true"):

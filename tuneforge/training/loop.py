@@ -177,7 +177,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                 runtime.reseed(cfg.seed, state.step)
                 with run.stop_point(guard):
                     with guard.abortable():
-                        step_loss, n_loss, rows, bad, figures = run.forward_backward()
+                        step_loss, n_loss, n_tokens, rows, bad, figures = run.forward_backward()
                     grad_norm, bad = run.unscaled_norm(rows, bad)
                     if bad is not None and state.skipped < cfg.skip_nonfinite_steps:
                         run.skip(bad)
@@ -186,7 +186,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence,
                         raise _nonfinite(bad, state.step, cfg, run.ckpt_dir)
                 run.optimizer_step()
                 state.step += 1
-                state.loss_tokens += n_loss
+                state.loss_tokens += n_tokens
                 state.seconds = start_seconds + time.perf_counter() - started
                 state.window_loss += step_loss * n_loss
                 state.window_tokens += n_loss
@@ -349,10 +349,10 @@ class _Run:
         self.progress.pending_eval = False
         return stop
 
-    def forward_backward(self) -> tuple[float, int, list[str], tuple | None, dict]:
+    def forward_backward(self) -> tuple[float, int, int, list[str], tuple | None, dict]:
         """One step's micro-batches, forward and backward: (the step's loss, its units (tokens that carry
-        loss, or pairs), the source rows of its examples, None or ("loss", value, rows) when a micro-batch's
-        loss is not finite, the objective's figures summed over the units).
+        loss, or pairs), the tokens that carry loss, the source rows of its examples, None or ("loss", value,
+        rows) when a micro-batch's loss is not finite, the objective's figures summed over the units).
 
         Every process collates the step's grad_accum x world micro-batches (their units make the
         divisor) and runs its own; the loss is multiplied by the world size, which the mean over
@@ -361,6 +361,7 @@ class _Run:
         runtime, model = self.runtime, self.model
         batches = [self.next_batch() for _ in range(self.cfg.grad_accum * runtime.world)]
         n_loss = sum(self.loss.units(b) for b, _ in batches)
+        n_tokens = sum(self.loss.loss_tokens(b) for b, _ in batches)
         mine = [b for j, b in enumerate(batches) if runtime.mine(j)]
         # A shared prefix's second forward before one backward is more than FSDP2's resharding allows
         share = not runtime.sharded(model)
@@ -376,7 +377,7 @@ class _Run:
                 if not math.isfinite(value):
                     bad = bad or ("loss", value, rows)
                     if runtime.stops_alone:
-                        return step_loss, n_loss, rows, bad, {}
+                        return step_loss, n_loss, n_tokens, rows, bad, {}
                 self.precision.scaler.scale(loss * runtime.world).backward()
             step_loss += value
             tokens += int(batch["attention_mask"].sum())
@@ -392,7 +393,7 @@ class _Run:
             bad = (bad[0], bad[1], rows) if bad else ("loss", math.nan, rows)
         self.progress.tokens += int(tokens)
         self.progress.shared_tokens += int(shared)
-        return step_loss, n_loss, [row for _, rows in batches for row in rows], bad, figures
+        return step_loss, n_loss, n_tokens, [row for _, rows in batches for row in rows], bad, figures
 
     def unscaled_norm(self, rows: list[str], bad: tuple | None) -> tuple[float | None, tuple | None]:
         """(the gradients' norm, clipped to ``max_grad_norm``; the step's trouble, a non-finite norm

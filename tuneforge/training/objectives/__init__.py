@@ -48,6 +48,12 @@ class Loss:
     name: str = "sft"
     paired: bool = False  # trains on preference pairs (or KTO's examples), not supervised rows
     reference: bool = False  # compares with a reference model
+    tokens: Callable[[dict], int] | None = None  # the batch's tokens that carry loss (None: its labelled ones)
+
+    def loss_tokens(self, batch: dict) -> int:
+        """How many of ``batch``'s tokens carry loss: its units, where the loss is a mean over pairs or
+        examples, count each answer's tokens."""
+        return (self.tokens or label_tokens)(batch)
 
 
 def module(name: str):
@@ -59,7 +65,12 @@ def make(cfg: TrainCfg, reference: Reference | None = None) -> Loss:
     objective = module(cfg.objective)
     return Loss(objective.units,
                 lambda model, batch, share, stats: objective.loss(model, batch, cfg, reference, share, stats),
-                cfg.objective, objective.PAIRED, objective.REFERENCE)
+                cfg.objective, objective.PAIRED, objective.REFERENCE, getattr(objective, "tokens", None))
+
+
+def label_tokens(batch: dict, rows: int | None = None) -> int:
+    """The tokens of ``batch`` (of its first ``rows`` rows) that a label follows: those the loss is over."""
+    return int((batch["labels"][:rows, 1:] != IGNORE).sum())
 
 
 def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.preference import unpaired
-from tuneforge.training.objectives import sequence_logprobs
+from tuneforge.training.objectives import label_tokens, sequence_logprobs
 
 PAIRED, REFERENCE = True, True
 GROUPED = True  # its examples train in the blocks ``examples`` made: a batch's KL rows are its own answers
@@ -24,6 +24,10 @@ def examples(examples: list, cfg) -> list:
 
 def units(batch: dict) -> int:
     return batch["input_ids"].shape[0] // 2  # each example has its answer row and its KL row
+
+
+def tokens(batch: dict) -> int:  # the answers' tokens: the KL rows are scored without a gradient
+    return label_tokens(batch, units(batch))
 
 
 def loss(model, batch: dict, cfg, reference, share: bool, stats: dict):
