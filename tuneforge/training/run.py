@@ -169,8 +169,8 @@ def _run(path, ctx: RunContext) -> dict:
         write_text(ctx.out / "config.yaml", config_mod.to_yaml(cfg))
         for split, report in data.report.items():
             if report.truncated or report.dropped:
-                ctx.say(f"{split}: {report.truncated} truncated to {cfg.data.max_length} tokens, "
-                        f"{report.dropped_line()}")
+                ctx.say(f"{split}: of {report.rows} rows read, {report.truncated} truncated to {cfg.data.max_length} "
+                        f"tokens, {report.dropped_line()}; {report.examples} examples kept")
             if report.sources:  # a mixture: each source's examples in this split
                 ctx.say(f"{split}: {report.line()}")
     path.before_loading(ctx, data)
