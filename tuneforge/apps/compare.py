@@ -41,7 +41,7 @@ import yaml
 
 from tuneforge.core import config as config_mod
 from tuneforge.core.atomic import atomic_path, write_text
-from tuneforge.core.config import RunCfg, TrainCfg, Where, build
+from tuneforge.core.config import RunCfg, TrainCfg, Where, build, line_numbers
 from tuneforge.core.config.methods import METHODS
 from tuneforge.core.errors import UserError
 from tuneforge.training.interrupts import Interrupted
@@ -102,29 +102,14 @@ def row_places(path: str | Path, overrides: list[str] = ()) -> Places:
     if given:  # the last such --set replaced the rows the file holds
         return Places(f"--set {given[-1]}")
     try:
-        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        lines = line_numbers(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
         return Places(str(path))
-    methods = _value(_value(node, "compare"), "methods")
-    items = methods.value if isinstance(methods, yaml.SequenceNode) else []
-    return Places(str(path), tuple(_row_lines(item) for item in items))
-
-
-def _value(node, key: str):
-    """The node under ``key`` in the YAML mapping ``node``; None where there is none."""
-    if not isinstance(node, yaml.MappingNode):
-        return None
-    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
-
-
-def _row_lines(node) -> dict[str, int]:
-    lines = {"": node.start_mark.line + 1}
-    pairs = node.value if isinstance(node, yaml.MappingNode) else []
-    for key, value in pairs:
-        lines[str(key.value)] = key.start_mark.line + 1
-        if key.value == "train" and isinstance(value, yaml.MappingNode):
-            lines.update({f"train.{k.value}": k.start_mark.line + 1 for k, _ in value.value})
-    return lines
+    rows, i = [], 0
+    while (head := f"compare.methods.{i}") in lines:  # each row's keys as it writes them, "" its first line
+        rows.append({"": lines[head], **{k[len(head) + 1:]: v for k, v in lines.items() if k.startswith(head + ".")}})
+        i += 1
+    return Places(str(path), tuple(rows))
 
 
 class RowWhere(Where):

@@ -41,7 +41,8 @@ class Where:
 
 
 def line_numbers(text: str) -> dict[str, int]:
-    """Map each dotted key of a YAML mapping to its 1-based line, for error messages."""
+    """Map each dotted key of a YAML mapping to its 1-based line, for error messages; a list's items by
+    their index (``compare.methods.0``, the item's first line; ``compare.methods.0.r``)."""
     lines: dict[str, int] = {}
 
     def walk(node, prefix):
@@ -50,6 +51,10 @@ def line_numbers(text: str) -> dict[str, int]:
                 dotted = f"{prefix}{key.value}"
                 lines[dotted] = key.start_mark.line + 1
                 walk(value, dotted + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[f"{prefix}{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}{i}.")
 
     try:
         walk(yaml.compose(text), "")
